@@ -1,0 +1,427 @@
+"""The public functions: init, shutdown, get, put, wait, cancel, kill, get_actor, ...
+
+Their names and semantics are Ray's, so that ``import shoal as ray`` runs Ray core code.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import uuid
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from . import _config, _session, _worker_context
+from ._core import CoreWorker, print_log_lines
+from ._protocol import Message, MsgType
+from ._refs import ObjectRef, ObjectRefGenerator
+from ._runtime_context import RuntimeContext
+from .exceptions import GetTimeoutError
+
+M = MsgType
+log = logging.getLogger("shoal")
+
+_init_lock = threading.RLock()
+
+
+class _Cluster:
+    """What ``init`` started or joined, so that ``shutdown`` can undo it."""
+
+    def __init__(self, core: CoreWorker, address: str, session_dir: str, head: subprocess.Popen[bytes] | None, parent_fd: int | None) -> None:
+        self.core = core
+        self.address = address
+        self.session_dir = session_dir
+        self.head = head
+        self.parent_fd = parent_fd
+
+
+_cluster: _Cluster | None = None
+
+
+class ClusterContext(dict):  # type: ignore[type-arg]
+    """What ``init`` returns: a dict of facts (as Ray's ``address_info``), usable with ``with``."""
+
+    @property
+    def address_info(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __enter__(self) -> ClusterContext:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        shutdown()
+
+
+_INIT_ARGS = {
+    "address", "num_cpus", "num_gpus", "resources", "object_store_memory", "namespace", "ignore_reinit_error",
+    "log_to_driver", "runtime_env", "include_dashboard", "logging_level", "configure_logging", "_temp_dir",
+    "dashboard_host", "dashboard_port", "local_mode", "_system_config", "object_spilling_directory",
+}
+
+
+def init(address: str | None = None, **kwargs: Any) -> ClusterContext:
+    """Start a local cluster (no address), or join one (``"auto"`` or an address)."""
+    global _cluster
+    for key in kwargs:
+        if key not in _INIT_ARGS:
+            raise TypeError(f"init() got an unknown argument {key!r}")
+    with _init_lock:
+        if _cluster is not None:
+            if kwargs.get("ignore_reinit_error"):
+                return _context()
+            raise RuntimeError("Shoal is already initialized; call shoal.shutdown() first, or pass ignore_reinit_error=True")
+        namespace = kwargs.get("namespace")
+        if namespace is None:
+            namespace = uuid.uuid4().hex  # an anonymous namespace per driver, as in Ray
+        if address is None:
+            address = os.environ.get("SHOAL_ADDRESS") or None
+        if address is None:
+            _cluster = _start_local(kwargs, namespace)
+        else:
+            for key in ("num_cpus", "num_gpus", "resources", "object_store_memory"):
+                if kwargs.get(key) is not None:
+                    raise ValueError(f"{key} cannot be set when joining an existing cluster (address={address!r})")
+            _cluster = _connect(address, namespace)
+        core = _cluster.core
+        _worker_context.set_core(core)
+        if kwargs.get("log_to_driver", True):
+            core.on_log = print_log_lines
+        atexit.register(shutdown)
+        return _context()
+
+
+def _context() -> ClusterContext:
+    assert _cluster is not None
+    core = _cluster.core
+    return ClusterContext(
+        address=_cluster.address, session_dir=_cluster.session_dir, node_id=core.node_id.hex(),
+        job_id=f"{core.job_id:08x}", namespace=core.namespace,
+    )
+
+
+def _default_store_memory() -> int:
+    import psutil
+
+    ram = psutil.virtual_memory().total
+    shm_free = _free_shm()
+    want = int(ram * 0.3)
+    if shm_free is not None and shm_free < want:
+        if shm_free < 2 << 30:
+            warnings.warn(
+                f"/dev/shm has only {shm_free / 2**30:.2f} GiB free, so the object store is limited to that; "
+                "in Docker, pass --shm-size to give it more",
+                stacklevel=4,
+            )
+        want = int(shm_free * 0.9)
+    return max(want, 64 << 20)
+
+
+def _free_shm() -> int | None:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
+    num_cpus = kwargs.get("num_cpus")
+    if num_cpus is None:
+        num_cpus = os.cpu_count() or 1
+    if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or num_cpus < 0:
+        raise ValueError(f"num_cpus must be a number >= 0, got {num_cpus!r}")
+    num_gpus = kwargs.get("num_gpus") or 0
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or num_gpus < 0 or not float(num_gpus).is_integer():
+        raise ValueError(f"num_gpus must be a whole number >= 0, got {num_gpus!r}")
+    resources = kwargs.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise TypeError(f"resources must be a dict, got {type(resources).__name__}")
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"use num_cpus / num_gpus instead of resources={{{name!r}: ...}}")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ValueError(f"resource {name!r} must be a number >= 0, got {amount!r}")
+    store = kwargs.get("object_store_memory")
+    if store is None:
+        store = _default_store_memory()
+    elif isinstance(store, bool) or not isinstance(store, int) or store <= 0:
+        raise ValueError(f"object_store_memory must be a positive number of bytes, got {store!r}")
+    head, session = start_head_process(
+        num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, object_store_memory=store, embedded=True,
+    )
+    parent_fd = head.parent_fd  # type: ignore[attr-defined]
+    try:
+        core = CoreWorker(role="driver", head_address=session.socket_address("h"), key=session.read_key(),
+                          namespace=namespace, head_pid=head.pid)
+    except BaseException:
+        os.close(parent_fd)
+        head.kill()
+        head.wait()
+        raise
+    return _Cluster(core, session.socket_address("h"), session.path, head, parent_fd)
+
+
+def start_head_process(
+    *, num_cpus: float, num_gpus: float, resources: dict[str, float], object_store_memory: int, embedded: bool,
+    port: int | None = None,
+) -> tuple[subprocess.Popen[bytes], _session.Session]:
+    """Start a head in a new process and wait until it serves. Used by init() and the CLI."""
+    import json
+
+    session = _session.create_session()
+    ready_r, ready_w = os.pipe()
+    cmd = [
+        sys.executable, "-m", "shoal._head", "--session", session.path, "--tag", session.tag,
+        "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--resources", json.dumps(resources),
+        "--object-store-memory", str(object_store_memory), "--ready-fd", str(ready_w),
+    ]
+    if port is not None:
+        cmd += ["--port", str(port)]
+    pass_fds = [ready_w]
+    parent_r = parent_w = None
+    if embedded:
+        # The head watches this pipe: when the driver dies, however it dies, the pipe closes
+        # and the head cleans up. Only the head gets the read end.
+        parent_r, parent_w = os.pipe()
+        cmd += ["--parent-fd", str(parent_r)]
+        pass_fds.append(parent_r)
+    logf = open(os.path.join(session.logs, "head.log"), "ab")  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, pass_fds=pass_fds,
+            start_new_session=True, close_fds=True,
+        )
+    finally:
+        logf.close()
+        os.close(ready_w)
+        if parent_r is not None:
+            os.close(parent_r)
+    try:
+        _wait_ready(ready_r, proc, session)
+    except BaseException:
+        if parent_w is not None:
+            os.close(parent_w)
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        os.close(ready_r)
+    proc.parent_fd = parent_w  # type: ignore[attr-defined]
+    return proc, session
+
+
+def _wait_ready(fd: int, proc: subprocess.Popen[bytes], session: _session.Session) -> None:
+    readable, _, _ = select.select([fd], [], [], _config.START_TIMEOUT_SECONDS)
+    data = os.read(fd, 64) if readable else b""
+    if data.startswith(b"ready"):
+        return
+    try:
+        with open(os.path.join(session.logs, "head.log"), errors="replace") as f:
+            tail = f.read()[-3000:]
+    except OSError:
+        tail = ""
+    state = "did not become ready in time" if proc.poll() is None else f"exited with code {proc.returncode}"
+    raise RuntimeError(f"the head process {state}. Its log ({session.logs}/head.log):\n{tail}")
+
+
+def _connect(address: str, namespace: str) -> _Cluster:
+    if address == "auto":
+        session = _session.find_running_session()
+        if session is None:
+            raise ConnectionError(
+                "no running Shoal cluster was found on this machine; start one with `shoal start --head` "
+                "or call shoal.init() without an address"
+            )
+    elif os.path.isdir(address):
+        session = _session.open_session(address)
+    else:
+        session = _find_session_by_address(address)
+    info = session.head_info() or {}
+    core = CoreWorker(role="driver", head_address=info["address"], key=session.read_key(), namespace=namespace,
+                      head_pid=int(info["pid"]))
+    return _Cluster(core, info["address"], session.path, None, None)
+
+
+def _find_session_by_address(address: str) -> _session.Session:
+    for path in _session.list_session_dirs():
+        session = _session.open_session(path)
+        info = session.head_info()
+        if info and address in (info.get("address"), info.get("tcp")) and _session.pid_alive(int(info["pid"])):
+            return session
+    raise ConnectionError(f"no running Shoal cluster on this machine has the address {address!r}")
+
+
+def shutdown() -> None:
+    """Disconnect; stop the cluster if ``init`` started it. Safe to call twice."""
+    global _cluster
+    with _init_lock:
+        cluster, _cluster = _cluster, None
+        if cluster is None:
+            return
+        _worker_context.set_core(None)
+        cluster.core.close()
+        if cluster.head is not None:
+            if cluster.parent_fd is not None:
+                os.close(cluster.parent_fd)
+            try:
+                cluster.head.wait(_config.KILL_GRACE_SECONDS + 5)
+            except subprocess.TimeoutExpired:
+                cluster.head.kill()
+                cluster.head.wait()
+                _session.remove_segments(_session.open_session(cluster.session_dir).tag)
+
+
+def is_initialized() -> bool:
+    return _cluster is not None
+
+
+def _auto_init() -> CoreWorker:
+    core = _worker_context.maybe_core()
+    if core is None:
+        with _init_lock:
+            if _cluster is None:
+                init()
+        core = _worker_context.core()
+    return core
+
+
+# -- objects ---------------------------------------------------------------------------
+def put(value: Any) -> ObjectRef:
+    """Store ``value`` in the cluster and return a reference to it."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself instead")
+    core = _auto_init()
+    try:
+        sv = core.serialize_arg(value, "the value")
+    except TypeError as exc:
+        raise TypeError(f"put() could not serialize a value of type {type(value).__name__}: {exc.__cause__ or exc}") from exc
+    oid = core.ids.put_id()
+    core.put_serialized(oid, sv)
+    return ObjectRef(oid, core)
+
+
+def get(refs: Any, *, timeout: float | None = None) -> Any:
+    """The value of a ref, or a list of values for a list of refs; raises task errors."""
+    core = _auto_init()
+    if isinstance(refs, ObjectRef):
+        return _get_list(core, [refs], timeout)[0]
+    if isinstance(refs, ObjectRefGenerator):
+        return _get_list(core, list(refs), timeout)
+    if not isinstance(refs, (list, tuple)):
+        raise TypeError(f"get() expects an ObjectRef or a list of ObjectRefs, got {type(refs).__name__}")
+    for i, r in enumerate(refs):
+        if not isinstance(r, ObjectRef):
+            raise TypeError(f"get() expects ObjectRefs, but item {i} is a {type(r).__name__}")
+    return _get_list(core, list(refs), timeout)
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
+
+
+def _get_list(core: CoreWorker, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
+    _check_timeout(timeout)
+    oids = [r.binary() for r in refs]
+    values = core.wait_values(oids, len(set(oids)), timeout)
+    missing = [oid for oid in oids if oid not in values]
+    if missing:
+        raise GetTimeoutError(f"get() timed out after {timeout}s: {len(missing)} of {len(oids)} objects are not ready")
+    return [core.materialize(values[oid]) for oid in oids]
+
+
+def wait(
+    refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | None = None, fetch_local: bool = True
+) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Wait until ``num_returns`` of ``refs`` are ready; returns (ready, not ready)."""
+    core = _auto_init()
+    if isinstance(refs, ObjectRef) or not isinstance(refs, (list, tuple)):
+        raise TypeError(f"wait() expects a list of ObjectRefs, got {type(refs).__name__}")
+    for i, r in enumerate(refs):
+        if not isinstance(r, ObjectRef):
+            raise TypeError(f"wait() expects ObjectRefs, but item {i} is a {type(r).__name__}")
+    if len({r.binary() for r in refs}) != len(refs):
+        raise ValueError("wait() got the same ObjectRef more than once")
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 1 and refs:
+        raise ValueError(f"num_returns must be an int >= 1, got {num_returns!r}")
+    if num_returns > len(refs):
+        raise ValueError(f"num_returns ({num_returns}) is more than the number of refs ({len(refs)})")
+    _check_timeout(timeout)
+    if not refs:
+        return [], []
+    values = core.wait_values([r.binary() for r in refs], num_returns, timeout)
+    ready, not_ready = [], []
+    for r in refs:
+        if r.binary() in values and len(ready) < num_returns:
+            ready.append(r)
+        else:
+            not_ready.append(r)
+    return ready, not_ready
+
+
+def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that makes ``ref``: unqueue it, interrupt it, or (force) kill it."""
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"cancel() expects an ObjectRef, got {type(ref).__name__}")
+    core = _auto_init()
+    core.post(core.tasks.cancel, ref.task_id(), bool(force), bool(recursive))
+
+
+# -- actors ----------------------------------------------------------------------------
+def kill(actor: Any, *, no_restart: bool = True) -> None:
+    """End an actor now; its pending and later calls fail with ActorDiedError."""
+    from ._actor import ActorHandle
+
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"kill() expects an ActorHandle, got {type(actor).__name__}")
+    core = _auto_init()
+    core.send_head(Message(M.KILL_ACTOR, {"aid": actor._actor_id, "no_restart": no_restart}))
+
+
+def get_actor(name: str, namespace: str | None = None) -> Any:
+    """The handle of the live actor called ``name`` (ValueError when there is none)."""
+    from ._actor import ActorHandle
+
+    if not isinstance(name, str) or not name:
+        raise ValueError("get_actor() needs a non-empty actor name")
+    core = _auto_init()
+    ns = core.namespace if namespace is None else namespace
+    reply = core.request(Message(M.GET_ACTOR, {"name": name, "ns": ns}))
+    info = reply.body.get("info")
+    if info is None:
+        raise ValueError(f"no live actor named {name!r} in namespace {ns!r}")
+    return ActorHandle(info["aid"], {"cls": info["cls"], **info["meta"]}, owned=False)
+
+
+# -- the cluster -----------------------------------------------------------------------
+def nodes() -> list[dict[str, Any]]:
+    core = _auto_init()
+    reply = core.request(Message(M.CLUSTER_INFO, {}))
+    return list(reply.body["nodes"])
+
+
+def cluster_resources() -> dict[str, float]:
+    return _sum_resources("Resources")
+
+
+def available_resources() -> dict[str, float]:
+    return _sum_resources("Available")
+
+
+def _sum_resources(field: str) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for node in nodes():
+        if node.get("Alive"):
+            for name, amount in node[field].items():
+                total[name] = total.get(name, 0.0) + amount
+    return {k: v for k, v in total.items() if v > 0 or field == "Resources"}
+
+
+def get_runtime_context() -> RuntimeContext:
+    return RuntimeContext(_auto_init())

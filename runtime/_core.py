@@ -1,0 +1,563 @@
+"""The core worker: what every driver and worker process uses to own and read objects.
+
+    user threads                      IO thread (one IOLoop)
+    ------------                      ----------------------
+    remote()  -- spec ----------->    TaskSubmitter: leases, pushes to workers
+    actor call -- spec ---------->    ActorCaller: per-actor queues, direct pushes
+    get()/wait() -- waiters ----->    results resolve values, fire waiters
+    ObjectRef.__del__ -- deque -->    reference counts drop, store holds released (batched)
+
+User threads never touch a socket: they hand work to the IO thread with
+``call_soon_threadsafe`` (one eventfd write per burst) and block on events. Values owned
+by this process live in ``_values`` until their last reference goes; values that other
+processes must read (large ones, and refs that escaped inside other values) are in the
+node's object store, where this process is registered as a holder.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from . import _config, _shm
+from ._ids import IdFactory, owner_of
+from ._ioloop import IOLoop
+from ._protocol import Message, MsgType, Signer
+from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize, serialize_error
+from ._transport import Connection
+from .exceptions import GetTimeoutError, ObjectLostError, ObjectStoreFullError, OwnerDiedError, ShoalError
+
+log = logging.getLogger("shoal.core")
+
+M = MsgType
+
+# A resolved value, one of:
+#   ("v", SerializedValue)    held here, inline
+#   ("s", path, flags)        in this node's shared-memory store
+#   ("x", exception)          a failure made here (worker crashed, cancelled ...)
+Value = tuple[Any, ...]
+
+
+class ClusterGone(ShoalError):
+    """The connection to the cluster's head was lost."""
+
+
+class _Reply:
+    __slots__ = ("event", "msg")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.msg: Message | None = None
+
+
+class CoreWorker:
+    def __init__(
+        self,
+        *,
+        role: str,
+        head_address: str,
+        key: bytes,
+        worker_id: bytes | None = None,
+        namespace: str = "",
+        worker_address: str = "",
+        head_pid: int | None = None,
+        worker_hooks: Callable[[Message], None] | None = None,
+    ) -> None:
+        from ._actor_caller import ActorCaller
+        from ._task_submitter import TaskSubmitter
+
+        self.role = role
+        self.worker_id = worker_id or os.urandom(8)
+        self.ids = IdFactory(self.worker_id)
+        self.namespace = namespace
+        self.pid = os.getpid()
+        self.loop = IOLoop()
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.signer = Signer(key)
+        self.closed = False
+        self.lost_reason = ""
+
+        self._lock = threading.Lock()
+        self._refcounts: dict[bytes, int] = {}
+        self._values: dict[bytes, Value] = {}
+        self._waiters: dict[bytes, list[Callable[[bytes, Value], None]]] = {}
+        self._escaped: set[bytes] = set()
+        self._store_held: set[bytes] = set()
+        self._fetching: set[bytes] = set()
+        self._released: collections.deque[bytes] = collections.deque()
+        self._release_scheduled = False
+        self._ref_ops: dict[bytes, list[int]] = {}  # oid -> [first op, last op], +1 add / -1 remove
+        self._flush_scheduled = False
+        self.borrow_adds = 0  # how many borrowed refs were taken; a worker checks it per task
+        self._req_ids = itertools.count(1)
+        self._replies: dict[int, _Reply] = {}
+        self._get_handlers: dict[int, Callable[[list[Any], Sequence[Any]], None]] = {}
+        # A worker's handler for what the head sends to workers only (BECOME_ACTOR, ...);
+        # given here because such a message can arrive right after the WELCOME.
+        self.worker_hooks = worker_hooks
+        self.on_log: Callable[[Any], None] | None = None
+
+        self.head = Connection(
+            self.ctx, self.signer, head_address,
+            {"role": role, "wid": self.worker_id, "pid": self.pid, "addr": worker_address, "ns": namespace},
+            self._on_head_message, self._on_refused, linger_ms=1000,
+        )
+        self._welcomed = threading.Event()
+        self.loop.add_reader(self.head.sock, self._head_readable)
+        self.tasks = TaskSubmitter(self)
+        self.actors = ActorCaller(self)
+        if head_pid is not None:
+            try:
+                fd = os.pidfd_open(head_pid)
+                self.loop.add_reader(fd, lambda: self._lose_cluster("the cluster's head process exited"))
+                self._head_pidfd: int | None = fd
+            except OSError:
+                self._head_pidfd = None
+        else:
+            self._head_pidfd = None
+        self.thread = threading.Thread(target=self._run_loop, name="shoal-io", daemon=True)
+        self.thread.start()
+        if not self._welcomed.wait(_config.START_TIMEOUT_SECONDS) or self.head.welcome is None:
+            self.close()
+            raise ConnectionError(self.lost_reason or f"no answer from the cluster at {head_address}")
+        welcome = self.head.welcome
+        self.node_id: bytes = welcome["node"]
+        self.job_id: int = int(welcome.get("job", 0))
+        self.session_path: str = welcome.get("session", "")
+        self.shm_tag: str = welcome.get("tag", "")
+
+    # -- IO thread plumbing ------------------------------------------------------------
+    def _run_loop(self) -> None:
+        try:
+            self.loop.run()
+        finally:
+            for sock in (self.head.sock, *self.tasks.sockets(), *self.actors.sockets()):
+                try:
+                    sock.close(linger=1000 if sock is self.head.sock else 0)
+                except Exception:
+                    pass
+            self.loop.close()
+            if self._head_pidfd is not None:
+                os.close(self._head_pidfd)
+
+    def _head_readable(self) -> None:
+        self.head.handle_readable()
+        if not self._welcomed.is_set() and self.head.welcome is not None:
+            self._welcomed.set()
+
+    def _on_refused(self, reason: str) -> None:
+        self.lost_reason = f"the cluster refused this connection: {reason}"
+        self._welcomed.set()
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the IO thread."""
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def send_head(self, msg: Message) -> None:
+        """Send to the head from any thread."""
+        if self.loop.in_loop_thread():
+            self.head.send(msg)
+        else:
+            self.loop.call_soon_threadsafe(self.head.send, msg)
+
+    def request(self, msg: Message, timeout: float | None = None) -> Message:
+        """Send ``msg`` (its body gets a request id "r") and wait for the reply."""
+        if self.loop.in_loop_thread():
+            raise RuntimeError("request() called on the IO thread")
+        rid = next(self._req_ids)
+        msg.body["r"] = rid
+        reply = _Reply()
+        self._replies[rid] = reply
+        self.send_head(msg)
+        if not self._wait_event(reply.event, timeout):
+            self._replies.pop(rid, None)
+            raise GetTimeoutError(f"no reply to {msg.type.name} within {timeout}s")
+        if reply.msg is None:
+            raise ClusterGone(self.lost_reason or "the connection to the cluster was lost")
+        return reply.msg
+
+    def _wait_event(self, event: threading.Event, timeout: float | None) -> bool:
+        # Waiting in short slices keeps Ctrl-C responsive in the main thread.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.closed and not event.is_set():
+                return True
+            slice_ = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+            if slice_ <= 0:
+                return event.is_set()
+            if event.wait(slice_):
+                return True
+
+    def _on_head_message(self, msg: Message) -> None:
+        t = msg.type
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s from the head: %.200r", t.name, msg.body)
+        body = msg.body
+        if t in (M.OBJECT_CREATED, M.FLUSHED, M.CLUSTER_INFO_REPLY, M.ACTOR_INFO, M.REPLY):
+            reply = self._replies.pop(body.get("r"), None)
+            if reply is not None:
+                reply.msg = msg
+                reply.event.set()
+        elif t == M.OBJECTS:
+            self._on_objects(body, msg.frames)
+        elif t in (M.LEASE_GRANTED, M.LEASE_FAILED, M.WORKER_DIED):
+            self.tasks.on_head_message(msg)
+        elif t == M.ACTOR_UPDATE:
+            self.actors.on_update(body, msg.frames)
+        elif t == M.LOG_LINES:
+            if self.on_log is not None:
+                self.on_log(body)
+        elif self.worker_hooks is not None:
+            self.worker_hooks(msg)
+
+    def _lose_cluster(self, reason: str) -> None:
+        """The head is gone: fail everything that waits, so that nothing hangs."""
+        if self._head_pidfd is not None:
+            self.loop.remove_reader(self._head_pidfd)
+        self.lost_reason = reason
+        err = ClusterGone(reason)
+        for reply in list(self._replies.values()):
+            reply.event.set()
+        self._replies.clear()
+        with self._lock:
+            waiters = list(self._waiters.items())
+            self._waiters.clear()
+        for oid, callbacks in waiters:
+            for cb in callbacks:
+                cb(oid, ("x", err))
+        self.tasks.fail_all(err)
+        self.actors.fail_all(err)
+        if self.worker_hooks is not None:
+            self.worker_hooks(Message(M.EXIT, {"reason": reason}))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.thread.is_alive():
+            self.post(self._flush_now)
+            self.loop.stop()
+            if threading.current_thread() is not self.thread:
+                self.thread.join(5)
+        self.ctx.term()
+
+    def _flush_now(self) -> None:
+        self._process_releases()
+        self._flush_refs()
+
+    # -- reference counting ------------------------------------------------------------
+    def incref(self, oid: bytes) -> None:
+        with self._lock:
+            n = self._refcounts.get(oid, 0)
+            self._refcounts[oid] = n + 1
+            if n == 0 and oid[:8] != self.worker_id:
+                # A borrowed ref: the store must know this process holds it.
+                self.borrow_adds += 1
+                self._store_held.add(oid)
+                self._ref_op(oid, 1)
+
+    def decref(self, oid: bytes) -> None:
+        # Called from __del__, possibly inside a locked region of this very thread: only
+        # queue the work (deque.append is atomic) and let the IO thread do it.
+        if self.closed:
+            return
+        self._released.append(oid)
+        if not self._release_scheduled:
+            self._release_scheduled = True
+            self.loop.call_soon_threadsafe(self._process_releases)
+
+    def _process_releases(self) -> None:
+        self._release_scheduled = False
+        released = self._released
+        with self._lock:
+            while released:
+                oid = released.popleft()
+                n = self._refcounts.get(oid, 0) - 1
+                if n > 0:
+                    self._refcounts[oid] = n
+                    continue
+                self._refcounts.pop(oid, None)
+                value = self._values.pop(oid, None)
+                if oid in self._escaped and value is not None:
+                    self._escaped.discard(oid)
+                if oid in self._store_held:
+                    self._store_held.discard(oid)
+                    self._ref_op(oid, -1)
+
+    def _ref_op(self, oid: bytes, op: int) -> None:
+        """Queue a store holder change; must hold the lock. Flushed in one batch."""
+        ops = self._ref_ops.get(oid)
+        if ops is None:
+            self._ref_ops[oid] = [op, op]
+        else:
+            ops[1] = op
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon_threadsafe(self._flush_refs)
+
+    def _flush_refs(self, reply_id: int | None = None) -> None:
+        self._flush_scheduled = False
+        with self._lock:
+            ops, self._ref_ops = self._ref_ops, {}
+        # Adds and removes alternate per object, so the first and last ops of a batch say
+        # everything: equal means that op stands, different means they cancel out.
+        add = [oid for oid, (first, last) in ops.items() if first == last == 1]
+        remove = [oid for oid, (first, last) in ops.items() if first == last == -1]
+        if add or remove or reply_id is not None:
+            body: dict[str, Any] = {"a": add, "d": remove}
+            if reply_id is not None:
+                body["r"] = reply_id
+            self.head.send(Message(M.REF_UPDATES, body))
+
+    def flush_refs_sync(self) -> None:
+        """Make sure the store has seen every holder change made so far."""
+        self.post(self._process_releases)
+        rid = next(self._req_ids)
+        reply = _Reply()
+        self._replies[rid] = reply
+        self.post(self._flush_refs, rid)
+        self._wait_event(reply.event, 30)
+
+    def local_refcount(self, oid: bytes) -> int:
+        return self._refcounts.get(oid, 0)
+
+    # -- values ------------------------------------------------------------------------
+    def resolve(self, oid: bytes, value: Value) -> None:
+        """IO thread: the value of ``oid`` is known. Cache it, promote it, wake waiters."""
+        with self._lock:
+            if oid in self._refcounts:
+                self._values[oid] = value
+            callbacks = self._waiters.pop(oid, None)
+            promote = oid in self._escaped
+            if value[0] == "s" and oid[:8] == self.worker_id:
+                # Sealed with this process as holder: it must let go when its refs do.
+                self._store_held.add(oid)
+                if oid not in self._refcounts:
+                    self._store_held.discard(oid)
+                    self._ref_op(oid, -1)
+        if promote:
+            self._promote(oid, value)
+        if callbacks:
+            for cb in callbacks:
+                cb(oid, value)
+
+    def mark_escaped(self, oids: Sequence[bytes]) -> None:
+        """These refs were serialized into something another process will read."""
+        for oid in oids:
+            if owner_of(oid) != self.worker_id:
+                continue
+            with self._lock:
+                if oid in self._escaped:
+                    continue
+                self._escaped.add(oid)
+                value = self._values.get(oid)
+            if value is not None:
+                self.post(self._promote, oid, value)
+
+    def _promote(self, oid: bytes, value: Value) -> None:
+        """IO thread: put an owned value in the store so that borrowers can read it."""
+        kind = value[0]
+        if kind == "s":
+            return  # already there
+        with self._lock:
+            holder = oid in self._refcounts
+            if holder:
+                self._store_held.add(oid)
+        sv = value[1] if kind == "v" else serialize_error(value[1])
+        self.head.send(Message(M.PUT_OBJECT, {"o": oid, "f": sv.flags, "c": sv.contained, "h": holder}, sv.frames()))
+
+    def put_serialized(self, oid: bytes, sv: SerializedValue) -> Value:
+        """User thread: record a new owned value (``put`` or an auto-put argument)."""
+        if sv.nbytes >= _config.INLINE_THRESHOLD:
+            path = self.store_large(oid, sv, holder=self.worker_id)
+            value: Value = ("s", path, sv.flags)
+            with self._lock:
+                self._store_held.add(oid)
+        else:
+            value = ("v", sv)
+        with self._lock:
+            self._values[oid] = value
+        if sv.contained:
+            self.mark_escaped(sv.contained)
+        return value
+
+    def store_large(self, oid: bytes, sv: SerializedValue, holder: bytes) -> str:
+        """Write a value into the node's shared-memory store; returns the segment path."""
+        size = _shm.layout_size(sv)
+        reply = self.request(Message(M.CREATE_OBJECT, {"o": oid, "s": size}))
+        if "e" in reply.body:
+            raise ObjectStoreFullError(reply.body["e"])
+        path = reply.body["p"]
+        try:
+            _shm.write(path, sv, size)
+        except OSError as exc:
+            self.send_head(Message(M.SEAL_OBJECT, {"o": oid, "abort": True}))
+            raise ObjectStoreFullError(
+                f"could not write an object of {size:,} bytes to shared memory: {exc}"
+            ) from None
+        self.request(Message(M.SEAL_OBJECT, {"o": oid, "f": sv.flags, "c": sv.contained, "h": holder}))
+        return path
+
+    def _on_objects(self, body: dict[str, Any], frames: Sequence[Any]) -> None:
+        """IO thread: the store answered a GET_OBJECTS (possibly in several parts)."""
+        pos = 0
+        for entry in body["e"]:
+            oid, kind = entry[0], entry[1]
+            self._fetching.discard(oid)
+            if kind == "i":
+                n = entry[3]
+                parts = frames[pos : pos + n]
+                pos += n
+                value: Value = ("v", SerializedValue(parts[0], list(parts[1:]), [], entry[2]))
+            elif kind == "s":
+                value = ("s", entry[3], entry[2])
+            else:
+                cls = OwnerDiedError if entry[2] == "owner_died" else ObjectLostError
+                value = ("x", cls(entry[3]))
+            self.resolve(oid, value)
+
+    def _fetch(self, oids: list[bytes]) -> None:
+        """IO thread: ask the store for borrowed objects not already asked for."""
+        wanted = [oid for oid in oids if oid not in self._fetching]
+        if not wanted:
+            return
+        self._fetching.update(wanted)
+        self.head.send(Message(M.GET_OBJECTS, {"r": 0, "o": wanted}))
+
+    # -- reading values ----------------------------------------------------------------
+    def lookup(self, oid: bytes) -> Value | None:
+        return self._values.get(oid)
+
+    def wait_values(self, oids: Sequence[bytes], num: int, timeout: float | None) -> dict[bytes, Value]:
+        """Block until ``num`` of ``oids`` have values (or timeout); returns those known."""
+        found: dict[bytes, Value] = {}
+        missing: list[bytes] = []
+        with self._lock:
+            for oid in oids:
+                v = self._values.get(oid)
+                if v is not None:
+                    found[oid] = v
+                else:
+                    missing.append(oid)
+        if len(found) >= num or not missing:
+            return found
+        event = threading.Event()
+        need = [num - len(found)]
+
+        def on_value(oid: bytes, value: Value) -> None:
+            found[oid] = value
+            need[0] -= 1
+            if need[0] <= 0:
+                event.set()
+
+        borrowed = []
+        with self._lock:
+            for oid in missing:
+                v = self._values.get(oid)
+                if v is not None:
+                    on_value(oid, v)
+                    continue
+                self._waiters.setdefault(oid, []).append(on_value)
+                if owner_of(oid) != self.worker_id:
+                    borrowed.append(oid)
+        if borrowed:
+            self.post(self._fetch, borrowed)
+        if need[0] > 0:
+            blocked = self.role == "worker"
+            if blocked:
+                self.send_head(Message(M.BLOCKED, {}))
+                self.tasks.run_inline_while_blocked(event, missing)
+            try:
+                self._wait_event(event, timeout)
+            finally:
+                if blocked:
+                    self.send_head(Message(M.UNBLOCKED, {}))
+                with self._lock:
+                    for oid in missing:
+                        cbs = self._waiters.get(oid)
+                        if cbs and on_value in cbs:
+                            cbs.remove(on_value)
+                            if not cbs:
+                                del self._waiters[oid]
+            if self.closed and self.lost_reason and len(found) < num:
+                err = ClusterGone(self.lost_reason)
+                for oid in missing:
+                    found.setdefault(oid, ("x", err))
+        return dict(found)
+
+    def on_ready(self, ref: Any, fut: Any) -> None:
+        """Complete the concurrent future ``fut`` with the value of ``ref``."""
+        oid = ref.binary()
+
+        def done(_oid: bytes, value: Value) -> None:
+            # Deserializing in a short-lived thread keeps the IO thread free.
+            def finish() -> None:
+                try:
+                    fut.set_result(self.materialize(value))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                _ = ref  # keep the ref (and so the value) alive until the future is done
+
+            threading.Thread(target=finish, daemon=True).start()
+
+        with self._lock:
+            value = self._values.get(oid)
+            if value is None:
+                self._waiters.setdefault(oid, []).append(done)
+        if value is not None:
+            done(oid, value)
+        elif owner_of(oid) != self.worker_id:
+            self.post(self._fetch, [oid])
+
+    @staticmethod
+    def materialize(value: Value) -> Any:
+        """Turn a resolved value into the Python object (raising it if it is an error)."""
+        kind = value[0]
+        if kind == "v":
+            sv = value[1]
+            obj = deserialize(sv.data, sv.buffers)
+            flags = sv.flags
+        elif kind == "s":
+            data, buffers, flags = _shm.read(value[1])
+            obj = deserialize(data, buffers)
+        else:
+            raise value[1]
+        if flags & FLAG_ERROR:
+            raise obj
+        return obj
+
+    # -- submitting --------------------------------------------------------------------
+    def serialize_arg(self, value: Any, what: str) -> SerializedValue:
+        try:
+            return serialize(value)
+        except Exception as exc:
+            raise TypeError(f"could not serialize {what} of type {type(value).__name__}: {exc}") from exc
+
+    def next_stream_item(self, task_id: bytes, index: int, timeout: float | None) -> Any:
+        return self.tasks.next_stream_item(task_id, index, timeout)
+
+    def drop_stream(self, task_id: bytes) -> None:
+        if not self.closed:
+            self.post(self.tasks.drop_stream, task_id)
+
+
+def print_log_lines(body: dict[str, Any]) -> None:
+    """The default way a driver shows its tasks' output: to its own stdout and stderr."""
+    out, err = [], []
+    for stream, line in body.get("l", ()):
+        (err if stream == 2 else out).append(line)
+    if out:
+        sys.stdout.write("".join(out))
+        sys.stdout.flush()
+    if err:
+        sys.stderr.write("".join(err))
+        sys.stderr.flush()

@@ -1,0 +1,159 @@
+"""Typed messages, their encoding and their signatures. Nothing here touches a socket.
+
+Frame layout of one message, after any routing-identity frames that ROUTER sockets add:
+
+    0  MAGIC       b"SHL" + protocol version byte
+    1  signature   32 bytes: HMAC-SHA256(cluster key, framing of frames 0, 2, 3, ...)
+    2  header      msgpack [type, seq, body]
+    3… buffers     raw bytes: pickled values and their out-of-band (protocol 5) buffers
+
+The signature covers the frame count and every frame's length and bytes, so frames can be
+neither reordered, split, joined nor altered. It is checked with ``hmac.compare_digest``
+before the header is parsed; a payload is unpickled only from a verified message. ``seq``
+rises by one per message on a connection: the transport drops anything not above the last
+seen value, which defeats replay. The first message on every connection is HELLO (from the
+connecting side) or WELCOME (the answer), carrying a fresh random connection id; a
+connection id is accepted once per process lifetime.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAGIC = b"SHL" + bytes([PROTOCOL_VERSION])
+SIGNATURE_SIZE = 32
+
+_pack_len = struct.Struct("<Q").pack
+_pack_count = struct.Struct("<I").pack
+
+
+class MsgType(enum.IntEnum):
+    # handshake
+    HELLO = 1
+    WELCOME = 2
+    REFUSED = 3
+    # owner <-> node manager: leases
+    REQUEST_LEASE = 10
+    LEASE_GRANTED = 11
+    LEASE_FAILED = 12
+    RETURN_LEASE = 13
+    WORKER_DIED = 14
+    BLOCKED = 15
+    UNBLOCKED = 16
+    CANCEL_LEASE_REQUEST = 17
+    # owner <-> worker: tasks
+    PUSH_TASK = 20
+    TASK_DONE = 21
+    STREAM_ITEM = 22
+    CANCEL_TASK = 23
+    # actors (owner <-> control store, control store <-> worker)
+    CREATE_ACTOR = 30
+    ACTOR_UPDATE = 31
+    GET_ACTOR = 32
+    ACTOR_INFO = 33
+    KILL_ACTOR = 34
+    SUBSCRIBE_ACTOR = 35
+    BECOME_ACTOR = 36
+    ACTOR_READY = 37
+    ACTOR_CALL = 38
+    RELEASE_ACTOR = 39
+    # object store
+    PUT_OBJECT = 40
+    CREATE_OBJECT = 41
+    OBJECT_CREATED = 42
+    SEAL_OBJECT = 43
+    GET_OBJECTS = 44
+    OBJECTS = 45
+    REF_UPDATES = 46
+    PROMISE_OBJECT = 47
+    FLUSHED = 48
+    # cluster information and logs
+    CLUSTER_INFO = 50
+    CLUSTER_INFO_REPLY = 51
+    LOG_LINES = 52
+    EXIT = 53
+    REQUEST = 54
+    REPLY = 55
+
+
+class ProtocolError(Exception):
+    """A message that is not ours, is malformed, or fails authentication."""
+
+
+class Message:
+    """One message: a type, a msgpack-able body and raw buffers."""
+
+    __slots__ = ("body", "frames", "type")
+
+    def __init__(self, type: MsgType, body: Any = None, frames: Sequence[Any] = ()) -> None:
+        self.type = type
+        self.body = body
+        self.frames = frames
+
+    def __repr__(self) -> str:
+        return f"Message({self.type.name}, {self.body!r}, {len(self.frames)} frames)"
+
+
+class Signer:
+    """Signs and verifies frame lists with the cluster key."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the cluster key must be at least 16 bytes")
+        # Keyed once: copying a keyed HMAC is cheaper than keying a new one per message.
+        self._base = hmac.new(key, digestmod=hashlib.sha256)
+
+    def signature(self, header: bytes, buffers: Sequence[Any]) -> bytes:
+        h = self._base.copy()
+        h.update(_pack_count(len(buffers) + 2))
+        h.update(_pack_len(len(MAGIC)))
+        h.update(MAGIC)
+        h.update(_pack_len(len(header)))
+        h.update(header)
+        for buf in buffers:
+            view = memoryview(buf)
+            h.update(_pack_len(view.nbytes))
+            h.update(view)
+        return h.digest()
+
+    def encode(self, msg: Message, seq: int) -> list[Any]:
+        header = msgpack.packb((int(msg.type), seq, msg.body), use_bin_type=True)
+        return [MAGIC, self.signature(header, msg.frames), header, *msg.frames]
+
+    def decode(self, frames: Sequence[Any]) -> tuple[Message, int]:
+        """Verify then parse ``frames`` (zmq Frames or bytes, routing ids removed)."""
+        if len(frames) < 3:
+            raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
+        magic = _as_bytes(frames[0])
+        if magic != MAGIC:
+            raise ProtocolError("bad magic or protocol version")
+        sig = _as_bytes(frames[1])
+        if len(sig) != SIGNATURE_SIZE:
+            raise ProtocolError("bad signature size")
+        header = _as_bytes(frames[2])
+        buffers = [_as_buffer(f) for f in frames[3:]]
+        if not hmac.compare_digest(sig, self.signature(header, buffers)):
+            raise ProtocolError("signature mismatch")
+        # Verified: only now is anything parsed.
+        try:
+            mtype, seq, body = msgpack.unpackb(header, raw=False, strict_map_key=False)
+            return Message(MsgType(mtype), body, buffers), int(seq)
+        except Exception as exc:
+            raise ProtocolError(f"malformed header: {exc}") from None
+
+
+def _as_bytes(frame: Any) -> bytes:
+    return frame if isinstance(frame, bytes) else frame.bytes
+
+
+def _as_buffer(frame: Any) -> Any:
+    # zmq.Frame exposes its memory through .buffer without a copy.
+    return frame if isinstance(frame, (bytes, bytearray, memoryview)) else frame.buffer

@@ -1,0 +1,298 @@
+"""The node's lease scheduler: which owner may use which worker, with which resources.
+
+    owner --RequestLeaseEvent--> scheduler --Grant--> owner pushes tasks to the worker
+    owner --ReturnLeaseEvent---> scheduler            (worker back to the idle pool)
+    node  --WorkerExitedEvent--> scheduler --NotifyWorkerLost--> owner retries its tasks
+
+A lease binds one worker process and a resource amount to one owner (a driver, a worker
+that submits nested tasks, or an actor being created). Owners push tasks straight to their
+leased workers; the scheduler is off the per-task path. This class does no IO: it takes
+events and returns actions, and the head's loop carries them out.
+
+Invariants:
+- ``available`` = total - sum(resources of leases that are not blocked); it can go below
+  zero for CPU only, for a moment, when a blocked worker wakes up.
+- Every worker is in exactly one state: starting, idle, leased, or dead (removed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import _config
+from ._resources import GpuSet, Resources, add, describe, fits, subtract
+
+
+# -- events ------------------------------------------------------------------------------
+@dataclass
+class RequestLeaseEvent:
+    owner: bytes
+    req_id: int
+    resources: Resources
+    actor_id: bytes | None = None
+
+
+@dataclass
+class CancelLeaseRequestEvent:
+    owner: bytes
+    req_id: int
+
+
+@dataclass
+class ReturnLeaseEvent:
+    worker_id: bytes
+    kill: bool = False
+
+
+@dataclass
+class WorkerRegisteredEvent:
+    worker_id: bytes
+
+
+@dataclass
+class WorkerExitedEvent:
+    worker_id: bytes
+    reason: str
+
+
+@dataclass
+class WorkerBlockedEvent:
+    worker_id: bytes
+
+
+@dataclass
+class WorkerUnblockedEvent:
+    worker_id: bytes
+
+
+@dataclass
+class OwnerGoneEvent:
+    owner: bytes
+
+
+@dataclass
+class TickEvent:
+    pass
+
+
+Event = (
+    RequestLeaseEvent | CancelLeaseRequestEvent | ReturnLeaseEvent | WorkerRegisteredEvent
+    | WorkerExitedEvent | WorkerBlockedEvent | WorkerUnblockedEvent | OwnerGoneEvent | TickEvent
+)
+
+
+# -- actions -----------------------------------------------------------------------------
+@dataclass
+class Grant:
+    owner: bytes
+    req_id: int
+    worker_id: bytes
+    gpu_ids: list[int]
+    actor_id: bytes | None
+
+
+@dataclass
+class Reject:
+    owner: bytes
+    req_id: int
+    reason: str
+    actor_id: bytes | None
+
+
+@dataclass
+class StartWorker:
+    worker_id: bytes
+
+
+@dataclass
+class KillWorker:
+    worker_id: bytes
+
+
+@dataclass
+class NotifyWorkerLost:
+    owner: bytes
+    worker_id: bytes
+    reason: str
+    actor_id: bytes | None
+
+
+Action = Grant | Reject | StartWorker | KillWorker | NotifyWorkerLost
+
+
+@dataclass
+class _Worker:
+    worker_id: bytes
+    state: str = "starting"  # starting | idle | leased
+    owner: bytes = b""
+    req_id: int = 0
+    resources: Resources = field(default_factory=dict)
+    gpu_ids: list[int] = field(default_factory=list)
+    actor_id: bytes | None = None
+    blocked: bool = False
+    idle_since: float = 0.0
+
+
+class NodeScheduler:
+    def __init__(
+        self,
+        total: Resources,
+        pool_size: int,
+        max_workers: int | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        import time
+
+        self.total = dict(total)
+        self.available = dict(total)
+        self.gpus = GpuSet(total.get("GPU", 0) // 10_000)
+        self.pool_size = pool_size
+        # Blocked workers do not count against CPUs, so nested tasks need room to grow; the
+        # cap only stops a runaway.
+        self.max_workers = max_workers or max(64, 8 * pool_size)
+        self.clock = clock or time.monotonic
+        self.workers: dict[bytes, _Worker] = {}
+        self.pending: list[RequestLeaseEvent] = []
+
+    # -- queries -----------------------------------------------------------------------
+    def count(self, state: str) -> int:
+        return sum(1 for w in self.workers.values() if w.state == state)
+
+    def leased_to(self, owner: bytes) -> list[bytes]:
+        return [w.worker_id for w in self.workers.values() if w.state == "leased" and w.owner == owner]
+
+    def worker(self, worker_id: bytes) -> _Worker | None:
+        return self.workers.get(worker_id)
+
+    # -- events ------------------------------------------------------------------------
+    def start(self) -> list[Action]:
+        """Prestart the pool."""
+        return [self._new_worker() for _ in range(self.pool_size)]
+
+    def handle(self, event: Event) -> list[Action]:
+        actions: list[Action] = []
+        if isinstance(event, RequestLeaseEvent):
+            if not fits(self.total, event.resources) or (
+                event.resources.get("GPU", 0) and self.gpus_infeasible(event.resources["GPU"])
+            ):
+                actions.append(Reject(event.owner, event.req_id, self._infeasible(event.resources), event.actor_id))
+                return actions
+            self.pending.append(event)
+        elif isinstance(event, CancelLeaseRequestEvent):
+            self.pending = [r for r in self.pending if not (r.owner == event.owner and r.req_id == event.req_id)]
+        elif isinstance(event, ReturnLeaseEvent):
+            w = self.workers.get(event.worker_id)
+            if w is not None and w.state == "leased":
+                self._release(w)
+                if event.kill or w.actor_id is not None:
+                    actions.append(KillWorker(w.worker_id))
+                    del self.workers[w.worker_id]
+        elif isinstance(event, WorkerRegisteredEvent):
+            w = self.workers.get(event.worker_id)
+            if w is not None and w.state == "starting":
+                w.state = "idle"
+                w.idle_since = self.clock()
+        elif isinstance(event, WorkerExitedEvent):
+            w = self.workers.pop(event.worker_id, None)
+            if w is not None and w.state == "leased":
+                self._release(w)
+                actions.append(NotifyWorkerLost(w.owner, w.worker_id, event.reason, w.actor_id))
+        elif isinstance(event, WorkerBlockedEvent):
+            w = self.workers.get(event.worker_id)
+            if w is not None and w.state == "leased" and not w.blocked:
+                w.blocked = True
+                self.available["CPU"] = self.available.get("CPU", 0) + w.resources.get("CPU", 0)
+        elif isinstance(event, WorkerUnblockedEvent):
+            w = self.workers.get(event.worker_id)
+            if w is not None and w.state == "leased" and w.blocked:
+                w.blocked = False
+                self.available["CPU"] = self.available.get("CPU", 0) - w.resources.get("CPU", 0)
+        elif isinstance(event, OwnerGoneEvent):
+            self.pending = [r for r in self.pending if r.owner != event.owner]
+            for w in list(self.workers.values()):
+                if w.state == "leased" and w.owner == event.owner and w.actor_id is None:
+                    # Its results have nowhere to go; a fresh worker is cheaper than a wait.
+                    self._release(w)
+                    del self.workers[w.worker_id]
+                    actions.append(KillWorker(w.worker_id))
+        elif isinstance(event, TickEvent):
+            actions.extend(self._reap_idle())
+        self._schedule(actions)
+        return actions
+
+    def gpus_infeasible(self, amount: int) -> bool:
+        return amount >= 10_000 and amount // 10_000 > len(self.gpus.free)
+
+    # -- internals ---------------------------------------------------------------------
+    def _infeasible(self, needed: Resources) -> str:
+        return f"it asks for {describe(needed)} but this cluster has {describe(self.total)} in all"
+
+    def _new_worker(self) -> StartWorker:
+        wid = os.urandom(8)
+        self.workers[wid] = _Worker(wid)
+        return StartWorker(wid)
+
+    def _release(self, w: _Worker) -> None:
+        res = dict(w.resources)
+        if w.blocked:
+            res.pop("CPU", None)
+        add(self.available, res)
+        if w.gpu_ids:
+            self.gpus.release(w.gpu_ids, w.resources.get("GPU", 0))
+        w.state, w.owner, w.req_id, w.resources, w.gpu_ids, w.blocked = "idle", b"", 0, {}, [], False
+        w.idle_since = self.clock()
+
+    def _schedule(self, actions: list[Action]) -> None:
+        if not self.pending:
+            self._replenish(actions, 0)
+            return
+        idle = [w for w in self.workers.values() if w.state == "idle"]
+        waiting = 0
+        still_pending = []
+        for req in self.pending:
+            if not fits(self.available, req.resources):
+                still_pending.append(req)
+                continue
+            if not idle:
+                still_pending.append(req)
+                waiting += 1
+                continue
+            gpu_ids: list[int] = []
+            if req.resources.get("GPU"):
+                got = self.gpus.acquire(req.resources["GPU"])
+                if got is None:
+                    still_pending.append(req)
+                    continue
+                gpu_ids = got
+            w = idle.pop()
+            subtract(self.available, req.resources)
+            w.state, w.owner, w.req_id = "leased", req.owner, req.req_id
+            w.resources, w.gpu_ids, w.actor_id = dict(req.resources), gpu_ids, req.actor_id
+            actions.append(Grant(req.owner, req.req_id, w.worker_id, gpu_ids, req.actor_id))
+        self.pending = still_pending
+        self._replenish(actions, waiting)
+
+    def _replenish(self, actions: list[Action], waiting: int) -> None:
+        """Start workers for grantable requests that lack one, and keep the pool full."""
+        starting = self.count("starting")
+        task_workers = sum(1 for w in self.workers.values() if w.actor_id is None)
+        want = max(waiting - starting, self.pool_size - task_workers)
+        room = self.max_workers - len(self.workers)
+        for _ in range(max(0, min(want, room))):
+            actions.append(self._new_worker())
+
+    def _reap_idle(self) -> list[Action]:
+        actions: list[Action] = []
+        now = self.clock()
+        idle = sorted((w for w in self.workers.values() if w.state == "idle"), key=lambda w: w.idle_since)
+        excess = len([w for w in self.workers.values() if w.actor_id is None]) - self.pool_size
+        for w in idle:
+            if excess <= 0:
+                break
+            if now - w.idle_since > _config.IDLE_WORKER_SECONDS:
+                del self.workers[w.worker_id]
+                actions.append(KillWorker(w.worker_id))
+                excess -= 1
+        return actions

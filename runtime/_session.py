@@ -1,0 +1,187 @@
+"""The session directory: where a cluster on this machine keeps its key, sockets and logs.
+
+    $SHOAL_TMPDIR (default /tmp/shoal-sessions)/
+        session_latest -> session_<time>_<pid>_<tag>     the newest cluster, for address="auto"
+        session_<time>_<pid>_<tag>/      0700
+            cluster.key                  0600, 32 random bytes, the HMAC key
+            head.json                    address, pid, shm tag of the running head
+            h.sock, w-<worker>.sock      ipc sockets
+            logs/                        one file per process
+
+Shared-memory segments are named ``/dev/shm/shoal-<tag>-<object id>``, so the segments of a
+cluster that was killed can be found and removed by the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+KEY_FILE = "cluster.key"
+HEAD_FILE = "head.json"
+LATEST = "session_latest"
+SHM_DIR = "/dev/shm"
+
+
+def base_dir() -> str:
+    # Not "/tmp/shoal": a directory named like the package would shadow it for scripts run
+    # from /tmp (an editable install resolves after the script's directory).
+    return os.environ.get("SHOAL_TMPDIR") or "/tmp/shoal-sessions"
+
+
+@dataclass
+class Session:
+    path: str
+    tag: str
+
+    @property
+    def key_path(self) -> str:
+        return os.path.join(self.path, KEY_FILE)
+
+    @property
+    def logs(self) -> str:
+        return os.path.join(self.path, "logs")
+
+    def socket_address(self, name: str) -> str:
+        return f"ipc://{os.path.join(self.path, name)}.sock"
+
+    def read_key(self) -> bytes:
+        return read_key_file(self.key_path)
+
+    def write_head_info(self, info: dict[str, Any]) -> None:
+        tmp = os.path.join(self.path, HEAD_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, os.path.join(self.path, HEAD_FILE))
+
+    def head_info(self) -> dict[str, Any] | None:
+        try:
+            with open(os.path.join(self.path, HEAD_FILE)) as f:
+                info: dict[str, Any] = json.load(f)
+                return info
+        except (OSError, ValueError):
+            return None
+
+
+def create_session() -> Session:
+    base = base_dir()
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    tag = secrets.token_hex(4)
+    name = f"session_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}_{tag}"
+    path = os.path.join(base, name)
+    os.mkdir(path, 0o700)
+    os.mkdir(os.path.join(path, "logs"), 0o700)
+    write_key_file(os.path.join(path, KEY_FILE), secrets.token_bytes(32))
+    latest = os.path.join(base, LATEST)
+    tmp_link = latest + f".{tag}"
+    os.symlink(name, tmp_link)
+    os.replace(tmp_link, latest)
+    return Session(path, tag)
+
+
+def open_session(path: str) -> Session:
+    info_path = os.path.join(path, HEAD_FILE)
+    tag = ""
+    try:
+        with open(info_path) as f:
+            tag = json.load(f).get("tag", "")
+    except (OSError, ValueError):
+        pass
+    return Session(path, tag)
+
+
+def write_key_file(path: str, key: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.hex().encode())
+
+
+def read_key_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        text = f.read().strip()
+    try:
+        key = bytes.fromhex(text.decode())
+    except ValueError:
+        raise ValueError(f"the key file {path} does not hold a hex key") from None
+    if len(key) < 16:
+        raise ValueError(f"the key in {path} is shorter than 16 bytes")
+    return key
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_running_session() -> Session | None:
+    """The newest session on this machine whose head is alive, for ``address="auto"``."""
+    latest = os.path.join(base_dir(), LATEST)
+    candidates = []
+    if os.path.islink(latest):
+        candidates.append(os.path.realpath(latest))
+    candidates.extend(sorted(list_session_dirs(), reverse=True))
+    for path in candidates:
+        session = open_session(path)
+        info = session.head_info()
+        if info and pid_alive(int(info.get("pid", 0))):
+            return session
+    return None
+
+
+def list_session_dirs() -> list[str]:
+    base = base_dir()
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return []
+    return [os.path.join(base, n) for n in names if n.startswith("session_2")]
+
+
+def remove_segments(tag: str) -> int:
+    """Remove the shared-memory segments of the session with ``tag``; returns how many."""
+    if not tag:
+        return 0
+    prefix = f"shoal-{tag}-"
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def clean_dead_sessions() -> None:
+    """Remove what killed clusters left: their segments and session directories."""
+    import shutil
+
+    for path in list_session_dirs():
+        session = open_session(path)
+        info = session.head_info()
+        if info is None:
+            # A session that never became ready; leave it unless it is old (a start may
+            # be in progress right now).
+            try:
+                if time.time() - os.stat(path).st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+        elif pid_alive(int(info.get("pid", 0))):
+            continue
+        remove_segments(session.tag)
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,118 @@
+"""Objects in shared memory: one file in /dev/shm per object, mapped by every reader.
+
+File layout (little endian), buffers aligned to 64 bytes so numpy data is aligned:
+
+    0   magic  b"SHOALOB1"
+    8   flags  u32        (error bit etc., as in SerializedValue.flags)
+    12  count  u32        number of out-of-band buffers
+    16  data   u64 u64    offset, length of the pickle stream
+    32  count x (u64 offset, u64 length)
+    ... pickle stream, then the buffers
+
+A reader maps the file read-only, so numpy arrays come back as read-only views and no
+process can change an object another is reading. Unlinking a file that is mapped is safe:
+the memory lives until the last mapping goes, which is what lets the store free or spill an
+object without coordinating with its readers.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from typing import Any
+
+from ._serialization import SerializedValue
+
+MAGIC = b"SHOALOB1"
+_HEAD = struct.Struct("<8sII QQ")
+_ENTRY = struct.Struct("<QQ")
+ALIGN = 64
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def layout_size(sv: SerializedValue) -> int:
+    pos = _align(_HEAD.size + _ENTRY.size * len(sv.buffers))
+    pos = _align(pos + len(sv.data))
+    for buf in sv.buffers:
+        pos = _align(pos + memoryview(buf).nbytes)
+    return pos
+
+
+def write(path: str, sv: SerializedValue, size: int) -> None:
+    """Create ``path`` (0600, must not exist) holding ``sv``; ``size`` from layout_size."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        # posix_fallocate reserves the pages now, so a full /dev/shm fails here with ENOSPC
+        # instead of killing the writer with SIGBUS later.
+        os.posix_fallocate(fd, 0, max(size, 1))
+        with mmap.mmap(fd, max(size, 1)) as mm:
+            entries = []
+            pos = _align(_HEAD.size + _ENTRY.size * len(sv.buffers))
+            data_off = pos
+            mm[pos : pos + len(sv.data)] = sv.data
+            pos = _align(pos + len(sv.data))
+            for buf in sv.buffers:
+                view = memoryview(buf).cast("B")
+                mm[pos : pos + view.nbytes] = view
+                entries.append((pos, view.nbytes))
+                pos = _align(pos + view.nbytes)
+            _HEAD.pack_into(mm, 0, MAGIC, sv.flags, len(sv.buffers), data_off, len(sv.data))
+            for i, (off, length) in enumerate(entries):
+                _ENTRY.pack_into(mm, _HEAD.size + i * _ENTRY.size, off, length)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        raise
+    os.close(fd)
+
+
+def read(path: str) -> tuple[memoryview, list[memoryview], int]:
+    """Map ``path`` read-only; returns (pickle stream, buffers, flags) as views into it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    view = memoryview(mm)
+    magic, flags, count, data_off, data_len = _HEAD.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ValueError(f"{path} is not a Shoal object")
+    buffers = []
+    for i in range(count):
+        off, length = _ENTRY.unpack_from(view, _HEAD.size + i * _ENTRY.size)
+        buffers.append(view[off : off + length])
+    return view[data_off : data_off + data_len], buffers, flags
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy an object file (for spilling and restoring) without mapping it whole."""
+    with open(src, "rb") as fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fout:
+            while True:
+                chunk = fin.read(8 << 20)
+                if not chunk:
+                    break
+                fout.write(chunk)
+
+
+def unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def free_bytes(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+

@@ -1,0 +1,510 @@
+"""Task submission by an owner: dependency resolution, worker leases, direct pushes.
+
+    remote() --spec--> [IO thread] wait for owned pending arguments
+                   --> queue per resource shape --REQUEST_LEASE--> head
+    LEASE_GRANTED --> push specs straight to the leased worker (PUSH_TASK)
+    TASK_DONE     --> resolve return values, push the next queued spec, or keep the idle
+                      lease for a moment before RETURN_LEASE
+    WORKER_DIED   --> retry the worker's tasks (max_retries) or fail them
+
+Everything here runs on the IO thread except ``submit`` (called from user threads) and
+``next_stream_item`` / ``run_inline_while_blocked`` (user threads, blocking).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from . import _config
+from ._ids import return_id
+from ._protocol import Message, MsgType
+from ._serialization import SerializedValue
+from ._transport import Connection
+from .exceptions import GetTimeoutError, TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
+
+if TYPE_CHECKING:
+    from ._core import CoreWorker, Value
+
+M = MsgType
+STREAMING = -1
+
+# Lease requests one resource shape may have outstanding at the head at once.
+MAX_PENDING_LEASE_REQUESTS = 10
+
+
+class TaskSpec:
+    """Everything needed to run (and re-run) one task or actor call."""
+
+    __slots__ = (
+        "actor_id", "args", "attempts", "cancelled", "deps", "fn_bytes", "fn_hash", "job", "key",
+        "kwnames", "max_retries", "method", "name", "num_returns", "parent", "pins", "resources",
+        "retry_exceptions", "return_ids", "task_id", "worker",
+    )
+
+    def __init__(self) -> None:
+        self.task_id = b""
+        self.name = ""
+        self.fn_hash = b""
+        self.fn_bytes = b""
+        self.args: list[tuple[int, Any]] = []  # (0, SerializedValue) or (1, ObjectRef)
+        self.kwnames: list[str] = []
+        self.num_returns = 1
+        self.resources: dict[str, int] = {}
+        self.key: tuple[Any, ...] = ()
+        self.max_retries = _config.DEFAULT_MAX_RETRIES
+        self.retry_exceptions: bool | tuple[type, ...] = False
+        self.job = 0
+        self.return_ids: list[bytes] = []
+        self.deps: list[Any] = []  # ObjectRefs passed at the top level
+        self.pins: list[Any] = []  # ObjectRefs found inside arguments, kept alive
+        self.actor_id: bytes | None = None
+        self.method = ""
+        self.cancelled = False
+        self.attempts = 0
+        self.parent: bytes | None = None
+        self.worker: bytes | None = None
+
+
+def encode_args(core: CoreWorker, spec: TaskSpec, frames: list[Any]) -> list[Any]:
+    """Argument descriptors for a push; dependency values are inlined when small."""
+    out = []
+    for kind, x in spec.args:
+        if kind == 0:
+            sv: SerializedValue = x
+            out.append([0, 1 + len(sv.buffers), sv.flags])
+            frames.append(sv.data)
+            frames.extend(sv.buffers)
+            continue
+        oid = x.binary()
+        value = core.lookup(oid)
+        if value is not None and value[0] == "v":
+            sv = value[1]
+            out.append([0, 1 + len(sv.buffers), sv.flags])
+            frames.append(sv.data)
+            frames.extend(sv.buffers)
+        elif value is not None and value[0] == "s":
+            out.append([2, value[1], value[2]])
+        else:
+            out.append([1, oid])
+    return out
+
+
+class _WorkerConn:
+    __slots__ = ("conn", "fns")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.fns: set[bytes] = set()
+
+
+class _Lease:
+    __slots__ = ("conn", "gpu_ids", "idle_timer", "in_flight", "key", "pid", "worker_id")
+
+    def __init__(self, worker_id: bytes, conn: _WorkerConn, gpu_ids: list[int], key: _Key, pid: int) -> None:
+        self.worker_id = worker_id
+        self.conn = conn
+        self.gpu_ids = gpu_ids
+        self.key = key
+        self.pid = pid
+        self.in_flight: dict[bytes, TaskSpec] = {}
+        self.idle_timer: Any = None
+
+
+class _Key:
+    """The queue and leases of one resource shape."""
+
+    __slots__ = ("leases", "queue", "requests", "resources")
+
+    def __init__(self, resources: dict[str, int]) -> None:
+        self.resources = resources
+        self.queue: collections.deque[TaskSpec] = collections.deque()
+        self.leases: dict[bytes, _Lease] = {}
+        self.requests = 0
+
+
+class _Stream:
+    __slots__ = ("cond", "done", "items")
+
+    def __init__(self) -> None:
+        self.items: dict[int, Any] = {}  # index -> ObjectRef, until the consumer takes it
+        self.done: int | None = None  # the number of items, once the task finished
+        self.cond = threading.Condition()
+
+
+class TaskSubmitter:
+    def __init__(self, core: CoreWorker) -> None:
+        self.core = core
+        self.keys: dict[tuple[Any, ...], _Key] = {}
+        self.lease_requests: dict[int, _Key] = {}
+        self.leases: dict[bytes, _Lease] = {}
+        self.conns: dict[str, _WorkerConn] = {}
+        self.running: dict[bytes, tuple[TaskSpec, _Lease | None]] = {}  # task id -> where
+        self.queued: dict[bytes, TaskSpec] = {}  # submitted, not pushed yet
+        self.children: dict[bytes, list[bytes]] = {}  # parent task id -> child task ids
+        self.streams: dict[bytes, _Stream] = {}
+        self._req_ids = itertools.count(1)
+
+    def sockets(self) -> list[Any]:
+        return [c.conn.sock for c in self.conns.values()]
+
+    # -- user thread -------------------------------------------------------------------
+    def submit(self, spec: TaskSpec) -> None:
+        if spec.num_returns == STREAMING:
+            self.streams[spec.task_id] = _Stream()
+        self.core.post(self._submit, spec)
+
+    def next_stream_item(self, task_id: bytes, index: int, timeout: float | None) -> Any:
+        stream = self.streams.get(task_id)
+        if stream is None:
+            return None
+        with stream.cond:
+            ok = stream.cond.wait_for(
+                lambda: index in stream.items or (stream.done is not None and index >= stream.done) or self.core.closed,
+                timeout,
+            )
+            if not ok:
+                raise GetTimeoutError(f"no new item from the generator within {timeout}s")
+            return stream.items.pop(index, None)
+
+    def run_inline_while_blocked(self, event: threading.Event, oids: Sequence[bytes]) -> None:
+        """Hook for a worker blocked in get; the CPU is lent back to the node instead."""
+        return
+
+    # -- IO thread ---------------------------------------------------------------------
+    def _submit(self, spec: TaskSpec) -> None:
+        self.queued[spec.task_id] = spec
+        if spec.parent is not None:
+            self.children.setdefault(spec.parent, []).append(spec.task_id)
+        self._when_deps_ready(spec, lambda: self._enqueue(spec))
+
+    def _when_deps_ready(self, spec: TaskSpec, then: Any) -> None:
+        core = self.core
+        pending = [ref.binary() for ref in spec.deps
+                   if ref.binary()[:8] == core.worker_id and core.lookup(ref.binary()) is None]
+        if not pending:
+            then()
+            return
+        remaining = [len(pending)]
+
+        def on_dep(_oid: bytes, _value: Value) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                then()
+
+        with core._lock:
+            for oid in pending:
+                if oid in core._values:
+                    remaining[0] -= 1
+                else:
+                    core._waiters.setdefault(oid, []).append(on_dep)
+        if remaining[0] == 0:
+            then()
+
+    def dep_error(self, spec: TaskSpec) -> Value | None:
+        """An argument that failed makes the task fail with the same error, unrun."""
+        for ref in spec.deps:
+            value = self.core.lookup(ref.binary())
+            if value is None:
+                continue
+            if value[0] == "x" or (value[0] == "v" and value[1].is_error) or (value[0] == "s" and value[2] & 1):
+                return value
+        return None
+
+    def _enqueue(self, spec: TaskSpec) -> None:
+        if spec.cancelled:
+            return
+        err = self.dep_error(spec)
+        if err is not None:
+            self._finish(spec, [err] * max(1, len(spec.return_ids)))
+            return
+        key = self.keys.get(spec.key)
+        if key is None:
+            key = self.keys[spec.key] = _Key(spec.resources)
+        key.queue.append(spec)
+        self._pump(key)
+
+    def _pump(self, key: _Key) -> None:
+        limit = _config.MAX_TASKS_IN_FLIGHT_PER_WORKER
+        queue = key.queue
+        while queue:
+            lease = None
+            for candidate in key.leases.values():
+                if len(candidate.in_flight) < limit:
+                    lease = candidate
+                    break
+            if lease is None:
+                break
+            spec = queue.popleft()
+            if spec.cancelled:
+                continue
+            self._push(spec, lease)
+        want = min(len(queue) - key.requests, MAX_PENDING_LEASE_REQUESTS - key.requests)
+        for _ in range(max(0, want)):
+            rid = next(self._req_ids)
+            self.lease_requests[rid] = key
+            key.requests += 1
+            self.core.head.send(Message(M.REQUEST_LEASE, {"r": rid, "res": key.resources}))
+        if not queue:
+            for lease in key.leases.values():
+                if not lease.in_flight and lease.idle_timer is None:
+                    lease.idle_timer = self.core.loop.call_later(_config.IDLE_LEASE_SECONDS, self._return_if_idle, lease)
+
+    def _push(self, spec: TaskSpec, lease: _Lease) -> None:
+        if lease.idle_timer is not None:
+            lease.idle_timer.cancel()
+            lease.idle_timer = None
+        self.queued.pop(spec.task_id, None)
+        spec.attempts += 1
+        spec.worker = lease.worker_id
+        lease.in_flight[spec.task_id] = spec
+        self.running[spec.task_id] = (spec, lease)
+        frames: list[Any] = []
+        body: dict[str, Any] = {
+            "t": spec.task_id, "f": spec.fn_hash, "n": spec.name, "nr": spec.num_returns, "j": spec.job,
+            "kw": spec.kwnames, "g": lease.gpu_ids, "res": spec.resources,
+        }
+        if spec.fn_hash not in lease.conn.fns:
+            lease.conn.fns.add(spec.fn_hash)
+            body["fb"] = 1
+            frames.append(spec.fn_bytes)
+        body["a"] = encode_args(self.core, spec, frames)
+        lease.conn.conn.send(Message(M.PUSH_TASK, body, frames))
+
+    def connection(self, address: str) -> _WorkerConn:
+        wc = self.conns.get(address)
+        if wc is None:
+            conn = Connection(
+                self.core.ctx, self.core.signer, address,
+                {"role": self.core.role, "wid": self.core.worker_id, "pid": self.core.pid},
+                self.on_worker_message,
+            )
+            wc = self.conns[address] = _WorkerConn(conn)
+            self.core.loop.add_reader(conn.sock, conn.handle_readable)
+        return wc
+
+    def close_connection(self, address: str) -> None:
+        wc = self.conns.pop(address, None)
+        if wc is not None:
+            self.core.loop.remove_reader(wc.conn.sock)
+            wc.conn.sock.close(linger=0)
+
+    def _return_if_idle(self, lease: _Lease) -> None:
+        lease.idle_timer = None
+        if lease.in_flight or lease.key.queue or self.leases.get(lease.worker_id) is not lease:
+            return
+        self._drop_lease(lease)
+        self.core.head.send(Message(M.RETURN_LEASE, {"w": lease.worker_id}))
+
+    def _drop_lease(self, lease: _Lease) -> None:
+        self.leases.pop(lease.worker_id, None)
+        lease.key.leases.pop(lease.worker_id, None)
+
+    def on_head_message(self, msg: Message) -> None:
+        body = msg.body
+        if msg.type == M.LEASE_GRANTED:
+            key = self.lease_requests.pop(body["r"], None)
+            if key is None:
+                self.core.head.send(Message(M.RETURN_LEASE, {"w": body["w"]}))
+                return
+            key.requests -= 1
+            lease = _Lease(body["w"], self.connection(body["a"]), list(body["g"]), key, int(body["p"]))
+            self.leases[lease.worker_id] = lease
+            key.leases[lease.worker_id] = lease
+            self._pump(key)
+        elif msg.type == M.LEASE_FAILED:
+            key = self.lease_requests.pop(body["r"], None)
+            if key is None:
+                return
+            key.requests -= 1
+            err = TaskUnschedulableError(f"this task can never run: {body['e']}")
+            while key.queue:
+                spec = key.queue.popleft()
+                self._finish(spec, [("x", err)] * max(1, len(spec.return_ids)))
+        elif msg.type == M.WORKER_DIED:
+            lease = self.leases.get(body["w"])
+            if lease is not None:
+                self._lease_lost(lease, body["e"])
+
+    def _lease_lost(self, lease: _Lease, reason: str) -> None:
+        self._drop_lease(lease)
+        if lease.idle_timer is not None:
+            lease.idle_timer.cancel()
+        specs = list(lease.in_flight.values())
+        lease.in_flight.clear()
+        for spec in specs:
+            self.running.pop(spec.task_id, None)
+            if spec.cancelled:
+                self._finish(spec, [("x", TaskCancelledError(f"task {spec.name} was cancelled"))] * max(1, len(spec.return_ids)))
+            elif spec.attempts <= spec.max_retries or spec.max_retries < 0:
+                self.queued[spec.task_id] = spec
+                lease.key.queue.appendleft(spec)
+            else:
+                err = WorkerCrashedError(
+                    f"task {spec.name} failed: its worker (pid {lease.pid}, id {lease.worker_id.hex()[:12]}) "
+                    f"died ({reason}) on each of {spec.attempts} attempts"
+                )
+                self._finish(spec, [("x", err)] * max(1, len(spec.return_ids)))
+        self._pump(lease.key)
+
+    def on_worker_message(self, msg: Message) -> None:
+        if msg.type == M.TASK_DONE:
+            self._on_task_done(msg.body, msg.frames)
+        elif msg.type == M.STREAM_ITEM:
+            self._on_stream_item(msg.body, msg.frames)
+
+    def _decode_results(self, descs: list[Any], frames: Sequence[Any]) -> list[Value]:
+        out: list[Value] = []
+        pos = 0
+        for d in descs:
+            if d[0] == 0:
+                n = d[1]
+                parts = frames[pos : pos + n]
+                pos += n
+                sv = SerializedValue(parts[0], list(parts[1:]), list(d[3]), d[2])
+                out.append(("v", sv))
+            else:
+                out.append(("s", d[1], d[2]))
+        return out
+
+    def _on_task_done(self, body: dict[str, Any], frames: Sequence[Any]) -> None:
+        tid = body["t"]
+        entry = self.running.pop(tid, None)
+        if entry is None:
+            return
+        spec, lease = entry
+        if lease is None:
+            self.core.actors.on_call_done(spec, body, frames)
+            return
+        lease.in_flight.pop(tid, None)
+        if spec.num_returns == STREAMING:
+            self._end_stream(spec, int(body.get("n", 0)))
+            self._finish(spec, [])
+        else:
+            values = self._decode_results(body["r"], frames)
+            if body.get("app_error") and self._should_retry_app_error(spec, body):
+                self.queued[tid] = spec
+                lease.key.queue.appendleft(spec)
+            else:
+                self._finish(spec, values)
+        self._pump(lease.key)
+
+    def _should_retry_app_error(self, spec: TaskSpec, body: dict[str, Any]) -> bool:
+        if spec.cancelled or not spec.retry_exceptions:
+            return False
+        if spec.max_retries >= 0 and spec.attempts > spec.max_retries:
+            return False
+        if spec.retry_exceptions is True:
+            return True
+        names = set(body.get("app_error_types") or ())
+        return any(f"{t.__module__}.{t.__qualname__}" in names for t in spec.retry_exceptions)  # type: ignore[union-attr]
+
+    def _finish(self, spec: TaskSpec, values: list[Value]) -> None:
+        """The task is over (for good): publish its results and let go of its arguments."""
+        self.queued.pop(spec.task_id, None)
+        self.running.pop(spec.task_id, None)
+        if spec.parent is not None:
+            siblings = self.children.get(spec.parent)
+            if siblings is not None:
+                try:
+                    siblings.remove(spec.task_id)
+                except ValueError:
+                    pass
+                if not siblings:
+                    del self.children[spec.parent]
+        if spec.num_returns == STREAMING and values:
+            self._stream_error(spec, values[0])
+        for oid, value in zip(spec.return_ids, values, strict=False):
+            self.core.resolve(oid, value)
+        spec.args = []
+        spec.deps = []
+        spec.pins = []
+
+    # -- streaming ---------------------------------------------------------------------
+    def _on_stream_item(self, body: dict[str, Any], frames: Sequence[Any]) -> None:
+        from ._refs import ObjectRef
+
+        tid = body["t"]
+        index = int(body["i"])
+        value = self._decode_results([body["r"]], frames)[0]
+        stream = self.streams.get(tid)
+        if stream is None:
+            return  # nobody listens any more
+        oid = return_id(tid, index + 1)
+        ref = ObjectRef(oid, self.core)
+        self.core.resolve(oid, value)
+        with stream.cond:
+            stream.items[index] = ref
+            stream.cond.notify_all()
+
+    def _end_stream(self, spec: TaskSpec, count: int) -> None:
+        stream = self.streams.get(spec.task_id)
+        if stream is not None:
+            with stream.cond:
+                stream.done = count
+                stream.cond.notify_all()
+
+    def _stream_error(self, spec: TaskSpec, value: Value) -> None:
+        """A streaming task that failed before starting: its first item is the error."""
+        from ._refs import ObjectRef
+
+        stream = self.streams.get(spec.task_id)
+        if stream is None:
+            return
+        oid = return_id(spec.task_id, 1)
+        ref = ObjectRef(oid, self.core)
+        self.core.resolve(oid, value)
+        with stream.cond:
+            if stream.done is None:
+                stream.items[0] = ref
+                stream.done = 1
+            stream.cond.notify_all()
+
+    def drop_stream(self, task_id: bytes) -> None:
+        self.streams.pop(task_id, None)
+
+    # -- cancel ------------------------------------------------------------------------
+    def cancel(self, task_id: bytes, force: bool, recursive: bool) -> None:
+        spec = self.queued.get(task_id)
+        if spec is not None:
+            spec.cancelled = True
+            key = self.keys.get(spec.key)
+            if key is not None:
+                try:
+                    key.queue.remove(spec)
+                except ValueError:
+                    pass
+            self._finish(spec, [("x", TaskCancelledError(f"task {spec.name} was cancelled"))] * max(1, len(spec.return_ids)))
+            return
+        entry = self.running.get(task_id)
+        if entry is None:
+            return
+        spec, lease = entry
+        if lease is None:
+            return  # actor calls are not cancelled here
+        spec.cancelled = True
+        self.core.head.send(Message(M.CANCEL_TASK, {"w": lease.worker_id, "t": task_id, "force": force, "rec": recursive}))
+
+    def cancel_children(self, parent: bytes) -> None:
+        for child in list(self.children.get(parent, ())):
+            self.cancel(child, force=False, recursive=True)
+
+    def fail_all(self, err: Exception) -> None:
+        for spec in list(self.queued.values()) + [s for s, _ in self.running.values()]:
+            self._finish(spec, [("x", err)] * max(1, len(spec.return_ids)))
+        for key in self.keys.values():
+            key.queue.clear()
+        for stream in self.streams.values():
+            with stream.cond:
+                if stream.done is None:
+                    stream.done = len(stream.items)
+                stream.cond.notify_all()
+
+
+def _unused(_: Any) -> None:  # pragma: no cover
+    zmq.Again

@@ -1,0 +1,166 @@
+"""Exceptions that Shoal raises. Import them from here: ``from shoal.exceptions import ...``.
+
+Application errors raised inside a task arrive as a ``TaskError``; when the original
+exception class can be subclassed, the error is also an instance of it, so that
+``except ZeroDivisionError:`` catches a remote ZeroDivisionError.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "GetTimeoutError",
+    "ObjectLostError",
+    "ObjectStoreFullError",
+    "OutOfMemoryError",
+    "OwnerDiedError",
+    "RuntimeEnvSetupError",
+    "ShoalError",
+    "TaskCancelledError",
+    "TaskError",
+    "TaskUnschedulableError",
+    "WorkerCrashedError",
+]
+
+
+class ShoalError(Exception):
+    """Base class of every error raised by Shoal itself."""
+
+
+class TaskError(ShoalError):
+    """An exception raised by user code in a task or actor method.
+
+    Attributes: ``cause`` (the original exception, or None when it could not be
+    unpickled), ``cause_type_name``, ``remote_traceback`` (text, runtime frames removed),
+    ``task_name``, ``pid``, ``node_id`` (hex) and ``worker_id`` (hex).
+    """
+
+    cause: BaseException | None
+    cause_type_name: str
+    remote_traceback: str
+    task_name: str
+    pid: int
+    node_id: str
+    worker_id: str
+
+    def __init__(self, message: str = "", **fields: Any) -> None:
+        super().__init__(message)
+        self._message = message
+        self.cause = fields.get("cause")
+        self.cause_type_name = fields.get("cause_type_name", "")
+        self.remote_traceback = fields.get("remote_traceback", "")
+        self.task_name = fields.get("task_name", "")
+        self.pid = fields.get("pid", 0)
+        self.node_id = fields.get("node_id", "")
+        self.worker_id = fields.get("worker_id", "")
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_task_error, (self._message, self._fields()))
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "cause": self.cause,
+            "cause_type_name": self.cause_type_name,
+            "remote_traceback": self.remote_traceback,
+            "task_name": self.task_name,
+            "pid": self.pid,
+            "node_id": self.node_id,
+            "worker_id": self.worker_id,
+        }
+
+    def as_instanceof_cause(self) -> TaskError:
+        """This error as an instance of both TaskError and the cause's class, when possible."""
+        cause = self.cause
+        if cause is None or isinstance(cause, TaskError):
+            return self
+        cause_cls = type(cause)
+        try:
+            dual = _dual_class(cause_cls)
+            err = dual.__new__(dual)
+            # Copy the cause's state first (its args, attributes), then ours on top.
+            err.__dict__.update(getattr(cause, "__dict__", {}))
+            err.args = cause.args
+            TaskError.__init__(err, self._message, **self._fields())
+            err.args = cause.args
+            return err
+        except Exception:
+            return self
+
+
+_dual_classes: dict[type, type] = {}
+
+
+def _dual_class(cause_cls: type) -> type:
+    dual = _dual_classes.get(cause_cls)
+    if dual is None:
+        dual = type(
+            f"TaskError({cause_cls.__name__})",
+            (TaskError, cause_cls),
+            {"__str__": TaskError.__str__, "__reduce__": TaskError.__reduce__},
+        )
+        dual.__module__ = cause_cls.__module__
+        dual.__qualname__ = cause_cls.__qualname__
+        _dual_classes[cause_cls] = dual
+    return dual
+
+
+def _rebuild_task_error(message: str, fields: dict[str, Any]) -> TaskError:
+    return TaskError(message, **fields).as_instanceof_cause()
+
+
+class WorkerCrashedError(ShoalError):
+    """The worker process running a task died, and the task has no retries left."""
+
+
+class ActorDiedError(ShoalError):
+    """The actor is dead: killed, crashed, failed in its constructor, or out of restarts."""
+
+    def __init__(self, message: str = "", actor_id: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.actor_id = actor_id
+        self.reason = reason
+
+    def __reduce__(self) -> Any:
+        return (type(self), (str(self), self.actor_id, self.reason))
+
+
+class ActorUnavailableError(ShoalError):
+    """The actor cannot be reached right now."""
+
+
+class GetTimeoutError(ShoalError, TimeoutError):
+    """``get`` waited longer than its ``timeout``."""
+
+
+class TaskCancelledError(ShoalError):
+    """The task was cancelled with ``shoal.cancel``."""
+
+
+class ObjectLostError(ShoalError):
+    """The object's value was lost and cannot be rebuilt."""
+
+
+class OwnerDiedError(ObjectLostError):
+    """The process that owned the object died, so its value can no longer be found."""
+
+
+class ObjectStoreFullError(ShoalError, MemoryError):
+    """Neither the shared-memory store nor the spill directory can take the object."""
+
+
+class OutOfMemoryError(ShoalError, MemoryError):
+    """The node ran low on memory and the task's worker was stopped to protect it."""
+
+
+class TaskUnschedulableError(ShoalError):
+    """No node in the cluster can ever provide the resources the task or actor asks for."""
+
+
+class RuntimeEnvSetupError(ShoalError):
+    """The runtime environment could not be set up."""
