@@ -104,6 +104,8 @@ class CoreWorker:
         # A worker's handler for what the head sends to workers only (BECOME_ACTOR, ...);
         # given here because such a message can arrive right after the WELCOME.
         self.worker_hooks = worker_hooks
+        # A worker's way to run a task in the calling thread: (body, frames) -> TASK_DONE.
+        self.inline_executor: Callable[[dict[str, Any], list[Any]], Message] | None = None
         self.on_log: Callable[[Any], None] | None = None
 
         self.head = Connection(
@@ -471,11 +473,15 @@ class CoreWorker:
                     borrowed.append(oid)
         if borrowed:
             self.post(self._fetch, borrowed)
+        if need[0] > 0 and self.role == "worker":
+            # Rather than wait for our own queued children, run them here.
+            self.tasks.run_inline_while_blocked(event, missing)
         if need[0] > 0:
-            blocked = self.role == "worker"
+            blocked = self.role == "worker" and not event.is_set()
             if blocked:
+                # Lend this task's CPU back to the node while it waits, so that the tasks
+                # it waits for can run even on a full node.
                 self.send_head(Message(M.BLOCKED, {}))
-                self.tasks.run_inline_while_blocked(event, missing)
             try:
                 self._wait_event(event, timeout)
             finally:

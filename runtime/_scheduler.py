@@ -197,8 +197,8 @@ class NodeScheduler:
         elif isinstance(event, WorkerExitedEvent):
             w = self.workers.pop(event.worker_id, None)
             if w is not None and w.state == "leased":
-                self._release(w)
                 actions.append(NotifyWorkerLost(w.owner, w.worker_id, event.reason, w.actor_id))
+                self._release(w)
         elif isinstance(event, WorkerBlockedEvent):
             w = self.workers.get(event.worker_id)
             if w is not None and w.state == "leased" and not w.blocked:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from . import _config
+from . import _config, _worker_context
 from ._ids import return_id
 from ._protocol import Message, MsgType
 from ._serialization import SerializedValue
@@ -36,6 +36,13 @@ STREAMING = -1
 
 # Lease requests one resource shape may have outstanding at the head at once.
 MAX_PENDING_LEASE_REQUESTS = 10
+
+# How deep a blocked worker may nest the children it runs itself (see
+# run_inline_while_blocked); beyond it, children wait for other workers.
+MAX_INLINE_DEPTH = 24
+
+# Where a task runs when its owner runs it inline.
+INLINE: Any = object()
 
 
 class TaskSpec:
@@ -173,8 +180,63 @@ class TaskSubmitter:
             return stream.items.pop(index, None)
 
     def run_inline_while_blocked(self, event: threading.Event, oids: Sequence[bytes]) -> None:
-        """Hook for a worker blocked in get; the CPU is lent back to the node instead."""
-        return
+        """A worker waits for ``oids``: run those of its own queued children it can, here.
+
+        A task that waits for its children holds a CPU it does not use; running the
+        children that are still queued in this very thread (depth first, as a work-stealing
+        scheduler would) uses that CPU, needs no new worker process, and cannot deadlock.
+        Only children whose resources fit in the parent's are taken.
+        """
+        executor = self.core.inline_executor
+        ctx = _worker_context.current
+        if executor is None or ctx.task_id is None or ctx.inline_depth >= MAX_INLINE_DEPTH:
+            return
+        limit = ctx.fixed_resources or {}
+        while not event.is_set():
+            box: list[Any] = []
+            done = threading.Event()
+            self.core.post(self._steal, oids, limit, box, done)
+            done.wait()
+            if not box:
+                return
+            spec, body, frames = box[0]
+            ctx.inline_depth += 1
+            try:
+                reply = executor(body, frames)
+            finally:
+                ctx.inline_depth -= 1
+            self.core.post(self._on_inline_done, spec, reply)
+
+    def _steal(self, oids: Sequence[bytes], limit: dict[str, int], box: list[Any], done: threading.Event) -> None:
+        try:
+            for oid in oids:
+                spec = self.queued.get(oid[:16])
+                if spec is None or spec.cancelled or spec.num_returns == STREAMING:
+                    continue
+                if any(limit.get(k, 0) < v for k, v in spec.resources.items()):
+                    continue
+                key = self.keys.get(spec.key)
+                if key is None or spec not in key.queue:
+                    continue  # still waiting for its arguments
+                key.queue.remove(spec)
+                self.queued.pop(spec.task_id, None)
+                spec.attempts += 1
+                self.running[spec.task_id] = (spec, INLINE)
+                frames: list[Any] = [spec.fn_bytes]
+                body: dict[str, Any] = {
+                    "t": spec.task_id, "f": spec.fn_hash, "fb": 1, "n": spec.name, "nr": spec.num_returns,
+                    "j": spec.job, "kw": spec.kwnames, "g": _worker_context.current_gpu_ids(), "res": spec.resources,
+                }
+                body["a"] = encode_args(self.core, spec, frames)
+                box.append((spec, body, frames))
+                return
+        finally:
+            done.set()
+
+    def _on_inline_done(self, spec: TaskSpec, reply: Message) -> None:
+        if self.running.pop(spec.task_id, None) is None:
+            return
+        self._finish(spec, self._decode_results(reply.body["r"], reply.frames))
 
     # -- IO thread ---------------------------------------------------------------------
     def _submit(self, spec: TaskSpec) -> None:
@@ -381,6 +443,9 @@ class TaskSubmitter:
         if lease is None:
             self.core.actors.on_call_done(spec, body, frames)
             return
+        if lease is INLINE:
+            self.running[tid] = entry  # not from a worker; the inline run reports itself
+            return
         lease.in_flight.pop(tid, None)
         if spec.num_returns == STREAMING:
             self._end_stream(spec, int(body.get("n", 0)))
@@ -485,8 +550,8 @@ class TaskSubmitter:
         if entry is None:
             return
         spec, lease = entry
-        if lease is None:
-            return  # actor calls are not cancelled here
+        if lease is None or lease is INLINE:
+            return  # actor calls, and children run inline by this very worker, go on
         spec.cancelled = True
         self.core.head.send(Message(M.CANCEL_TASK, {"w": lease.worker_id, "t": task_id, "force": force, "rec": recursive}))
 

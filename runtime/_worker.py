@@ -63,6 +63,7 @@ class WorkerProcess:
             role="worker", head_address=os.environ["SHOAL_HEAD"], key=key, worker_id=self.worker_id,
             worker_address=self.address, worker_hooks=self._on_head_hook,
         )
+        self.core.inline_executor = self._execute_inline
         _worker_context.set_core(self.core)
         self.functions: dict[bytes, Any] = {}
         self.current_task: bytes | None = None
@@ -153,8 +154,12 @@ class WorkerProcess:
         name: str, gpu_ids: list[int],
     ) -> Message:
         ctx = _worker_context.current
+        # Saved and restored: a blocked task may run its children inline, nested in here.
+        saved = (ctx.task_id, ctx.task_name, ctx.gpu_ids, ctx.resources, ctx.fixed_resources, self.current_task)
+        fixed = body.get("res") or {}
         ctx.task_id, ctx.task_name, ctx.gpu_ids = tid, name, gpu_ids
-        ctx.resources = {k: v / 10_000 for k, v in (body.get("res") or {}).items()}
+        ctx.resources = {k: v / 10_000 for k, v in fixed.items()}
+        ctx.fixed_resources = fixed
         ctx.actor_id = self.actor_id
         core = self.core
         core.job_id = int(body.get("j", 0))
@@ -175,15 +180,23 @@ class WorkerProcess:
         except BaseException as exc:
             return self._error_reply(body, exc, app_error=True)
         finally:
-            if on_main:
-                self.current_task = None
-            self.cancelled.discard(tid)
-            ctx.task_id, ctx.task_name = None, ""
             self.output.flush()
+            if on_main:
+                self.current_task = saved[5]
+            self.cancelled.discard(tid)
+            ctx.task_id, ctx.task_name, ctx.gpu_ids, ctx.resources, ctx.fixed_resources = saved[:5]
             if core.borrow_adds != borrows_before:
                 # This task took refs it may keep (in actor state, globals): the store
                 # must know before the owner hears the task is done and lets go.
                 core.flush_refs_sync()
+
+    def _execute_inline(self, body: dict[str, Any], frames: list[Any]) -> Message:
+        """Run a child task in this thread for its blocked parent; returns TASK_DONE."""
+        try:
+            fn, pos = self._function(body, frames)
+        except Exception as exc:
+            return self._error_reply(body, exc, app_error=True)
+        return self._execute(b"", body, frames, pos, fn, body["t"], body["n"], body.get("g") or [])
 
     def _decode_args(self, body: dict[str, Any], frames: Sequence[Any], pos: int) -> tuple[list[Any], dict[str, Any]]:
         from . import _shm

@@ -21,6 +21,12 @@ class _TaskContext(threading.local):
     actor_id: bytes | None = None
     resources: dict[str, float] | None = None
     gpu_ids: list[int] | None = None
+    fixed_resources: dict[str, int] | None = None  # the same, in fixed point
+    inline_depth: int = 0
+
+
+def current_gpu_ids() -> list[int]:
+    return list(current.gpu_ids or [])
 
 
 current = _TaskContext()
