@@ -60,6 +60,7 @@ class ActorClass:
         self.__qualname__ = cls.__qualname__
         self.__doc__ = cls.__doc__
         self.__module__ = cls.__module__
+        self._display_name = self.__qualname__.split(".<locals>.")[-1]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor class {self.__qualname__} cannot be instantiated directly; use {self.__name__}.remote(...)")
@@ -100,12 +101,12 @@ class ActorClass:
         frames: list[Any] = [self._definition()[1]]
         aid = os.urandom(16)
         body: dict[str, Any] = {
-            "aid": aid, "cls": self.__qualname__, "name": name, "ns": namespace, "detached": detached,
+            "aid": aid, "cls": self._display_name, "name": name, "ns": namespace, "detached": detached,
             "gie": bool(opts.get("get_if_exists")), "res": resources, "meta": meta, "job": core.job_id,
             "kw": spec.kwnames,
         }
         body["a"] = encode_args(core, spec, frames)
-        handle_meta = {"cls": self.__qualname__, **meta}
+        handle_meta = {"cls": self._display_name, **meta}
         core.actors.created(aid, spec)
         if name:
             reply = core.request(Message(M.CREATE_ACTOR, body, frames))

@@ -85,6 +85,8 @@ class RemoteFunction:
         self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
         self.__doc__ = fn.__doc__
         self.__module__ = getattr(fn, "__module__", "")
+        # The name tasks show in logs and errors: "f", or "Outer.f", never "<locals>".
+        self._display_name = self.__qualname__.split(".<locals>.")[-1]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -113,7 +115,7 @@ class RemoteFunction:
         opts = self._options
         spec = TaskSpec()
         spec.task_id = core.ids.task_id()
-        spec.name = opts.get("name") or self.__qualname__
+        spec.name = opts.get("name") or self._display_name
         spec.fn_hash, spec.fn_bytes = self._definition()
         nr = opts.get("num_returns", 1)
         spec.num_returns = STREAMING if nr == "streaming" else nr

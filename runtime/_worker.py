@@ -399,8 +399,16 @@ class WorkerProcess:
 
 
 def _user_traceback(exc: BaseException) -> str:
-    """The traceback of ``exc`` without Shoal's own frames."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_RUNTIME_DIR)]
+    """The traceback of ``exc`` without Shoal's own frames.
+
+    The first frame is always the worker's call into user code; later frames from the
+    runtime's private modules (a failing ``get`` inside the task, say) are dropped too.
+    """
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__)[1:]
+        if not (os.path.dirname(f.filename) == _RUNTIME_DIR and os.path.basename(f.filename).startswith("_")
+                and os.path.basename(f.filename) != "_demo.py")
+    ]
     lines = ["Traceback (most recent call last):\n"] if frames else []
     lines += traceback.format_list(frames)
     lines += traceback.format_exception_only(type(exc), exc)

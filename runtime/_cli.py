@@ -1,0 +1,143 @@
+"""The ``shoal`` command: start, stop and inspect clusters on this machine.
+
+    shoal start --head [--port N] [--num-cpus N] [--num-gpus N] [--resources JSON]
+    shoal stop
+    shoal status
+    shoal demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="shoal", description="Shoal cluster runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    start = sub.add_parser("start", help="start a head node in the background")
+    start.add_argument("--head", action="store_true", help="start a head node (required for now)")
+    start.add_argument("--port", type=int, default=None, help="also listen on tcp://127.0.0.1:PORT")
+    start.add_argument("--num-cpus", type=float, default=None)
+    start.add_argument("--num-gpus", type=int, default=0)
+    start.add_argument("--resources", default="{}", help='custom resources as JSON, e.g. \'{"TPU": 2}\'')
+    start.add_argument("--object-store-memory", type=int, default=None, help="bytes")
+    start.add_argument("--temp-dir", default=None, help="where session files go (default /tmp/shoal-sessions)")
+
+    stop = sub.add_parser("stop", help="stop every cluster started on this machine")
+    stop.add_argument("--temp-dir", default=None)
+    stop.add_argument("--timeout", type=float, default=10.0)
+
+    status = sub.add_parser("status", help="show the nodes and resources of the running cluster")
+    status.add_argument("--address", default="auto")
+    status.add_argument("--temp-dir", default=None)
+
+    sub.add_parser("demo", help="run a short demo on a local cluster")
+
+    args = parser.parse_args(argv)
+    if getattr(args, "temp_dir", None):
+        os.environ["SHOAL_TMPDIR"] = os.path.abspath(args.temp_dir)
+    try:
+        {"start": _start, "stop": _stop, "status": _status, "demo": _demo}[args.command](args)
+    except (ValueError, ConnectionError, RuntimeError) as exc:
+        print(f"shoal {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _start(args: argparse.Namespace) -> None:
+    from ._api import _default_store_memory, start_head_process
+
+    if not args.head:
+        raise ValueError("joining another head comes with multi-node support; use `shoal start --head`")
+    try:
+        resources = json.loads(args.resources)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--resources is not valid JSON: {exc}") from None
+    if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in resources.values()):
+        raise ValueError("--resources must be a JSON object of name to a number >= 0")
+    num_cpus = args.num_cpus if args.num_cpus is not None else (os.cpu_count() or 1)
+    if num_cpus < 0 or args.num_gpus < 0:
+        raise ValueError("--num-cpus and --num-gpus must be >= 0")
+    store = args.object_store_memory or _default_store_memory()
+    proc, session = start_head_process(
+        num_cpus=num_cpus, num_gpus=args.num_gpus, resources=resources, object_store_memory=store,
+        embedded=False, port=args.port,
+    )
+    info = session.head_info() or {}
+    print(f"Started a Shoal head (pid {proc.pid}).")
+    print(f"  address:   {info.get('tcp') or info.get('address')}")
+    print(f"  key file:  {session.key_path}")
+    print(f"  session:   {session.path}")
+    print("Connect from Python on this machine with shoal.init(address=\"auto\"); stop it with `shoal stop`.")
+
+
+def _stop(args: argparse.Namespace) -> None:
+    from ._session import list_session_dirs, open_session, pid_alive, remove_segments
+
+    heads = []
+    for path in list_session_dirs():
+        session = open_session(path)
+        info = session.head_info()
+        if info and pid_alive(int(info["pid"])):
+            heads.append((int(info["pid"]), session))
+    for pid, _ in heads:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + args.timeout
+    for pid, session in heads:
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            remove_segments(session.tag)
+    print(f"Stopped {len(heads)} Shoal cluster{'s' if len(heads) != 1 else ''}.")
+
+
+def _status(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    import shoal
+
+    shoal.init(address=args.address, log_to_driver=False)
+    try:
+        nodes = shoal.nodes()
+    finally:
+        shoal.shutdown()
+    console = Console()
+    table = Table(title="Shoal cluster")
+    for col in ("node", "alive", "resource", "used / total", "workers", "object store"):
+        table.add_column(col)
+    for node in nodes:
+        store = node.get("ObjectStore", {})
+        first = True
+        for name, total in sorted(node["Resources"].items()):
+            if name in ("memory", "object_store_memory"):
+                continue
+            used = total - node["Available"].get(name, 0.0)
+            table.add_row(
+                node["NodeID"][:12] if first else "", "yes" if node["Alive"] and first else "",
+                name, f"{used:g} / {total:g}", str(node.get("Workers", "")) if first else "",
+                _store_text(store) if first else "",
+            )
+            first = False
+    console.print(table)
+
+
+def _store_text(store: dict[str, Any]) -> str:
+    used, cap = store.get("used", 0), store.get("capacity", 0)
+    return f"{store.get('objects', 0)} objects, {used / 2**20:.1f} of {cap / 2**30:.1f} GiB"
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from ._demo import run
+
+    run()
