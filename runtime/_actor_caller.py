@@ -137,7 +137,8 @@ class ActorCaller:
             st.address = body["addr"]
             st.conn = self.core.tasks.connection(st.address)
             self._pump(st)
-        elif state == "DEAD" and st.state != "DEAD":
+        elif state == "DEAD":
+            # Also when already marked dead by a local kill(): calls in flight end here.
             self.pending_creation.pop(aid, None)
             st.state = "DEAD"
             message = f"the actor {body.get('cls') or ''} ({aid.hex()[:12]}) died: {body.get('reason') or 'unknown reason'}"
@@ -149,6 +150,21 @@ class ActorCaller:
                     pass
             st.death = ActorDiedError(message, aid.hex(), body.get("reason") or "")
             self._fail(st)
+
+    def mark_killed(self, actor_id: bytes) -> None:
+        """``kill`` was called here: calls made after it fail at once, not after the news."""
+        st = self.state(actor_id)
+        if st.state != "DEAD":
+            st.state = "DEAD"
+            st.death = ActorDiedError(
+                f"the actor ({actor_id.hex()[:12]}) died: it was killed with shoal.kill()", actor_id.hex(), "killed"
+            )
+            # Calls already sent may still finish; the rest fail now.
+            err = st.death
+            tasks = self.core.tasks
+            for spec in list(st.queue):
+                tasks._finish(spec, [("x", err)] * max(1, len(spec.return_ids)))
+            st.queue.clear()
 
     def _fail(self, st: _ActorState) -> None:
         err = st.death or ActorDiedError("the actor is dead")

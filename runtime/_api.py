@@ -381,6 +381,7 @@ def kill(actor: Any, *, no_restart: bool = True) -> None:
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"kill() expects an ActorHandle, got {type(actor).__name__}")
     core = _auto_init()
+    core.post(core.actors.mark_killed, actor._actor_id)
     core.send_head(Message(M.KILL_ACTOR, {"aid": actor._actor_id, "no_restart": no_restart}))
 
 

@@ -290,8 +290,9 @@ class WorkerProcess:
     # -- errors ------------------------------------------------------------------------
     def _task_error(self, exc: BaseException, name: str) -> TaskError:
         tb = _user_traceback(exc)
+        type_name = exc.cause_type_name if isinstance(exc, TaskError) and exc.cause_type_name else type(exc).__name__
         message = (
-            f"{name}() failed with {type(exc).__name__} on node {self.node_hex[:12]} "
+            f"{name}() failed with {type_name} on node {self.node_hex[:12]} "
             f"(pid={os.getpid()}, worker={self.worker_id.hex()[:12]}):\n{tb}"
         ).rstrip()
         try:
@@ -300,7 +301,7 @@ class WorkerProcess:
         except Exception:
             cause = None
         err = TaskError(
-            message, cause=cause, cause_type_name=type(exc).__name__, remote_traceback=tb, task_name=name,
+            message, cause=cause, cause_type_name=type_name, remote_traceback=tb, task_name=name,
             pid=os.getpid(), node_id=self.node_hex, worker_id=self.worker_id.hex(),
         )
         return err

@@ -77,11 +77,13 @@ class TaskError(ShoalError):
     def as_instanceof_cause(self) -> TaskError:
         """This error as an instance of both TaskError and the cause's class, when possible."""
         cause = self.cause
-        if cause is None or isinstance(cause, TaskError):
+        if cause is None:
             return self
         cause_cls = type(cause)
         try:
-            dual = _dual_class(cause_cls)
+            # A task that failed because a task it waited on failed: keep the innermost
+            # class, so that ``except ZeroDivisionError`` still works two levels up.
+            dual = cause_cls if isinstance(cause, TaskError) else _dual_class(cause_cls)
             err = dual.__new__(dual)
             # Copy the cause's state first (its args, attributes), then ours on top.
             err.__dict__.update(getattr(cause, "__dict__", {}))
