@@ -152,8 +152,13 @@ def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
         store = _default_store_memory()
     elif isinstance(store, bool) or not isinstance(store, int) or store <= 0:
         raise ValueError(f"object_store_memory must be a positive number of bytes, got {store!r}")
+    spill_dir = kwargs.get("object_spilling_directory")
+    if spill_dir is not None:
+        spill_dir = os.path.abspath(os.path.expanduser(str(spill_dir)))
+        os.makedirs(spill_dir, mode=0o700, exist_ok=True)
     head, session = start_head_process(
         num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, object_store_memory=store, embedded=True,
+        spill_dir=spill_dir,
     )
     parent_fd = head.parent_fd  # type: ignore[attr-defined]
     try:
@@ -169,7 +174,7 @@ def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
 
 def start_head_process(
     *, num_cpus: float, num_gpus: float, resources: dict[str, float], object_store_memory: int, embedded: bool,
-    port: int | None = None,
+    port: int | None = None, spill_dir: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], _session.Session]:
     """Start a head in a new process and wait until it serves. Used by init() and the CLI."""
     import json
@@ -183,6 +188,8 @@ def start_head_process(
     ]
     if port is not None:
         cmd += ["--port", str(port)]
+    if spill_dir is not None:
+        cmd += ["--spill-dir", spill_dir]
     pass_fds = [ready_w]
     parent_r = parent_w = None
     if embedded:
@@ -302,8 +309,19 @@ def put(value: Any) -> ObjectRef:
     except TypeError as exc:
         raise TypeError(f"put() could not serialize a value of type {type(value).__name__}: {exc.__cause__ or exc}") from exc
     oid = core.ids.put_id()
-    core.put_serialized(oid, sv)
+    core.put_serialized(oid, sv, _call_site())
     return ObjectRef(oid, core)
+
+
+def _call_site() -> str:
+    """Where the user called us from: the first frame outside this package."""
+    frame = sys._getframe(1)
+    here = os.path.dirname(__file__)
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return ""
+    return f"put() at {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
 def get(refs: Any, *, timeout: float | None = None) -> Any:
@@ -333,7 +351,7 @@ def _get_list(core: CoreWorker, refs: list[ObjectRef], timeout: float | None) ->
     missing = [oid for oid in oids if oid not in values]
     if missing:
         raise GetTimeoutError(f"get() timed out after {timeout}s: {len(missing)} of {len(oids)} objects are not ready")
-    return [core.materialize(values[oid]) for oid in oids]
+    return [core.materialize(values[oid], oid) for oid in oids]
 
 
 def wait(

@@ -3,6 +3,7 @@
     shoal start --head [--port N] [--num-cpus N] [--num-gpus N] [--resources JSON]
     shoal stop
     shoal status
+    shoal memory [--json]
     shoal demo
 """
 
@@ -38,13 +39,19 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument("--address", default="auto")
     status.add_argument("--temp-dir", default=None)
 
+    memory = sub.add_parser("memory", help="list the objects in the object store")
+    memory.add_argument("--address", default="auto")
+    memory.add_argument("--temp-dir", default=None)
+    memory.add_argument("--limit", type=int, default=50)
+    memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     sub.add_parser("demo", help="run a short demo on a local cluster")
 
     args = parser.parse_args(argv)
     if getattr(args, "temp_dir", None):
         os.environ["SHOAL_TMPDIR"] = os.path.abspath(args.temp_dir)
     try:
-        {"start": _start, "stop": _stop, "status": _status, "demo": _demo}[args.command](args)
+        {"start": _start, "stop": _stop, "status": _status, "memory": _memory, "demo": _demo}[args.command](args)
     except (ValueError, ConnectionError, RuntimeError) as exc:
         print(f"shoal {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -132,9 +139,45 @@ def _status(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def _memory(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    import shoal
+    import shoal.state
+
+    shoal.init(address=args.address, log_to_driver=False)
+    try:
+        objects = shoal.state.list_objects()
+        stats = shoal.state.summarize_objects()
+    finally:
+        shoal.shutdown()
+    if args.json:
+        print(json.dumps({"objects": objects, "stats": stats}, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"Object store: {_store_text(stats)}, {stats.get('spilled', 0) / 2**20:.1f} MiB spilled")
+    for col in ("object id", "size", "place", "held by", "call site"):
+        table.add_column(col)
+    for rec in objects[: args.limit]:
+        holders = ", ".join(rec["holders"]) or (f"inside {rec['contained_in']} object(s)" if rec["contained_in"] else "")
+        table.add_row(rec["object_id"][:24], _size(rec["size"]), rec["place"], holders, rec["call_site"])
+    console.print(table)
+    if len(objects) > args.limit:
+        console.print(f"... and {len(objects) - args.limit} more (--limit)")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
 def _store_text(store: dict[str, Any]) -> str:
     used, cap = store.get("used", 0), store.get("capacity", 0)
-    return f"{store.get('objects', 0)} objects, {used / 2**20:.1f} of {cap / 2**30:.1f} GiB"
+    return f"{store.get('objects', 0)} objects, {used / 2**30:.2f} of {cap / 2**30:.1f} GiB used"
 
 
 def _demo(args: argparse.Namespace) -> None:

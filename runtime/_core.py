@@ -377,10 +377,10 @@ class CoreWorker:
         sv = value[1] if kind == "v" else serialize_error(value[1])
         self.head.send(Message(M.PUT_OBJECT, {"o": oid, "f": sv.flags, "c": sv.contained, "h": holder}, sv.frames()))
 
-    def put_serialized(self, oid: bytes, sv: SerializedValue) -> Value:
+    def put_serialized(self, oid: bytes, sv: SerializedValue, call_site: str = "") -> Value:
         """User thread: record a new owned value (``put`` or an auto-put argument)."""
         if sv.nbytes >= _config.INLINE_THRESHOLD:
-            path = self.store_large(oid, sv, holder=self.worker_id)
+            path = self.store_large(oid, sv, holder=self.worker_id, call_site=call_site)
             value: Value = ("s", path, sv.flags)
             with self._lock:
                 self._store_held.add(oid)
@@ -392,10 +392,10 @@ class CoreWorker:
             self.mark_escaped(sv.contained)
         return value
 
-    def store_large(self, oid: bytes, sv: SerializedValue, holder: bytes) -> str:
+    def store_large(self, oid: bytes, sv: SerializedValue, holder: bytes, call_site: str = "") -> str:
         """Write a value into the node's shared-memory store; returns the segment path."""
         size = _shm.layout_size(sv)
-        reply = self.request(Message(M.CREATE_OBJECT, {"o": oid, "s": size}))
+        reply = self.request(Message(M.CREATE_OBJECT, {"o": oid, "s": size, "cs": call_site}))
         if "e" in reply.body:
             raise ObjectStoreFullError(reply.body["e"])
         path = reply.body["p"]
@@ -426,6 +426,25 @@ class CoreWorker:
                 cls = OwnerDiedError if entry[2] == "owner_died" else ObjectLostError
                 value = ("x", cls(entry[3]))
             self.resolve(oid, value)
+
+    def relocate(self, oid: bytes, stale_path: str) -> Value:
+        """Ask the store again where ``oid`` is, after its file moved away from ``stale_path``."""
+        event = threading.Event()
+        box: list[Value] = []
+
+        def on_value(_oid: bytes, value: Value) -> None:
+            box.append(value)
+            event.set()
+
+        with self._lock:
+            current = self._values.get(oid)
+            if current is not None and current[0] == "s" and current[1] == stale_path:
+                del self._values[oid]
+            self._waiters.setdefault(oid, []).append(on_value)
+        self.post(self._fetch, [oid])
+        if not self._wait_event(event, 60) or not box:
+            raise ObjectLostError(f"object {oid.hex()} is no longer at {stale_path} and the store did not say where it went")
+        return box[0]
 
     def _fetch(self, oids: list[bytes]) -> None:
         """IO thread: ask the store for borrowed objects not already asked for."""
@@ -508,7 +527,7 @@ class CoreWorker:
             # Deserializing in a short-lived thread keeps the IO thread free.
             def finish() -> None:
                 try:
-                    fut.set_result(self.materialize(value))
+                    fut.set_result(self.materialize(value, _oid))
                 except BaseException as exc:
                     fut.set_exception(exc)
                 _ = ref  # keep the ref (and so the value) alive until the future is done
@@ -524,8 +543,7 @@ class CoreWorker:
         elif owner_of(oid) != self.worker_id:
             self.post(self._fetch, [oid])
 
-    @staticmethod
-    def materialize(value: Value) -> Any:
+    def materialize(self, value: Value, oid: bytes | None = None) -> Any:
         """Turn a resolved value into the Python object (raising it if it is an error)."""
         kind = value[0]
         if kind == "v":
@@ -533,7 +551,13 @@ class CoreWorker:
             obj = deserialize(sv.data, sv.buffers)
             flags = sv.flags
         elif kind == "s":
-            data, buffers, flags = _shm.read(value[1])
+            try:
+                data, buffers, flags = _shm.read(value[1])
+            except FileNotFoundError:
+                if oid is None:
+                    raise
+                # The store moved it (spilled to disk) since we learned where it was.
+                return self.materialize(self.relocate(oid, value[1]))
             obj = deserialize(data, buffers)
         else:
             raise value[1]

@@ -36,7 +36,7 @@ from ._object_store import LostObject, ObjectEntry, ObjectStore, ReplyObjects, S
 from ._protocol import Message, MsgType, ProtocolError, Signer
 from ._resources import as_floats, to_fixed
 from ._session import Session, clean_dead_sessions, remove_segments
-from ._shm import unlink
+from ._shm import copy_file, free_bytes, unlink
 from ._transport import Listener
 
 log = logging.getLogger("shoal.head")
@@ -84,7 +84,13 @@ class Head:
         self.store_capacity = args.object_store_memory
         total["object_store_memory"] = self.store_capacity * 10_000
         self.scheduler = sch.NodeScheduler(total, pool_size=max(1, int(args.num_cpus)))
-        self.store = ObjectStore(self.store_capacity, self._segment_path, self._is_alive)
+        self.spill_dir = args.spill_dir or os.path.join(session.path, "spill")
+        os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+        self.store = ObjectStore(
+            self.store_capacity, self._segment_path, self._is_alive, spill=_spill_file,
+            spill_path=lambda oid: os.path.join(self.spill_dir, f"shoal-{session.tag}-{oid.hex()}"),
+            disk_free=lambda: free_bytes(self.spill_dir),
+        )
         self.actors = ad.ActorDirectory()
 
         self.peers: dict[bytes, _Peer] = {}  # routing identity -> peer
@@ -405,11 +411,19 @@ class Head:
 
     def _h_create_object(self, peer: _Peer, body: Any, frames: Any) -> None:
         try:
-            path = self.store.reserve(body["o"], int(body["s"]))
+            path, actions = self.store.reserve(body["o"], int(body["s"]), str(body.get("cs") or ""))
         except StoreFull as exc:
             self._send(peer.wid, Message(M.OBJECT_CREATED, {"r": body["r"], "e": str(exc)}))
             return
+        self._act_store(actions)
         self._send(peer.wid, Message(M.OBJECT_CREATED, {"r": body["r"], "p": path}))
+
+    def _h_list_objects(self, peer: _Peer, body: Any, frames: Any) -> None:
+        roles = {p.wid.hex(): f"{p.role} pid={p.pid}" for p in self.by_wid.values()}
+        records = self.store.listing()
+        for rec in records:
+            rec["holders"] = [roles.get(h, h) for h in rec["holders"]]
+        self._send(peer.wid, Message(M.REPLY, {"r": body["r"], "objects": records, "stats": self.store.stats()}))
 
     def _h_seal_object(self, peer: _Peer, body: Any, frames: Any) -> None:
         oid = body["o"]
@@ -466,6 +480,7 @@ class Head:
         M.GET_OBJECTS: _h_get_objects,
         M.REF_UPDATES: _h_ref_updates,
         M.CLUSTER_INFO: _h_cluster_info,
+        M.LIST_OBJECTS: _h_list_objects,
         M.LOG_LINES: _h_log_lines,
         M.EXIT: _h_exit,
     }
@@ -483,6 +498,16 @@ def _objects_message(req_id: int, entries: list[tuple[bytes, Any]]) -> Message:
         elif isinstance(entry, ObjectEntry):
             out.append([oid, "s", entry.flags, entry.path])
     return Message(M.OBJECTS, {"r": req_id, "e": out}, frames)
+
+
+def _spill_file(src: str, dst: str) -> str | None:
+    """Copy an object file to the spill directory; an error text when the disk refuses."""
+    try:
+        copy_file(src, dst)
+    except OSError as exc:
+        unlink(dst)
+        return str(exc)
+    return None
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -514,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-fd", type=int, default=None)
     parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--exit-with-driver", action="store_true")
+    parser.add_argument("--spill-dir", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING").upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     clean_dead_sessions()

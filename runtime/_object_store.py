@@ -45,7 +45,10 @@ class LostObject:
 
 
 class ObjectEntry:
-    __slots__ = ("containers", "contained", "flags", "frames", "holders", "oid", "path", "sealed", "size", "waiters")
+    __slots__ = (
+        "call_site", "containers", "contained", "flags", "frames", "holders", "last_access", "oid", "path",
+        "sealed", "size", "spilled", "waiters",
+    )
 
     def __init__(self, oid: bytes) -> None:
         self.oid = oid
@@ -58,19 +61,46 @@ class ObjectEntry:
         self.holders: set[bytes] = set()
         self.containers = 0
         self.waiters: list[tuple[bytes, int]] = []
+        self.spilled = False  # the file is in the spill directory, not in shared memory
+        self.last_access = 0
+        self.call_site = ""
 
 
 class StoreFull(Exception):
     pass
 
 
+# Spilling starts when shared memory would pass this fraction of the capacity.
+SPILL_THRESHOLD = 0.8
+
+
 class ObjectStore:
-    def __init__(self, capacity: int, segment_path: Callable[[bytes], str], is_alive: Callable[[bytes], bool]) -> None:
+    """Bookkeeping of one node's objects.
+
+    ``spill(src, dst)`` copies a file and returns an error text or None; ``spill_path(oid)``
+    names the file an object spills to; ``disk_free()`` is the spill directory's free space.
+    All three are injected, so that this class does no IO itself.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        segment_path: Callable[[bytes], str],
+        is_alive: Callable[[bytes], bool],
+        spill: Callable[[str, str], str | None] | None = None,
+        spill_path: Callable[[bytes], str] | None = None,
+        disk_free: Callable[[], int] | None = None,
+    ) -> None:
         self.capacity = capacity
-        self.used = 0
+        self.used = 0  # bytes in shared memory, reserved or sealed
+        self.spilled_bytes = 0
         self.segment_path = segment_path
         self.is_alive = is_alive
+        self.spill = spill
+        self.spill_path = spill_path
+        self.disk_free = disk_free or (lambda: 0)
         self.objects: dict[bytes, ObjectEntry] = {}
+        self._clock = 0  # an access counter: least recently used objects spill first
 
     # -- writes ------------------------------------------------------------------------
     def put_inline(self, oid: bytes, flags: int, frames: list[Any], contained: list[bytes], holder: bytes | None) -> list[Action]:
@@ -81,25 +111,72 @@ class ObjectStore:
         entry.size = sum(memoryview(f).nbytes for f in frames)
         return self._seal(entry, flags, contained, holder)
 
-    def reserve(self, oid: bytes, size: int) -> str:
-        if self.used + size > self.capacity:
-            raise StoreFull(
-                f"the object store cannot take an object of {size:,} bytes: "
-                f"{self.used:,} of {self.capacity:,} bytes are in use"
-            )
-        entry = self._entry(oid)
-        if entry.sealed or entry.path is not None:
+    def reserve(self, oid: bytes, size: int, call_site: str = "") -> tuple[str, list[Action]]:
+        """Room for a new object of ``size`` bytes: returns the file to write, and actions.
+
+        Past the spill threshold, the least recently used sealed objects move to the spill
+        directory first. An object that cannot fit in shared memory even then is written
+        to the spill directory directly, if the disk can take it.
+        """
+        existing = self.objects.get(oid)
+        if existing is not None and (existing.sealed or existing.path is not None):
             raise StoreFull(f"object {oid.hex()} already exists")
-        entry.path = self.segment_path(oid)
+        actions: list[Action] = []
+        limit = int(self.capacity * SPILL_THRESHOLD)
+        if self.used + size > limit:
+            self._spill_until(limit - size, actions)
+        entry = self._entry(oid)
         entry.size = size
-        self.used += size
-        return entry.path
+        entry.call_site = call_site
+        self._touch(entry)
+        if self.used + size <= self.capacity:
+            entry.path = self.segment_path(oid)
+            self.used += size
+            return entry.path, actions
+        if self.spill_path is not None and self.disk_free() > size:
+            entry.path = self.spill_path(oid)
+            entry.spilled = True
+            self.spilled_bytes += size
+            return entry.path, actions
+        self._maybe_free(entry, actions)
+        raise StoreFull(
+            f"the object store cannot take an object of {size:,} bytes: {self.used:,} of {self.capacity:,} bytes "
+            f"of shared memory are in use by objects that cannot be spilled, and the spill directory has "
+            f"{self.disk_free():,} bytes free"
+        )
+
+    def _spill_until(self, target: int, actions: list[Action]) -> None:
+        if self.spill is None or self.spill_path is None:
+            return
+        candidates = sorted(
+            (e for e in self.objects.values() if e.sealed and e.path is not None and not e.spilled),
+            key=lambda e: e.last_access,
+        )
+        for e in candidates:
+            if self.used <= target:
+                return
+            if self.disk_free() <= e.size:
+                return
+            assert e.path is not None
+            dst = self.spill_path(e.oid)
+            error = self.spill(e.path, dst)
+            if error is not None:
+                return
+            actions.append(UnlinkSegment(e.path))
+            e.path = dst
+            e.spilled = True
+            self.used -= e.size
+            self.spilled_bytes += e.size
+
+    def _touch(self, entry: ObjectEntry) -> None:
+        self._clock += 1
+        entry.last_access = self._clock
 
     def abort(self, oid: bytes) -> list[Action]:
         entry = self.objects.get(oid)
         if entry is None or entry.sealed or entry.path is None:
             return []
-        self.used -= entry.size
+        self._release_space(entry)
         path, entry.path = entry.path, None
         actions: list[Action] = [UnlinkSegment(path)]
         self._maybe_free(entry, actions)
@@ -132,6 +209,7 @@ class ObjectStore:
         for oid in oids:
             entry = self.objects.get(oid)
             if entry is not None and entry.sealed:
+                self._touch(entry)
                 ready.append((oid, entry))
                 continue
             owner = owner_of(oid)
@@ -186,7 +264,7 @@ class ObjectStore:
             if self.objects.pop(e.oid, None) is None:
                 continue
             if e.path is not None:
-                self.used -= e.size
+                self._release_space(e)
                 actions.append(UnlinkSegment(e.path))
             for cid in e.contained:
                 child = self.objects.get(cid)
@@ -194,5 +272,27 @@ class ObjectStore:
                     child.containers -= 1
                     stack.append(child)
 
+    def _release_space(self, entry: ObjectEntry) -> None:
+        if entry.spilled:
+            self.spilled_bytes -= entry.size
+        else:
+            self.used -= entry.size
+
     def stats(self) -> dict[str, int]:
-        return {"objects": sum(1 for e in self.objects.values() if e.sealed), "used": self.used, "capacity": self.capacity}
+        return {
+            "objects": sum(1 for e in self.objects.values() if e.sealed), "used": self.used,
+            "capacity": self.capacity, "spilled": self.spilled_bytes,
+        }
+
+    def listing(self) -> list[dict[str, Any]]:
+        """One record per stored object, for ``shoal memory`` and the state API."""
+        out = []
+        for e in self.objects.values():
+            if not e.sealed:
+                continue
+            place = "inline" if e.frames is not None else ("spilled" if e.spilled else "shared_memory")
+            out.append({
+                "object_id": e.oid.hex(), "size": e.size, "place": place, "holders": sorted(h.hex() for h in e.holders),
+                "contained_in": e.containers, "owner": owner_of(e.oid).hex(), "call_site": e.call_site,
+            })
+        return out

@@ -82,6 +82,7 @@ class MsgType(enum.IntEnum):
     EXIT = 53
     REQUEST = 54
     REPLY = 55
+    LIST_OBJECTS = 56
 
 
 class ProtocolError(Exception):

@@ -96,7 +96,7 @@ def encode_args(core: CoreWorker, spec: TaskSpec, frames: list[Any]) -> list[Any
             frames.append(sv.data)
             frames.extend(sv.buffers)
         elif value is not None and value[0] == "s":
-            out.append([2, value[1], value[2]])
+            out.append([2, value[1], value[2], oid])
         else:
             out.append([1, oid])
     return out

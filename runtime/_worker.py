@@ -213,7 +213,13 @@ class WorkerProcess:
                 sv = SerializedValue(parts[0], list(parts[1:]), [], desc[2])
                 values.append(self.core.materialize(("v", sv)))
             elif kind == 2:
-                data, buffers, flags = _shm.read(desc[1])
+                try:
+                    data, buffers, flags = _shm.read(desc[1])
+                except FileNotFoundError:
+                    # Spilled since the owner looked: ask the store where it is now.
+                    fetch.append((len(values), ObjectRef(desc[3], self.core)))
+                    values.append(None)
+                    continue
                 obj = deserialize(data, buffers)
                 if flags & FLAG_ERROR:
                     raise obj
@@ -259,7 +265,7 @@ class WorkerProcess:
         if sv.contained:
             self.core.mark_escaped(sv.contained)
         if sv.nbytes >= _config.INLINE_THRESHOLD:
-            path = self.core.store_large(oid, sv, holder=owner_of(oid))
+            path = self.core.store_large(oid, sv, holder=owner_of(oid), call_site=f"returned by {_worker_context.current.task_name}")
             descs.append([1, path, sv.flags])
         else:
             descs.append([0, 1 + len(sv.buffers), sv.flags, sv.contained])
