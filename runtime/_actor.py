@@ -7,18 +7,16 @@ owner exits, the actor ends, unless it is ``lifetime="detached"``.
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 from typing import Any
 
-from . import _config, _worker_context
-from ._ids import OBJECT_ID_SIZE
+from . import _worker_context
 from ._options import ACTOR_OPTIONS, METHOD_OPTIONS, resource_request, validate
 from ._protocol import Message, MsgType
-from ._remote_function import encode_call_args, make_returns
+from ._remote_function import _is_async, encode_call_args, make_returns
 from ._serialization import pickle_definition
-from ._task_submitter import STREAMING, TaskSpec, encode_args
+from ._task_submitter import STREAMING, TaskSpec, _Stream, encode_args
 
 M = MsgType
 
@@ -37,13 +35,15 @@ def method(**options: Any) -> Any:
 def _method_meta(cls: type) -> dict[str, Any]:
     methods: dict[str, Any] = {}
     is_async = False
-    for name, member in inspect.getmembers(cls, predicate=callable):
-        if name.startswith("__") and name not in ("__call__",):
+    for name in dir(cls):
+        if name.startswith("__") and name != "__call__":
+            continue
+        member = getattr(cls, name, None)
+        if not callable(member):
             continue
         opts = getattr(member, "__shoal_method_options__", {})
-        nr = opts.get("num_returns", 1)
-        methods[name] = nr
-        if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+        methods[name] = opts.get("num_returns", 1)
+        if _is_async(member):
             is_async = True
     return {"methods": methods, "async": is_async}
 
@@ -226,9 +226,7 @@ class ActorMethod:
         encode_call_args(core, spec, None, args, kwargs, f"{spec.name}()")
         result = make_returns(core, spec)
         if spec.num_returns == STREAMING:
-            core.tasks.streams[spec.task_id] = __import__("shoal._task_submitter", fromlist=["_Stream"])._Stream()
+            core.tasks.streams[spec.task_id] = _Stream()
         core.actors.call(spec)
         return result
 
-
-_ = (_config, OBJECT_ID_SIZE)

@@ -47,6 +47,11 @@ M = MsgType
 Value = tuple[Any, ...]
 
 
+# The longest a dropped ObjectRef waits before its release is applied when the program
+# makes no Shoal call in the meantime.
+RELEASE_SWEEP_SECONDS = 0.1
+
+
 class ClusterGone(ShoalError):
     """The connection to the cluster's head was lost."""
 
@@ -94,7 +99,6 @@ class CoreWorker:
         self._store_held: set[bytes] = set()
         self._fetching: set[bytes] = set()
         self._released: collections.deque[bytes] = collections.deque()
-        self._release_scheduled = False
         self._ref_ops: dict[bytes, list[int]] = {}  # oid -> [first op, last op], +1 add / -1 remove
         self._flush_scheduled = False
         self.borrow_adds = 0  # how many borrowed refs were taken; a worker checks it per task
@@ -126,6 +130,7 @@ class CoreWorker:
                 self._head_pidfd = None
         else:
             self._head_pidfd = None
+        self.loop.call_later(RELEASE_SWEEP_SECONDS, self._sweep_releases)
         self.thread = threading.Thread(target=self._run_loop, name="shoal-io", daemon=True)
         self.thread.start()
         if not self._welcomed.wait(_config.START_TIMEOUT_SECONDS) or self.head.welcome is None:
@@ -269,16 +274,25 @@ class CoreWorker:
 
     def decref(self, oid: bytes) -> None:
         # Called from __del__, possibly inside a locked region of this very thread: only
-        # queue the work (deque.append is atomic) and let the IO thread do it.
-        if self.closed:
-            return
-        self._released.append(oid)
-        if not self._release_scheduled:
-            self._release_scheduled = True
-            self.loop.call_soon_threadsafe(self._process_releases)
+        # queue the work (deque.append is atomic). The queue is drained by the next API
+        # call of a user thread, by the IO thread whenever it wakes, and at the latest by
+        # its periodic sweep: waking the IO thread for every dropped ref would cost a
+        # thread switch per task.
+        if not self.closed:
+            self._released.append(oid)
+
+    def _sweep_releases(self) -> None:
+        if self._released:
+            self._process_releases()
+        if not self.closed:
+            self.loop.call_later(RELEASE_SWEEP_SECONDS, self._sweep_releases)
+
+    def drain_releases(self) -> None:
+        """From a user thread at an API call: apply the refs dropped since the last one."""
+        if self._released:
+            self._process_releases()
 
     def _process_releases(self) -> None:
-        self._release_scheduled = False
         released = self._released
         with self._lock:
             while released:
@@ -460,6 +474,7 @@ class CoreWorker:
 
     def wait_values(self, oids: Sequence[bytes], num: int, timeout: float | None) -> dict[bytes, Value]:
         """Block until ``num`` of ``oids`` have values (or timeout); returns those known."""
+        self.drain_releases()
         found: dict[bytes, Value] = {}
         missing: list[bytes] = []
         with self._lock:

@@ -32,7 +32,7 @@ import zmq
 from . import _actor_directory as ad
 from . import _config, _scheduler as sch
 from ._ioloop import IOLoop
-from ._object_store import LostObject, ObjectEntry, ObjectStore, ReplyObjects, StoreFull, UnlinkSegment
+from ._object_store import LostObject, ObjectEntry, ObjectStore, RenameSegment, ReplyObjects, StoreFull, UnlinkSegment
 from ._protocol import Message, MsgType, ProtocolError, Signer
 from ._resources import as_floats, to_fixed
 from ._session import Session, clean_dead_sessions, remove_segments
@@ -91,6 +91,7 @@ class Head:
             spill_path=lambda oid: os.path.join(self.spill_dir, f"shoal-{session.tag}-{oid.hex()}"),
             disk_free=lambda: free_bytes(self.spill_dir),
         )
+        self.store.now = time.monotonic
         self.actors = ad.ActorDirectory()
 
         self.peers: dict[bytes, _Peer] = {}  # routing identity -> peer
@@ -160,7 +161,8 @@ class Head:
 
     def _tick(self) -> None:
         self._act_sched(self.scheduler.handle(sch.TickEvent()))
-        self.loop.call_later(1.0, self._tick)
+        self._act_store(self.store.expire_pool())
+        self.loop.call_later(0.25, self._tick)
 
     # -- peers -------------------------------------------------------------------------
     def _on_hello(self, ident: bytes, body: dict[str, Any]) -> dict[str, Any]:
@@ -298,6 +300,11 @@ class Head:
                 self._send(a.process, _objects_message(a.req_id, a.entries))
             elif isinstance(a, UnlinkSegment):
                 unlink(a.path)
+            elif isinstance(a, RenameSegment):
+                try:
+                    os.rename(a.src, a.dst)
+                except OSError as exc:
+                    log.warning("could not reuse segment %s: %s", a.src, exc)
 
     def _segment_path(self, oid: bytes) -> str:
         return f"/dev/shm/shoal-{self.session.tag}-{oid.hex()}"

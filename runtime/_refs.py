@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +9,12 @@ from . import _worker_context
 from ._serialization import note_contained_ref
 
 if TYPE_CHECKING:
+    import concurrent.futures
+
     from ._core import CoreWorker
+
+# asyncio and concurrent.futures are imported where they are used: together they cost a
+# third of `import shoal`, and most programs never await a ref.
 
 
 class ObjectRef:
@@ -64,11 +67,15 @@ class ObjectRef:
 
     def future(self) -> concurrent.futures.Future[Any]:
         """A ``concurrent.futures.Future`` that completes with the value (or its error)."""
+        import concurrent.futures
+
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._core.on_ready(self, fut)
         return fut
 
     def __await__(self) -> Generator[Any, None, Any]:
+        import asyncio
+
         return asyncio.wrap_future(self.future()).__await__()
 
 
@@ -110,6 +117,8 @@ class ObjectRefGenerator:
         return self
 
     async def __anext__(self) -> ObjectRef:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(None, self.__next__)

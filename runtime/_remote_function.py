@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from . import _config, _worker_context
@@ -47,6 +46,8 @@ def encode_call_args(core: Any, spec: TaskSpec, fn: Any, args: tuple[Any, ...], 
 def _arg_name(fn: Any, index: int, npos: int, kwnames: list[str]) -> str:
     if index >= npos:
         return f"argument {kwnames[index - npos]!r}"
+    import inspect
+
     try:
         params = [p.name for p in inspect.signature(fn).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -55,6 +56,16 @@ def _arg_name(fn: Any, index: int, npos: int, kwnames: list[str]) -> str:
     except (TypeError, ValueError):
         pass
     return f"argument {index}"
+
+
+_CO_COROUTINE = 0x80
+_CO_ASYNC_GENERATOR = 0x200
+
+
+def _is_async(fn: Any) -> bool:
+    """inspect.iscoroutinefunction without importing inspect (slow to import)."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return code is not None and bool(code.co_flags & (_CO_COROUTINE | _CO_ASYNC_GENERATOR))
 
 
 def make_returns(core: Any, spec: TaskSpec) -> Any:
@@ -75,7 +86,7 @@ class RemoteFunction:
     """A function that runs as a task: ``f.remote(*args)`` returns ObjectRefs at once."""
 
     def __init__(self, fn: Any, options: dict[str, Any], _pickled: list[Any] | None = None) -> None:
-        if inspect.iscoroutinefunction(fn):
+        if _is_async(fn):
             raise TypeError(f"{fn.__qualname__} is an async function; tasks must be plain functions (use an async actor)")
         self._function = fn
         self._options = validate(dict(options), TASK_OPTIONS, f"@remote on {fn.__qualname__}")

@@ -166,22 +166,29 @@ def remove_segments(tag: str) -> int:
     return removed
 
 
+# The directory of a cluster that died without cleaning up (its logs tell why) is kept
+# this long for a post-mortem, then removed by the next start.
+KEEP_DEAD_SESSION_SECONDS = 24 * 3600
+
+
 def clean_dead_sessions() -> None:
-    """Remove what killed clusters left: their segments and session directories."""
+    """Remove what killed clusters left: their segments at once, their directories later."""
     import shutil
 
     for path in list_session_dirs():
         session = open_session(path)
         info = session.head_info()
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except OSError:
+            continue
         if info is None:
-            # A session that never became ready; leave it unless it is old (a start may
-            # be in progress right now).
-            try:
-                if time.time() - os.stat(path).st_mtime < 60:
-                    continue
-            except OSError:
-                continue
-        elif pid_alive(int(info.get("pid", 0))):
+            # A session that never became ready: a start may be in progress right now.
+            if age > 60:
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        if pid_alive(int(info.get("pid", 0))):
             continue
         remove_segments(session.tag)
-        shutil.rmtree(path, ignore_errors=True)
+        if age > KEEP_DEAD_SESSION_SECONDS:
+            shutil.rmtree(path, ignore_errors=True)

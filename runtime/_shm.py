@@ -28,6 +28,7 @@ MAGIC = b"SHOALOB1"
 _HEAD = struct.Struct("<8sII QQ")
 _ENTRY = struct.Struct("<QQ")
 ALIGN = 64
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _align(n: int) -> int:
@@ -43,13 +44,24 @@ def layout_size(sv: SerializedValue) -> int:
 
 
 def write(path: str, sv: SerializedValue, size: int) -> None:
-    """Create ``path`` (0600, must not exist) holding ``sv``; ``size`` from layout_size."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    """Write ``sv`` into ``path``; ``size`` from layout_size.
+
+    ``path`` is new (created 0600 here), or a recycled segment of at least ``size`` bytes
+    that the store renamed to it, whose pages are already in memory.
+    """
     try:
-        # posix_fallocate reserves the pages now, so a full /dev/shm fails here with ENOSPC
-        # instead of killing the writer with SIGBUS later.
-        os.posix_fallocate(fd, 0, max(size, 1))
-        with mmap.mmap(fd, max(size, 1)) as mm:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fresh = True
+    except FileExistsError:
+        fd = os.open(path, os.O_RDWR)
+        fresh = os.fstat(fd).st_size < size
+    try:
+        if fresh:
+            # posix_fallocate reserves the pages now, so a full /dev/shm fails here with
+            # ENOSPC instead of killing the writer with SIGBUS later.
+            os.posix_fallocate(fd, 0, max(size, 1))
+        # MAP_POPULATE maps every page in one call instead of one fault per page.
+        with mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | _POPULATE) as mm:
             entries = []
             pos = _align(_HEAD.size + _ENTRY.size * len(sv.buffers))
             data_off = pos

@@ -162,6 +162,7 @@ class TaskSubmitter:
 
     # -- user thread -------------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
+        self.core.drain_releases()
         if spec.num_returns == STREAMING:
             self.streams[spec.task_id] = _Stream()
         self.core.post(self._submit, spec)
