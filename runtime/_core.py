@@ -110,6 +110,8 @@ class CoreWorker:
         self.worker_hooks = worker_hooks
         # A worker's way to run a task in the calling thread: (body, frames) -> TASK_DONE.
         self.inline_executor: Callable[[dict[str, Any], list[Any]], Message] | None = None
+        # A worker's way to hand back tasks queued behind the one that is about to block.
+        self.on_block: Callable[[], None] | None = None
         self.on_log: Callable[[Any], None] | None = None
 
         self.head = Connection(
@@ -192,10 +194,15 @@ class CoreWorker:
             raise ClusterGone(self.lost_reason or "the connection to the cluster was lost")
         return reply.msg
 
-    def _wait_event(self, event: threading.Event, timeout: float | None) -> bool:
-        # Waiting in short slices keeps Ctrl-C responsive in the main thread.
+    def _wait_event(
+        self, event: threading.Event, timeout: float | None, each_slice: Callable[[], None] | None = None
+    ) -> bool:
+        # Waiting in short slices keeps Ctrl-C responsive in the main thread, and lets a
+        # blocked worker hand back tasks that reach it while it waits.
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if each_slice is not None:
+                each_slice()
             if self.closed and not event.is_set():
                 return True
             slice_ = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
@@ -517,7 +524,7 @@ class CoreWorker:
                 # it waits for can run even on a full node.
                 self.send_head(Message(M.BLOCKED, {}))
             try:
-                self._wait_event(event, timeout)
+                self._wait_event(event, timeout, self.on_block if blocked else None)
             finally:
                 if blocked:
                     self.send_head(Message(M.UNBLOCKED, {}))

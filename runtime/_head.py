@@ -418,8 +418,9 @@ class Head:
 
     def _h_create_object(self, peer: _Peer, body: Any, frames: Any) -> None:
         try:
-            path, actions = self.store.reserve(body["o"], int(body["s"]), str(body.get("cs") or ""))
+            path, actions = self.store.reserve(body["o"], int(body["s"]), str(body.get("cs") or ""), peer.wid)
         except StoreFull as exc:
+            self._act_store(exc.actions)
             self._send(peer.wid, Message(M.OBJECT_CREATED, {"r": body["r"], "e": str(exc)}))
             return
         self._act_store(actions)

@@ -59,7 +59,7 @@ class LostObject:
 class ObjectEntry:
     __slots__ = (
         "call_site", "containers", "contained", "flags", "frames", "holders", "last_access", "oid", "path",
-        "sealed", "size", "spilled", "waiters",
+        "sealed", "size", "spilled", "waiters", "writer",
     )
 
     def __init__(self, oid: bytes) -> None:
@@ -76,10 +76,15 @@ class ObjectEntry:
         self.spilled = False  # the file is in the spill directory, not in shared memory
         self.last_access = 0
         self.call_site = ""
+        self.writer = b""  # the process writing the segment, until it is sealed
 
 
 class StoreFull(Exception):
-    pass
+    """No room. ``actions`` holds what was done on the way (spilled segments to unlink)."""
+
+    def __init__(self, message: str, actions: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.actions: list[Any] = actions or []
 
 
 # Spilling starts when shared memory would pass this fraction of the capacity.
@@ -119,6 +124,10 @@ class ObjectStore:
         self.pool_max = min(capacity // 4, 2 << 30)
         self._pool_names = 0
         self.now: Callable[[], float] = lambda: 0.0
+        # Off: a reader may still map a freed object's pages (a zero-copy numpy array
+        # outlives its ref), so rewriting them would change what it reads. Recycling needs
+        # readers to pin what they map first; until then, freed segments are unlinked.
+        self.recycle = False
 
     # -- writes ------------------------------------------------------------------------
     def put_inline(self, oid: bytes, flags: int, frames: list[Any], contained: list[bytes], holder: bytes | None) -> list[Action]:
@@ -129,7 +138,7 @@ class ObjectStore:
         entry.size = sum(memoryview(f).nbytes for f in frames)
         return self._seal(entry, flags, contained, holder)
 
-    def reserve(self, oid: bytes, size: int, call_site: str = "") -> tuple[str, list[Action]]:
+    def reserve(self, oid: bytes, size: int, call_site: str = "", writer: bytes | None = None) -> tuple[str, list[Action]]:
         """Room for a new object of ``size`` bytes: returns the file to write, and actions.
 
         Past the spill threshold, the least recently used sealed objects move to the spill
@@ -142,6 +151,7 @@ class ObjectStore:
         actions: list[Action] = []
         entry = self._entry(oid)
         entry.call_site = call_site
+        entry.writer = writer or owner_of(oid)
         self._touch(entry)
         reused = self._take_pooled(size)
         if reused is not None:
@@ -168,7 +178,8 @@ class ObjectStore:
         raise StoreFull(
             f"the object store cannot take an object of {size:,} bytes: {self.used:,} of {self.capacity:,} bytes "
             f"of shared memory are in use by objects that cannot be spilled, and the spill directory has "
-            f"{self.disk_free():,} bytes free"
+            f"{self.disk_free():,} bytes free",
+            actions,
         )
 
     def _spill_until(self, target: int, actions: list[Action]) -> None:
@@ -290,6 +301,10 @@ class ObjectStore:
     def process_gone(self, process: bytes) -> list[Action]:
         actions: list[Action] = []
         for entry in list(self.objects.values()):
+            if not entry.sealed and entry.path is not None and entry.writer == process:
+                actions.extend(self.abort(entry.oid))  # died while writing it
+                if entry.oid not in self.objects:
+                    continue
             if entry.waiters:
                 entry.waiters = [w for w in entry.waiters if w[0] != process]
             entry.holders.discard(process)
@@ -320,8 +335,9 @@ class ObjectStore:
             if self.objects.pop(e.oid, None) is None:
                 continue
             if e.path is not None:
-                pooled = sum(item[0] for item in self.pool)
-                if not e.spilled and e.size >= POOL_MIN_SIZE and pooled + e.size <= self.pool_max:
+                if self.recycle and not e.spilled and e.size >= POOL_MIN_SIZE and (
+                    sum(item[0] for item in self.pool) + e.size <= self.pool_max
+                ):
                     self._pool_names += 1
                     pool_path = self.segment_path(b"pool" + self._pool_names.to_bytes(8, "big"))
                     actions.append(RenameSegment(e.path, pool_path))

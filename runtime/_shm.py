@@ -44,22 +44,16 @@ def layout_size(sv: SerializedValue) -> int:
 
 
 def write(path: str, sv: SerializedValue, size: int) -> None:
-    """Write ``sv`` into ``path``; ``size`` from layout_size.
+    """Create ``path`` (0600; it must not exist) holding ``sv``; ``size`` from layout_size.
 
-    ``path`` is new (created 0600 here), or a recycled segment of at least ``size`` bytes
-    that the store renamed to it, whose pages are already in memory.
+    Exclusive creation matters: /dev/shm is world-writable and segment names can be
+    guessed, so a file that is already there may have been planted by someone else.
     """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fresh = True
-    except FileExistsError:
-        fd = os.open(path, os.O_RDWR)
-        fresh = os.fstat(fd).st_size < size
-    try:
-        if fresh:
-            # posix_fallocate reserves the pages now, so a full /dev/shm fails here with
-            # ENOSPC instead of killing the writer with SIGBUS later.
-            os.posix_fallocate(fd, 0, max(size, 1))
+        # posix_fallocate reserves the pages now, so a full /dev/shm fails here with ENOSPC
+        # instead of killing the writer with SIGBUS later.
+        os.posix_fallocate(fd, 0, max(size, 1))
         # MAP_POPULATE maps every page in one call instead of one fault per page.
         with mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | _POPULATE) as mm:
             entries = []

@@ -111,7 +111,7 @@ class _WorkerConn:
 
 
 class _Lease:
-    __slots__ = ("conn", "gpu_ids", "idle_timer", "in_flight", "key", "pid", "worker_id")
+    __slots__ = ("bounced", "conn", "gpu_ids", "idle_timer", "in_flight", "key", "pid", "worker_id")
 
     def __init__(self, worker_id: bytes, conn: _WorkerConn, gpu_ids: list[int], key: _Key, pid: int) -> None:
         self.worker_id = worker_id
@@ -121,6 +121,9 @@ class _Lease:
         self.pid = pid
         self.in_flight: dict[bytes, TaskSpec] = {}
         self.idle_timer: Any = None
+        # The worker handed queued tasks back because its task blocked: push nothing more
+        # until what it runs now is done.
+        self.bounced = False
 
 
 class _Key:
@@ -298,7 +301,7 @@ class TaskSubmitter:
         while queue:
             lease = None
             for candidate in key.leases.values():
-                if len(candidate.in_flight) < limit:
+                if len(candidate.in_flight) < (1 if candidate.bounced else limit):
                     lease = candidate
                     break
             if lease is None:
@@ -448,6 +451,16 @@ class TaskSubmitter:
             self.running[tid] = entry  # not from a worker; the inline run reports itself
             return
         lease.in_flight.pop(tid, None)
+        if body.get("bounce"):
+            # Not run: the worker's current task blocked. Back to the front of the queue.
+            lease.bounced = True
+            spec.attempts -= 1
+            self.queued[tid] = spec
+            lease.key.queue.appendleft(spec)
+            self._pump(lease.key)
+            return
+        if not lease.in_flight:
+            lease.bounced = False
         if spec.num_returns == STREAMING:
             self._end_stream(spec, int(body.get("n", 0)))
             self._finish(spec, [])

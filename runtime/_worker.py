@@ -64,6 +64,7 @@ class WorkerProcess:
             worker_address=self.address, worker_hooks=self._on_head_hook,
         )
         self.core.inline_executor = self._execute_inline
+        self.core.on_block = self._bounce_queued
         _worker_context.set_core(self.core)
         self.functions: dict[bytes, Any] = {}
         self.current_task: bytes | None = None
@@ -122,6 +123,28 @@ class WorkerProcess:
             self._run_task(peer, msg.body, msg.frames)
         elif msg.type == M.ACTOR_CALL:
             self._actor_call(peer, msg.body, msg.frames)
+
+    def _bounce_queued(self) -> None:
+        """The running task blocks: hand tasks queued behind it back to their owners.
+
+        One of them may be what it waits for. Only the main thread owns the task socket,
+        and an actor's calls are never handed back (their order matters).
+        """
+        if self.actor is not None or threading.get_ident() != self.main_ident:
+            return
+        on_message = self.listener._on_message
+
+        def bounce(peer: bytes, msg: Message) -> None:
+            if msg.type == M.PUSH_TASK:
+                self._reply(peer, Message(M.TASK_DONE, {"t": msg.body["t"], "bounce": True}))
+            else:
+                on_message(peer, msg)
+
+        self.listener._on_message = bounce
+        try:
+            self.listener.handle_readable()
+        finally:
+            self.listener._on_message = on_message
 
     def _reply(self, peer: bytes, msg: Message) -> None:
         self.listener.send(peer, msg)
