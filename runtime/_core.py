@@ -223,7 +223,7 @@ class CoreWorker:
                 reply.event.set()
         elif t == M.OBJECTS:
             self._on_objects(body, msg.frames)
-        elif t in (M.LEASE_GRANTED, M.LEASE_FAILED, M.WORKER_DIED):
+        elif t in (M.LEASE_GRANTED, M.LEASE_FAILED, M.WORKER_DIED, M.LEASE_QUEUED, M.LEASE_REVOKE):
             self.tasks.on_head_message(msg)
         elif t == M.ACTOR_UPDATE:
             self.actors.on_update(body, msg.frames)

@@ -270,6 +270,10 @@ class Head:
                     self._act_actors(self.actors.lease_rejected(a.actor_id, "it cannot be scheduled: " + a.reason))
                 else:
                     self._send(a.owner, Message(M.LEASE_FAILED, {"r": a.req_id, "e": a.reason}))
+            elif isinstance(a, sch.Revoke):
+                self._send(a.owner, Message(M.LEASE_REVOKE, {"w": a.worker_id}))
+            elif isinstance(a, sch.Queued):
+                self._send(a.owner, Message(M.LEASE_QUEUED, {"r": a.req_id}))
             elif isinstance(a, sch.StartWorker):
                 self._start_worker(a.worker_id)
             elif isinstance(a, sch.KillWorker):

@@ -49,6 +49,8 @@ class MsgType(enum.IntEnum):
     BLOCKED = 15
     UNBLOCKED = 16
     CANCEL_LEASE_REQUEST = 17
+    LEASE_QUEUED = 18
+    LEASE_REVOKE = 19
     # owner <-> worker: tasks
     PUSH_TASK = 20
     TASK_DONE = 21

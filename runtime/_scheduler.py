@@ -102,6 +102,22 @@ class Reject:
 
 
 @dataclass
+class Queued:
+    """The request waits for resources (not just for a worker to start). Sent once."""
+
+    owner: bytes
+    req_id: int
+
+
+@dataclass
+class Revoke:
+    """Ask an owner to give a lease back as soon as its worker is idle (others wait)."""
+
+    owner: bytes
+    worker_id: bytes
+
+
+@dataclass
 class StartWorker:
     worker_id: bytes
 
@@ -119,7 +135,7 @@ class NotifyWorkerLost:
     actor_id: bytes | None
 
 
-Action = Grant | Reject | StartWorker | KillWorker | NotifyWorkerLost
+Action = Grant | Reject | Queued | Revoke | StartWorker | KillWorker | NotifyWorkerLost
 
 
 @dataclass
@@ -133,6 +149,7 @@ class _Worker:
     actor_id: bytes | None = None
     blocked: bool = False
     idle_since: float = 0.0
+    revoked: bool = False  # its owner was asked to give it back
 
 
 class NodeScheduler:
@@ -155,6 +172,7 @@ class NodeScheduler:
         self.clock = clock or time.monotonic
         self.workers: dict[bytes, _Worker] = {}
         self.pending: list[RequestLeaseEvent] = []
+        self._told_queued: set[int] = set()  # ids of pending requests whose owner knows
 
     # -- queries -----------------------------------------------------------------------
     def count(self, state: str) -> int:
@@ -242,6 +260,7 @@ class NodeScheduler:
         if w.gpu_ids:
             self.gpus.release(w.gpu_ids, w.resources.get("GPU", 0))
         w.state, w.owner, w.req_id, w.resources, w.gpu_ids, w.blocked = "idle", b"", 0, {}, [], False
+        w.revoked = False
         w.idle_since = self.clock()
 
     def _schedule(self, actions: list[Action]) -> None:
@@ -254,6 +273,9 @@ class NodeScheduler:
         for req in self.pending:
             if not fits(self.available, req.resources):
                 still_pending.append(req)
+                if req.actor_id is None and id(req) not in self._told_queued:
+                    self._told_queued.add(id(req))
+                    actions.append(Queued(req.owner, req.req_id))
                 continue
             if not idle:
                 still_pending.append(req)
@@ -267,11 +289,19 @@ class NodeScheduler:
                     continue
                 gpu_ids = got
             w = idle.pop()
+            self._told_queued.discard(id(req))
             subtract(self.available, req.resources)
             w.state, w.owner, w.req_id = "leased", req.owner, req.req_id
             w.resources, w.gpu_ids, w.actor_id = dict(req.resources), gpu_ids, req.actor_id
             actions.append(Grant(req.owner, req.req_id, w.worker_id, gpu_ids, req.actor_id))
         self.pending = still_pending
+        if len(still_pending) > waiting:
+            # Some requests wait for resources: owners keep idle leases for a moment to
+            # save a round trip, so ask for them back now.
+            for w in self.workers.values():
+                if w.state == "leased" and w.actor_id is None and not w.revoked and w.owner:
+                    w.revoked = True
+                    actions.append(Revoke(w.owner, w.worker_id))
         self._replenish(actions, waiting)
 
     def _replenish(self, actions: list[Action], waiting: int) -> None:

@@ -37,6 +37,9 @@ STREAMING = -1
 # Lease requests one resource shape may have outstanding at the head at once.
 MAX_PENDING_LEASE_REQUESTS = 10
 
+# Queued tasks of one shape from which pushing several to one worker starts.
+PIPELINE_MIN_BACKLOG = 16
+
 # How deep a blocked worker may nest the children it runs itself (see
 # run_inline_while_blocked); beyond it, children wait for other workers.
 MAX_INLINE_DEPTH = 24
@@ -111,7 +114,7 @@ class _WorkerConn:
 
 
 class _Lease:
-    __slots__ = ("bounced", "conn", "gpu_ids", "idle_timer", "in_flight", "key", "pid", "worker_id")
+    __slots__ = ("bounced", "conn", "gpu_ids", "idle_timer", "in_flight", "key", "pid", "revoked", "worker_id")
 
     def __init__(self, worker_id: bytes, conn: _WorkerConn, gpu_ids: list[int], key: _Key, pid: int) -> None:
         self.worker_id = worker_id
@@ -124,18 +127,24 @@ class _Lease:
         # The worker handed queued tasks back because its task blocked: push nothing more
         # until what it runs now is done.
         self.bounced = False
+        # The head wants it back: return it the moment it is idle, with no grace period.
+        self.revoked = False
 
 
 class _Key:
     """The queue and leases of one resource shape."""
 
-    __slots__ = ("leases", "queue", "requests", "resources")
+    __slots__ = ("leases", "queue", "queued_at_head", "requests", "resources")
 
     def __init__(self, resources: dict[str, int]) -> None:
         self.resources = resources
         self.queue: collections.deque[TaskSpec] = collections.deque()
         self.leases: dict[bytes, _Lease] = {}
         self.requests = 0
+        # Lease requests the head holds because the node's resources are all taken. Only
+        # then are tasks pipelined onto busy workers: while more leases can be had, each
+        # task gets its own worker (tasks that must run side by side always can).
+        self.queued_at_head: set[int] = set()
 
 
 class _Stream:
@@ -296,7 +305,10 @@ class TaskSubmitter:
         self._pump(key)
 
     def _pump(self, key: _Key) -> None:
-        limit = _config.MAX_TASKS_IN_FLIGHT_PER_WORKER
+        # Pipeline only when it cannot cost parallelism: the node has no resources for
+        # another lease right now, and the backlog is long.
+        pipeline = key.queued_at_head and len(key.queue) >= PIPELINE_MIN_BACKLOG
+        limit = _config.MAX_TASKS_IN_FLIGHT_PER_WORKER if pipeline else 1
         queue = key.queue
         while queue:
             lease = None
@@ -317,8 +329,12 @@ class TaskSubmitter:
             key.requests += 1
             self.core.head.send(Message(M.REQUEST_LEASE, {"r": rid, "res": key.resources}))
         if not queue:
-            for lease in key.leases.values():
-                if not lease.in_flight and lease.idle_timer is None:
+            for lease in list(key.leases.values()):
+                if lease.in_flight:
+                    continue
+                if lease.revoked:
+                    self._return_if_idle(lease)
+                elif lease.idle_timer is None:
                     lease.idle_timer = self.core.loop.call_later(_config.IDLE_LEASE_SECONDS, self._return_if_idle, lease)
 
     def _push(self, spec: TaskSpec, lease: _Lease) -> None:
@@ -361,6 +377,8 @@ class TaskSubmitter:
             wc.conn.sock.close(linger=0)
 
     def _return_if_idle(self, lease: _Lease) -> None:
+        if lease.idle_timer is not None:
+            lease.idle_timer.cancel()
         lease.idle_timer = None
         if lease.in_flight or lease.key.queue or self.leases.get(lease.worker_id) is not lease:
             return
@@ -373,12 +391,24 @@ class TaskSubmitter:
 
     def on_head_message(self, msg: Message) -> None:
         body = msg.body
-        if msg.type == M.LEASE_GRANTED:
+        if msg.type == M.LEASE_REVOKE:
+            lease = self.leases.get(body["w"])
+            if lease is not None:
+                lease.revoked = True
+                if not lease.in_flight and not lease.key.queue:
+                    self._return_if_idle(lease)
+        elif msg.type == M.LEASE_QUEUED:
+            key = self.lease_requests.get(body["r"])
+            if key is not None:
+                key.queued_at_head.add(body["r"])
+                self._pump(key)
+        elif msg.type == M.LEASE_GRANTED:
             key = self.lease_requests.pop(body["r"], None)
             if key is None:
                 self.core.head.send(Message(M.RETURN_LEASE, {"w": body["w"]}))
                 return
             key.requests -= 1
+            key.queued_at_head.discard(body["r"])
             lease = _Lease(body["w"], self.connection(body["a"]), list(body["g"]), key, int(body["p"]))
             self.leases[lease.worker_id] = lease
             key.leases[lease.worker_id] = lease
@@ -388,6 +418,7 @@ class TaskSubmitter:
             if key is None:
                 return
             key.requests -= 1
+            key.queued_at_head.discard(body["r"])
             err = TaskUnschedulableError(f"this task can never run: {body['e']}")
             while key.queue:
                 spec = key.queue.popleft()

@@ -20,7 +20,9 @@ so workers never need to import this file or a test module.
 
 Every process this session starts inherits ``SHOAL_TEST_SESSION``; after a leak, only
 processes carrying it (or descending from this process) are killed, never another
-session's.
+session's. The session also gets a private session directory (``SHOAL_TMPDIR``, where the
+runtime keeps cluster sockets and keys): `shoal stop` and ``address="auto"`` then see only
+this session's clusters, and another person's `shoal stop` cannot stop ours.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
 from collections.abc import Callable, Iterator
@@ -75,29 +78,49 @@ def _describe(procs: list[psutil.Process]) -> list[tuple[int, str]]:
 
 
 class LeakGuard:
-    """Checks that Shoal processes and segments are gone, relative to the session's start.
+    """Checks that Shoal processes and segments are gone.
 
-    Invariant: ``foreign_pids`` and ``initial_segments`` existed before this session and are
-    never blamed on it nor touched. When they are empty, the check is exactly
-    ``shoal.testing.assert_no_leaks``.
+    While no other Shoal session runs on the machine (the usual case, and CI), the check is
+    exactly ``shoal.testing.assert_no_leaks``. While another one runs (someone working on
+    the machine), only what this session started is blamed: processes that carry
+    ``SHOAL_TEST_SESSION`` or descend from this process, and segments that are new and do
+    not carry the tag of a live foreign head (names are ``shoal-<tag>-...``).
+
+    Invariant: processes and segments of other sessions are never blamed nor touched.
     """
 
     def __init__(self) -> None:
-        self.foreign_pids = {p.pid for p in testing.shoal_processes()}
         self.initial_segments = set(testing.shm_segments())
         # Segments already reported as leaked: blamed once, not again by every later check.
         self.reported_segments: set[str] = set()
         self.failures: list[str] = []
 
-    def _new_processes(self) -> list[psutil.Process]:
-        return [p for p in testing.shoal_processes() if p.pid not in self.foreign_pids]
+    @staticmethod
+    def _foreign_processes() -> list[psutil.Process]:
+        return [p for p in testing.shoal_processes() if not _started_by_this_session(p)]
 
-    def _new_segments(self) -> list[str]:
+    @staticmethod
+    def _our_processes() -> list[psutil.Process]:
+        return [p for p in testing.shoal_processes() if _started_by_this_session(p)]
+
+    def _our_segments(self) -> list[str]:
+        tags = set()
+        for proc in self._foreign_processes():
+            try:
+                cmdline = proc.cmdline()
+                tags.add(proc.environ().get("SHOAL_SHM_TAG"))
+            except psutil.Error:
+                continue
+            tags.update(cmdline[i + 1] for i, arg in enumerate(cmdline[:-1]) if arg == "--tag")
+        foreign = tuple(f"{testing.SHM_PREFIX}{tag}-" for tag in tags if tag)
         known = self.initial_segments | self.reported_segments
-        return [s for s in testing.shm_segments() if s not in known]
+        return [s for s in testing.shm_segments() if s not in known and not s.startswith(foreign)]
+
+    def _strict(self) -> bool:
+        return not (self.initial_segments or self.reported_segments or self._foreign_processes())
 
     def check(self, where: str, timeout: float = LEAK_TIMEOUT) -> None:
-        if not (self.foreign_pids or self.initial_segments or self.reported_segments):
+        if self._strict():
             try:
                 testing.assert_no_leaks(timeout=timeout)
                 return
@@ -106,15 +129,16 @@ class LeakGuard:
         else:
             try:
                 testing.wait_for(
-                    lambda: not self._new_processes() and not self._new_segments(), timeout
+                    lambda: not self._our_processes() and not self._our_segments(), timeout
                 )
                 return
             except TimeoutError:
                 failure = (
-                    f"leaked processes {_describe(self._new_processes())} "
-                    f"and segments {self._new_segments()}"
+                    f"leaked processes {_describe(self._our_processes())} "
+                    f"and segments {self._our_segments()} (other Shoal sessions are running: "
+                    "only what this session started is counted)"
                 )
-        self.reported_segments.update(self._new_segments())
+        self.reported_segments.update(self._our_segments())
         self.reap()
         message = f"{where}: {failure}"
         self.failures.append(message)
@@ -122,7 +146,7 @@ class LeakGuard:
 
     def reap(self) -> None:
         """Kill the Shoal processes this session started and left behind."""
-        ours = [p for p in self._new_processes() if _started_by_this_session(p)]
+        ours = self._our_processes()
         for proc in ours:
             try:
                 proc.kill()
@@ -134,7 +158,7 @@ class LeakGuard:
         """Remove segments this session leaked, once no Shoal process at all could own them."""
         if testing.shoal_processes():
             return
-        for name in self.reported_segments | set(self._new_segments()):
+        for name in self.reported_segments | set(self._our_segments()):
             try:
                 os.unlink(os.path.join(testing.SHM_DIR, name))
             except OSError:
@@ -142,7 +166,21 @@ class LeakGuard:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _leak_guard() -> Iterator[LeakGuard]:
+def _private_session_dir() -> Iterator[str]:
+    # Short, under /tmp: ipc socket paths inside it must stay below ~100 characters.
+    path = tempfile.mkdtemp(prefix="shoal-tests-", dir="/tmp")
+    previous = os.environ.get("SHOAL_TMPDIR")
+    os.environ["SHOAL_TMPDIR"] = path
+    yield path
+    if previous is None:
+        del os.environ["SHOAL_TMPDIR"]
+    else:
+        os.environ["SHOAL_TMPDIR"] = previous
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leak_guard(_private_session_dir: str) -> Iterator[LeakGuard]:
     guard = LeakGuard()
     yield guard
     try:

@@ -101,8 +101,13 @@ def test_exception_through_a_nested_get():
     def outer():
         return shoal.get(inner.remote())
 
-    with pytest.raises(ZeroDivisionError):
+    # The outer task's error wraps the inner one, keeps the innermost exception class (a
+    # project decision; Ray gives a plain RayTaskError here) and shows both tasks.
+    with pytest.raises(ZeroDivisionError) as info:
         shoal.get(outer.remote(), timeout=30)
+    assert isinstance(info.value, TaskError)
+    message = str(info.value)
+    assert "inner" in message and "outer" in message
 
 
 def test_exception_through_await_and_future():

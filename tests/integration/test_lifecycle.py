@@ -52,6 +52,22 @@ def test_spec_example_with_default_init(make_cluster):
     assert shoal.cluster_resources()["CPU"] >= 1
 
 
+@pytest.mark.parametrize(
+    "fresh_cluster",
+    [{"num_cpus": 1}, {"num_cpus": 3, "num_gpus": 1, "resources": {"widget": 2}}],
+    indirect=True,
+    ids=["1-cpu", "3-cpus-1-gpu-widgets"],
+)
+def test_node_capacity_comes_from_init(fresh_cluster, request):
+    requested = request.node.callspec.params["fresh_cluster"]
+    expected = {"CPU": requested["num_cpus"], **requested.get("resources", {})}
+    if "num_gpus" in requested:
+        expected["GPU"] = requested["num_gpus"]
+    resources = shoal.cluster_resources()
+    assert {name: resources.get(name) for name in expected} == expected
+    assert shoal.nodes()[0]["Resources"]["CPU"] == requested["num_cpus"]
+
+
 def test_init_and_shutdown(make_cluster, leak_check):
     assert not shoal.is_initialized()
     make_cluster(num_cpus=2)

@@ -21,6 +21,13 @@ def _available(name):
     return shoal.available_resources().get(name, 0.0)
 
 
+def _get_all(refs, timeout):
+    """Wait for every task to end before raising the first error: a failed test must not
+    leave tasks running into the next one."""
+    shoal.wait(refs, num_returns=len(refs), timeout=timeout)
+    return shoal.get(refs, timeout=1)
+
+
 def _wait_until_idle():
     """Leases of finished tasks come back shortly after; wait for them rather than guess."""
     testing.wait_for(
@@ -123,6 +130,7 @@ def test_assigned_resources(options, expected):
     assert shoal.get(assigned.options(**options).remote(), timeout=30) == expected
 
 
+@pytest.mark.timeout(90)
 def test_fractional_cpus_let_more_tasks_run_at_once(tmp_path, rendezvous):
     arrivals = tmp_path / "arrivals"
     arrivals.mkdir()
@@ -133,7 +141,7 @@ def test_fractional_cpus_let_more_tasks_run_at_once(tmp_path, rendezvous):
         rendezvous(directory, 4)  # 4 half-CPU tasks fit in 2 CPUs at once
         return "met"
 
-    assert shoal.get([meet.remote() for _ in range(4)], timeout=45) == ["met"] * 4
+    assert _get_all([meet.remote() for _ in range(4)], timeout=60) == ["met"] * 4
 
 
 def test_num_cpus_limit_how_many_tasks_run_at_once(tmp_path, gate, rendezvous, wait_path):
@@ -176,6 +184,7 @@ def test_gpu_task_sees_its_gpu_in_cuda_visible_devices():
     assert shoal.get(visible.remote(), timeout=30) in {"0", "1"}
 
 
+@pytest.mark.timeout(90)
 def test_concurrent_gpu_tasks_see_different_gpus(tmp_path, rendezvous):
     arrivals = tmp_path / "arrivals"
     arrivals.mkdir()
@@ -186,7 +195,7 @@ def test_concurrent_gpu_tasks_see_different_gpus(tmp_path, rendezvous):
         rendezvous(directory, 2)  # both hold a GPU at the same time
         return os.environ.get("CUDA_VISIBLE_DEVICES")
 
-    assert sorted(shoal.get([visible.remote(), visible.remote()], timeout=45)) == ["0", "1"]
+    assert sorted(_get_all([visible.remote(), visible.remote()], timeout=60)) == ["0", "1"]
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,11 @@ from shoal._scheduler import (
     NodeScheduler,
     NotifyWorkerLost,
     OwnerGoneEvent,
+    Queued,
     Reject,
     RequestLeaseEvent,
     ReturnLeaseEvent,
+    Revoke,
     StartWorker,
     TickEvent,
     WorkerBlockedEvent,
@@ -41,8 +43,8 @@ class FakeClock:
         return self.now
 
 
-def of_type(actions, kind):
-    return [a for a in actions if isinstance(a, kind)]
+def of_type(actions, *kinds):
+    return [a for a in actions if isinstance(a, kinds)]
 
 
 def register_started(sched: NodeScheduler, actions) -> list:
@@ -104,8 +106,9 @@ def test_grant_binds_an_idle_worker_and_takes_the_resources():
 def test_request_that_does_not_fit_waits_and_is_granted_when_a_lease_returns():
     sched, (wid,) = ready_scheduler(pool_size=1, CPU=1)
     assert of_type(request(sched, OWNER_A, 1, CPU=1), Grant)
-    # No room: the request waits, and no worker is started for it.
-    assert request(sched, OWNER_B, 2, CPU=1) == []
+    # No room: the request waits, no worker is started for it, its owner hears it is
+    # queued, and the holder of the lease is asked to give it back when idle.
+    assert request(sched, OWNER_B, 2, CPU=1) == [Queued(OWNER_B, 2), Revoke(OWNER_A, wid)]
     assert sched.available["CPU"] == 0
 
     actions = sched.handle(ReturnLeaseEvent(wid))
@@ -199,7 +202,7 @@ def test_a_stale_return_changes_nothing():
 def test_a_blocked_worker_lends_its_cpu_to_a_new_lease():
     sched, (a,) = ready_scheduler(pool_size=1, CPU=1)
     request(sched, OWNER_A, 1, CPU=1)
-    assert request(sched, OWNER_A, 2, CPU=1) == []  # no room yet
+    assert not of_type(request(sched, OWNER_A, 2, CPU=1), Grant, StartWorker)  # no room yet
 
     actions = sched.handle(WorkerBlockedEvent(a))
     assert sched.available["CPU"] == UNIT
@@ -276,7 +279,7 @@ def test_owner_gone_kills_its_task_workers_keeps_actor_workers_and_drops_request
     actions = request(sched, OWNER_A, 3, actor_id=b"actor-1", CPU=1)
     (actor,) = of_type(actions, Grant)
     assert register_started(sched, actions) == []  # the pool's replacement for the actor
-    assert request(sched, OWNER_A, 4, CPU=1) == []  # no CPU left: waits
+    assert of_type(request(sched, OWNER_A, 4, CPU=1), Queued) == [Queued(OWNER_A, 4)]  # no CPU left: waits
     assert of_type(request(sched, OWNER_B, 5, CPU=0.5), Grant) == []  # waits too
 
     actions = sched.handle(OwnerGoneEvent(OWNER_A))
