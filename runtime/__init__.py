@@ -1,13 +1,13 @@
 """Shoal: Ray's programming model for Python clusters, with the notebook as its home.
 
-    import shoal
-    shoal.init()
+import shoal
+shoal.init()
 
-    @shoal.remote
-    def square(x):
-        return x * x
+@shoal.remote
+def square(x):
+    return x * x
 
-    shoal.get([square.remote(i) for i in range(4)])   # [0, 1, 4, 9]
+shoal.get([square.remote(i) for i in range(4)])   # [0, 1, 4, 9]
 """
 
 from __future__ import annotations
@@ -15,23 +15,50 @@ from __future__ import annotations
 from typing import Any
 
 from . import exceptions as exceptions
-from ._actor import ActorClass, ActorHandle as ActorHandle, method as method
+from ._actor import ActorClass
+from ._actor import ActorHandle as ActorHandle
+from ._actor import method as method
 from ._api import (
     available_resources as available_resources,
+)
+from ._api import (
     cancel as cancel,
+)
+from ._api import (
     cluster_resources as cluster_resources,
+)
+from ._api import (
     get as get,
+)
+from ._api import (
     get_actor as get_actor,
+)
+from ._api import (
     get_runtime_context as get_runtime_context,
+)
+from ._api import (
     init as init,
+)
+from ._api import (
     is_initialized as is_initialized,
+)
+from ._api import (
     kill as kill,
+)
+from ._api import (
     nodes as nodes,
+)
+from ._api import (
     put as put,
+)
+from ._api import (
     shutdown as shutdown,
+)
+from ._api import (
     wait as wait,
 )
-from ._refs import ObjectRef as ObjectRef, ObjectRefGenerator as ObjectRefGenerator
+from ._refs import ObjectRef as ObjectRef
+from ._refs import ObjectRefGenerator as ObjectRefGenerator
 from ._remote_function import RemoteFunction
 
 __version__ = "0.1.0"

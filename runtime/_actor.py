@@ -51,9 +51,13 @@ def _method_meta(cls: type) -> dict[str, Any]:
 class ActorClass:
     """A class whose instances live in their own worker process: ``Cls.remote(...)``."""
 
-    def __init__(self, cls: type, options: dict[str, Any], _pickled: list[Any] | None = None) -> None:
+    def __init__(
+        self, cls: type, options: dict[str, Any], _pickled: list[Any] | None = None
+    ) -> None:
         self._cls = cls
-        self._options = validate(dict(options), ACTOR_OPTIONS, f"@remote on class {cls.__qualname__}")
+        self._options = validate(
+            dict(options), ACTOR_OPTIONS, f"@remote on class {cls.__qualname__}"
+        )
         self._pickled = _pickled if _pickled is not None else [None]
         self._meta = _method_meta(cls)
         self.__name__ = cls.__name__
@@ -63,7 +67,9 @@ class ActorClass:
         self._display_name = self.__qualname__.split(".<locals>.")[-1]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"actor class {self.__qualname__} cannot be instantiated directly; use {self.__name__}.remote(...)")
+        raise TypeError(
+            f"actor class {self.__qualname__} cannot be instantiated directly; use {self.__name__}.remote(...)"
+        )
 
     def options(self, **options: Any) -> ActorClass:
         return ActorClass(self._cls, {**self._options, **options}, self._pickled)
@@ -73,7 +79,9 @@ class ActorClass:
             try:
                 self._pickled[0] = pickle_definition(self._cls)
             except Exception as exc:
-                raise TypeError(f"could not serialize the class {self.__qualname__}: {exc}") from exc
+                raise TypeError(
+                    f"could not serialize the class {self.__qualname__}: {exc}"
+                ) from exc
         return self._pickled[0]  # type: ignore[no-any-return]
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
@@ -95,14 +103,23 @@ class ActorClass:
         if detached and not name:
             raise ValueError("a detached actor must have a name, so that it can be found again")
         spec = TaskSpec()
-        encode_call_args(core, spec, self._cls.__init__, args, kwargs, f"{self.__qualname__}.__init__")
+        encode_call_args(
+            core, spec, self._cls.__init__, args, kwargs, f"{self.__qualname__}.__init__"
+        )
         # The actor's worker reads argument refs from the store, so they must be there.
         core.mark_escaped([ref.binary() for ref in spec.deps])
         frames: list[Any] = [self._definition()[1]]
         aid = os.urandom(16)
         body: dict[str, Any] = {
-            "aid": aid, "cls": self._display_name, "name": name, "ns": namespace, "detached": detached,
-            "gie": bool(opts.get("get_if_exists")), "res": resources, "meta": meta, "job": core.job_id,
+            "aid": aid,
+            "cls": self._display_name,
+            "name": name,
+            "ns": namespace,
+            "detached": detached,
+            "gie": bool(opts.get("get_if_exists")),
+            "res": resources,
+            "meta": meta,
+            "job": core.job_id,
             "kw": spec.kwnames,
         }
         body["a"] = encode_args(core, spec, frames)
@@ -194,18 +211,28 @@ def _rebuild_handle(actor_id: bytes, meta: dict[str, Any]) -> ActorHandle:
 
 
 class ActorMethod:
-    def __init__(self, handle: ActorHandle, name: str, num_returns: Any, options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        handle: ActorHandle,
+        name: str,
+        num_returns: Any,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self._handle = handle
         self._name = name
         self._num_returns = num_returns
         self._options = options or {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"actor method {self._name} cannot be called directly; use .{self._name}.remote(...)")
+        raise TypeError(
+            f"actor method {self._name} cannot be called directly; use .{self._name}.remote(...)"
+        )
 
     def options(self, **options: Any) -> ActorMethod:
         validate(options, METHOD_OPTIONS, f"{self._name}.options()")
-        return ActorMethod(self._handle, self._name, self._num_returns, {**self._options, **options})
+        return ActorMethod(
+            self._handle, self._name, self._num_returns, {**self._options, **options}
+        )
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         from ._api import _auto_init
@@ -229,4 +256,3 @@ class ActorMethod:
             core.tasks.streams[spec.task_id] = _Stream()
         core.actors.call(spec)
         return result
-

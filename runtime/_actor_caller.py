@@ -27,7 +27,17 @@ M = MsgType
 
 
 class _ActorState:
-    __slots__ = ("actor_id", "address", "conn", "death", "in_flight", "queue", "state", "subscribed", "waiting_deps")
+    __slots__ = (
+        "actor_id",
+        "address",
+        "conn",
+        "death",
+        "in_flight",
+        "queue",
+        "state",
+        "subscribed",
+        "waiting_deps",
+    )
 
     def __init__(self, actor_id: bytes) -> None:
         self.actor_id = actor_id
@@ -86,8 +96,11 @@ class ActorCaller:
         tasks = self.core.tasks
         while st.queue:
             spec = st.queue[0]
-            pending = [r.binary() for r in spec.deps
-                       if r.binary()[:8] == self.core.worker_id and self.core.lookup(r.binary()) is None]
+            pending = [
+                r.binary()
+                for r in spec.deps
+                if r.binary()[:8] == self.core.worker_id and self.core.lookup(r.binary()) is None
+            ]
             if pending:
                 st.waiting_deps = True
 
@@ -110,7 +123,11 @@ class ActorCaller:
         self.core.tasks.running[spec.task_id] = (spec, None)
         frames: list[Any] = []
         body = {
-            "t": spec.task_id, "m": spec.method, "n": spec.name, "nr": spec.num_returns, "j": spec.job,
+            "t": spec.task_id,
+            "m": spec.method,
+            "n": spec.name,
+            "nr": spec.num_returns,
+            "j": spec.job,
             "kw": spec.kwnames,
         }
         body["a"] = encode_args(self.core, spec, frames)
@@ -157,7 +174,9 @@ class ActorCaller:
         if st.state != "DEAD":
             st.state = "DEAD"
             st.death = ActorDiedError(
-                f"the actor ({actor_id.hex()[:12]}) died: it was killed with shoal.kill()", actor_id.hex(), "killed"
+                f"the actor ({actor_id.hex()[:12]}) died: it was killed with shoal.kill()",
+                actor_id.hex(),
+                "killed",
             )
             # Calls already sent may still finish; the rest fail now.
             err = st.death

@@ -39,9 +39,17 @@ class ActorRecord:
 
     def info(self) -> dict[str, Any]:
         return {
-            "aid": self.actor_id, "state": self.state, "addr": self.address, "pid": self.pid,
-            "wid": self.worker_id, "name": self.name, "ns": self.namespace, "cls": self.class_name,
-            "meta": self.meta, "reason": self.death_reason, "detached": self.detached,
+            "aid": self.actor_id,
+            "state": self.state,
+            "addr": self.address,
+            "pid": self.pid,
+            "wid": self.worker_id,
+            "name": self.name,
+            "ns": self.namespace,
+            "cls": self.class_name,
+            "meta": self.meta,
+            "reason": self.death_reason,
+            "detached": self.detached,
         }
 
 
@@ -89,7 +97,9 @@ class ActorDirectory:
         if record.name:
             existing = self.lookup_name(record.name, record.namespace)
             if existing is not None and existing.state != DEAD:
-                raise NameTaken(f"an actor named {record.name!r} already exists in namespace {record.namespace!r}")
+                raise NameTaken(
+                    f"an actor named {record.name!r} already exists in namespace {record.namespace!r}"
+                )
             self.names[(record.namespace, record.name)] = record.actor_id
         self.actors[record.actor_id] = record
         record.subscribers.add(record.owner)
@@ -157,7 +167,9 @@ class ActorDirectory:
         for rec in list(self.actors.values()):
             rec.subscribers.discard(owner)
             if rec.owner == owner and not rec.detached and rec.state != DEAD:
-                actions.extend(self.kill(rec.actor_id, "its owner (the process that created it) exited"))
+                actions.extend(
+                    self.kill(rec.actor_id, "its owner (the process that created it) exited")
+                )
         return actions
 
     def subscribe(self, process: bytes, actor_id: bytes) -> ActorRecord | None:

@@ -33,7 +33,14 @@ _init_lock = threading.RLock()
 class _Cluster:
     """What ``init`` started or joined, so that ``shutdown`` can undo it."""
 
-    def __init__(self, core: CoreWorker, address: str, session_dir: str, head: subprocess.Popen[bytes] | None, parent_fd: int | None) -> None:
+    def __init__(
+        self,
+        core: CoreWorker,
+        address: str,
+        session_dir: str,
+        head: subprocess.Popen[bytes] | None,
+        parent_fd: int | None,
+    ) -> None:
         self.core = core
         self.address = address
         self.session_dir = session_dir
@@ -59,9 +66,24 @@ class ClusterContext(dict):  # type: ignore[type-arg]
 
 
 _INIT_ARGS = {
-    "address", "num_cpus", "num_gpus", "resources", "object_store_memory", "namespace", "ignore_reinit_error",
-    "log_to_driver", "runtime_env", "include_dashboard", "logging_level", "configure_logging", "_temp_dir",
-    "dashboard_host", "dashboard_port", "local_mode", "_system_config", "object_spilling_directory",
+    "address",
+    "num_cpus",
+    "num_gpus",
+    "resources",
+    "object_store_memory",
+    "namespace",
+    "ignore_reinit_error",
+    "log_to_driver",
+    "runtime_env",
+    "include_dashboard",
+    "logging_level",
+    "configure_logging",
+    "_temp_dir",
+    "dashboard_host",
+    "dashboard_port",
+    "local_mode",
+    "_system_config",
+    "object_spilling_directory",
 }
 
 
@@ -75,7 +97,9 @@ def init(address: str | None = None, **kwargs: Any) -> ClusterContext:
         if _cluster is not None:
             if kwargs.get("ignore_reinit_error"):
                 return _context()
-            raise RuntimeError("Shoal is already initialized; call shoal.shutdown() first, or pass ignore_reinit_error=True")
+            raise RuntimeError(
+                "Shoal is already initialized; call shoal.shutdown() first, or pass ignore_reinit_error=True"
+            )
         namespace = kwargs.get("namespace")
         if namespace is None:
             namespace = uuid.uuid4().hex  # an anonymous namespace per driver, as in Ray
@@ -86,7 +110,9 @@ def init(address: str | None = None, **kwargs: Any) -> ClusterContext:
         else:
             for key in ("num_cpus", "num_gpus", "resources", "object_store_memory"):
                 if kwargs.get(key) is not None:
-                    raise ValueError(f"{key} cannot be set when joining an existing cluster (address={address!r})")
+                    raise ValueError(
+                        f"{key} cannot be set when joining an existing cluster (address={address!r})"
+                    )
             _cluster = _connect(address, namespace)
         core = _cluster.core
         _worker_context.set_core(core)
@@ -100,8 +126,11 @@ def _context() -> ClusterContext:
     assert _cluster is not None
     core = _cluster.core
     return ClusterContext(
-        address=_cluster.address, session_dir=_cluster.session_dir, node_id=core.node_id.hex(),
-        job_id=f"{core.job_id:08x}", namespace=core.namespace,
+        address=_cluster.address,
+        session_dir=_cluster.session_dir,
+        node_id=core.node_id.hex(),
+        job_id=f"{core.job_id:08x}",
+        namespace=core.namespace,
     )
 
 
@@ -137,7 +166,12 @@ def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
     if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or num_cpus < 0:
         raise ValueError(f"num_cpus must be a number >= 0, got {num_cpus!r}")
     num_gpus = kwargs.get("num_gpus") or 0
-    if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or num_gpus < 0 or not float(num_gpus).is_integer():
+    if (
+        isinstance(num_gpus, bool)
+        or not isinstance(num_gpus, (int, float))
+        or num_gpus < 0
+        or not float(num_gpus).is_integer()
+    ):
         raise ValueError(f"num_gpus must be a whole number >= 0, got {num_gpus!r}")
     resources = kwargs.get("resources") or {}
     if not isinstance(resources, dict):
@@ -157,13 +191,22 @@ def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
         spill_dir = os.path.abspath(os.path.expanduser(str(spill_dir)))
         os.makedirs(spill_dir, mode=0o700, exist_ok=True)
     head, session = start_head_process(
-        num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, object_store_memory=store, embedded=True,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        resources=resources,
+        object_store_memory=store,
+        embedded=True,
         spill_dir=spill_dir,
     )
     parent_fd = head.parent_fd  # type: ignore[attr-defined]
     try:
-        core = CoreWorker(role="driver", head_address=session.socket_address("h"), key=session.read_key(),
-                          namespace=namespace, head_pid=head.pid)
+        core = CoreWorker(
+            role="driver",
+            head_address=session.socket_address("h"),
+            key=session.read_key(),
+            namespace=namespace,
+            head_pid=head.pid,
+        )
     except BaseException:
         os.close(parent_fd)
         head.kill()
@@ -173,8 +216,14 @@ def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
 
 
 def start_head_process(
-    *, num_cpus: float, num_gpus: float, resources: dict[str, float], object_store_memory: int, embedded: bool,
-    port: int | None = None, spill_dir: str | None = None,
+    *,
+    num_cpus: float,
+    num_gpus: float,
+    resources: dict[str, float],
+    object_store_memory: int,
+    embedded: bool,
+    port: int | None = None,
+    spill_dir: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], _session.Session]:
     """Start a head in a new process and wait until it serves. Used by init() and the CLI."""
     import json
@@ -182,9 +231,23 @@ def start_head_process(
     session = _session.create_session()
     ready_r, ready_w = os.pipe()
     cmd = [
-        sys.executable, "-m", "shoal._head", "--session", session.path, "--tag", session.tag,
-        "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--resources", json.dumps(resources),
-        "--object-store-memory", str(object_store_memory), "--ready-fd", str(ready_w),
+        sys.executable,
+        "-m",
+        "shoal._head",
+        "--session",
+        session.path,
+        "--tag",
+        session.tag,
+        "--num-cpus",
+        str(num_cpus),
+        "--num-gpus",
+        str(num_gpus),
+        "--resources",
+        json.dumps(resources),
+        "--object-store-memory",
+        str(object_store_memory),
+        "--ready-fd",
+        str(ready_w),
     ]
     if port is not None:
         cmd += ["--port", str(port)]
@@ -201,8 +264,13 @@ def start_head_process(
     logf = open(os.path.join(session.logs, "head.log"), "ab")  # noqa: SIM115
     try:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, pass_fds=pass_fds,
-            start_new_session=True, close_fds=True,
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
+            start_new_session=True,
+            close_fds=True,
         )
     finally:
         logf.close()
@@ -233,7 +301,11 @@ def _wait_ready(fd: int, proc: subprocess.Popen[bytes], session: _session.Sessio
             tail = f.read()[-3000:]
     except OSError:
         tail = ""
-    state = "did not become ready in time" if proc.poll() is None else f"exited with code {proc.returncode}"
+    state = (
+        "did not become ready in time"
+        if proc.poll() is None
+        else f"exited with code {proc.returncode}"
+    )
     raise RuntimeError(f"the head process {state}. Its log ({session.logs}/head.log):\n{tail}")
 
 
@@ -250,8 +322,13 @@ def _connect(address: str, namespace: str) -> _Cluster:
     else:
         session = _find_session_by_address(address)
     info = session.head_info() or {}
-    core = CoreWorker(role="driver", head_address=info["address"], key=session.read_key(), namespace=namespace,
-                      head_pid=int(info["pid"]))
+    core = CoreWorker(
+        role="driver",
+        head_address=info["address"],
+        key=session.read_key(),
+        namespace=namespace,
+        head_pid=int(info["pid"]),
+    )
     return _Cluster(core, info["address"], session.path, None, None)
 
 
@@ -259,7 +336,11 @@ def _find_session_by_address(address: str) -> _session.Session:
     for path in _session.list_session_dirs():
         session = _session.open_session(path)
         info = session.head_info()
-        if info and address in (info.get("address"), info.get("tcp")) and _session.pid_alive(int(info["pid"])):
+        if (
+            info
+            and address in (info.get("address"), info.get("tcp"))
+            and _session.pid_alive(int(info["pid"]))
+        ):
             return session
     raise ConnectionError(f"no running Shoal cluster on this machine has the address {address!r}")
 
@@ -307,7 +388,9 @@ def put(value: Any) -> ObjectRef:
     try:
         sv = core.serialize_arg(value, "the value")
     except TypeError as exc:
-        raise TypeError(f"put() could not serialize a value of type {type(value).__name__}: {exc.__cause__ or exc}") from exc
+        raise TypeError(
+            f"put() could not serialize a value of type {type(value).__name__}: {exc.__cause__ or exc}"
+        ) from exc
     oid = core.ids.put_id()
     core.put_serialized(oid, sv, _call_site())
     return ObjectRef(oid, core)
@@ -332,7 +415,9 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
     if isinstance(refs, ObjectRefGenerator):
         return _get_list(core, list(refs), timeout)
     if not isinstance(refs, (list, tuple)):
-        raise TypeError(f"get() expects an ObjectRef or a list of ObjectRefs, got {type(refs).__name__}")
+        raise TypeError(
+            f"get() expects an ObjectRef or a list of ObjectRefs, got {type(refs).__name__}"
+        )
     for i, r in enumerate(refs):
         if not isinstance(r, ObjectRef):
             raise TypeError(f"get() expects ObjectRefs, but item {i} is a {type(r).__name__}")
@@ -340,7 +425,9 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
 
 
 def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+    ):
         raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
 
 
@@ -350,12 +437,18 @@ def _get_list(core: CoreWorker, refs: list[ObjectRef], timeout: float | None) ->
     values = core.wait_values(oids, len(set(oids)), timeout)
     missing = [oid for oid in oids if oid not in values]
     if missing:
-        raise GetTimeoutError(f"get() timed out after {timeout}s: {len(missing)} of {len(oids)} objects are not ready")
+        raise GetTimeoutError(
+            f"get() timed out after {timeout}s: {len(missing)} of {len(oids)} objects are not ready"
+        )
     return [core.materialize(values[oid], oid) for oid in oids]
 
 
 def wait(
-    refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | None = None, fetch_local: bool = True
+    refs: Sequence[ObjectRef],
+    *,
+    num_returns: int = 1,
+    timeout: float | None = None,
+    fetch_local: bool = True,
 ) -> tuple[list[ObjectRef], list[ObjectRef]]:
     """Wait until ``num_returns`` of ``refs`` are ready; returns (ready, not ready)."""
     core = _auto_init()
@@ -366,10 +459,17 @@ def wait(
             raise TypeError(f"wait() expects ObjectRefs, but item {i} is a {type(r).__name__}")
     if len({r.binary() for r in refs}) != len(refs):
         raise ValueError("wait() got the same ObjectRef more than once")
-    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 1 and refs:
+    if (
+        isinstance(num_returns, bool)
+        or not isinstance(num_returns, int)
+        or num_returns < 1
+        and refs
+    ):
         raise ValueError(f"num_returns must be an int >= 1, got {num_returns!r}")
     if num_returns > len(refs):
-        raise ValueError(f"num_returns ({num_returns}) is more than the number of refs ({len(refs)})")
+        raise ValueError(
+            f"num_returns ({num_returns}) is more than the number of refs ({len(refs)})"
+        )
     _check_timeout(timeout)
     if not refs:
         return [], []

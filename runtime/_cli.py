@@ -1,10 +1,10 @@
 """The ``shoal`` command: start, stop and inspect clusters on this machine.
 
-    shoal start --head [--port N] [--num-cpus N] [--num-gpus N] [--resources JSON]
-    shoal stop
-    shoal status
-    shoal memory [--json]
-    shoal demo
+shoal start --head [--port N] [--num-cpus N] [--num-gpus N] [--resources JSON]
+shoal stop
+shoal status
+shoal memory [--json]
+shoal demo
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     start.add_argument("--port", type=int, default=None, help="also listen on tcp://127.0.0.1:PORT")
     start.add_argument("--num-cpus", type=float, default=None)
     start.add_argument("--num-gpus", type=int, default=0)
-    start.add_argument("--resources", default="{}", help='custom resources as JSON, e.g. \'{"TPU": 2}\'')
+    start.add_argument(
+        "--resources", default="{}", help="custom resources as JSON, e.g. '{\"TPU\": 2}'"
+    )
     start.add_argument("--object-store-memory", type=int, default=None, help="bytes")
-    start.add_argument("--temp-dir", default=None, help="where session files go (default /tmp/shoal-sessions)")
+    start.add_argument(
+        "--temp-dir", default=None, help="where session files go (default /tmp/shoal-sessions)"
+    )
 
     stop = sub.add_parser("stop", help="stop every cluster started on this machine")
     stop.add_argument("--temp-dir", default=None)
@@ -51,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "temp_dir", None):
         os.environ["SHOAL_TMPDIR"] = os.path.abspath(args.temp_dir)
     try:
-        {"start": _start, "stop": _stop, "status": _status, "memory": _memory, "demo": _demo}[args.command](args)
+        {"start": _start, "stop": _stop, "status": _status, "memory": _memory, "demo": _demo}[
+            args.command
+        ](args)
     except (ValueError, ConnectionError, RuntimeError) as exc:
         print(f"shoal {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -61,27 +67,37 @@ def _start(args: argparse.Namespace) -> None:
     from ._api import _default_store_memory, start_head_process
 
     if not args.head:
-        raise ValueError("joining another head comes with multi-node support; use `shoal start --head`")
+        raise ValueError(
+            "joining another head comes with multi-node support; use `shoal start --head`"
+        )
     try:
         resources = json.loads(args.resources)
     except json.JSONDecodeError as exc:
         raise ValueError(f"--resources is not valid JSON: {exc}") from None
-    if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in resources.values()):
+    if not isinstance(resources, dict) or not all(
+        isinstance(v, (int, float)) and v >= 0 for v in resources.values()
+    ):
         raise ValueError("--resources must be a JSON object of name to a number >= 0")
     num_cpus = args.num_cpus if args.num_cpus is not None else (os.cpu_count() or 1)
     if num_cpus < 0 or args.num_gpus < 0:
         raise ValueError("--num-cpus and --num-gpus must be >= 0")
     store = args.object_store_memory or _default_store_memory()
     proc, session = start_head_process(
-        num_cpus=num_cpus, num_gpus=args.num_gpus, resources=resources, object_store_memory=store,
-        embedded=False, port=args.port,
+        num_cpus=num_cpus,
+        num_gpus=args.num_gpus,
+        resources=resources,
+        object_store_memory=store,
+        embedded=False,
+        port=args.port,
     )
     info = session.head_info() or {}
     print(f"Started a Shoal head (pid {proc.pid}).")
     print(f"  address:   {info.get('tcp') or info.get('address')}")
     print(f"  key file:  {session.key_path}")
     print(f"  session:   {session.path}")
-    print("Connect from Python on this machine with shoal.init(address=\"auto\"); stop it with `shoal stop`.")
+    print(
+        'Connect from Python on this machine with shoal.init(address="auto"); stop it with `shoal stop`.'
+    )
 
 
 def _stop(args: argparse.Namespace) -> None:
@@ -109,10 +125,9 @@ def _stop(args: argparse.Namespace) -> None:
 
 
 def _status(args: argparse.Namespace) -> None:
+    import shoal
     from rich.console import Console
     from rich.table import Table
-
-    import shoal
 
     shoal.init(address=args.address, log_to_driver=False)
     try:
@@ -131,8 +146,11 @@ def _status(args: argparse.Namespace) -> None:
                 continue
             used = total - node["Available"].get(name, 0.0)
             table.add_row(
-                node["NodeID"][:12] if first else "", "yes" if node["Alive"] and first else "",
-                name, f"{used:g} / {total:g}", str(node.get("Workers", "")) if first else "",
+                node["NodeID"][:12] if first else "",
+                "yes" if node["Alive"] and first else "",
+                name,
+                f"{used:g} / {total:g}",
+                str(node.get("Workers", "")) if first else "",
                 _store_text(store) if first else "",
             )
             first = False
@@ -140,11 +158,10 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def _memory(args: argparse.Namespace) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     import shoal
     import shoal.state
+    from rich.console import Console
+    from rich.table import Table
 
     shoal.init(address=args.address, log_to_driver=False)
     try:
@@ -156,12 +173,18 @@ def _memory(args: argparse.Namespace) -> None:
         print(json.dumps({"objects": objects, "stats": stats}, indent=2))
         return
     console = Console()
-    table = Table(title=f"Object store: {_store_text(stats)}, {stats.get('spilled', 0) / 2**20:.1f} MiB spilled")
+    table = Table(
+        title=f"Object store: {_store_text(stats)}, {stats.get('spilled', 0) / 2**20:.1f} MiB spilled"
+    )
     for col in ("object id", "size", "place", "held by", "call site"):
         table.add_column(col)
     for rec in objects[: args.limit]:
-        holders = ", ".join(rec["holders"]) or (f"inside {rec['contained_in']} object(s)" if rec["contained_in"] else "")
-        table.add_row(rec["object_id"][:24], _size(rec["size"]), rec["place"], holders, rec["call_site"])
+        holders = ", ".join(rec["holders"]) or (
+            f"inside {rec['contained_in']} object(s)" if rec["contained_in"] else ""
+        )
+        table.add_row(
+            rec["object_id"][:24], _size(rec["size"]), rec["place"], holders, rec["call_site"]
+        )
     console.print(table)
     if len(objects) > args.limit:
         console.print(f"... and {len(objects) - args.limit} more (--limit)")

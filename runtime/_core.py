@@ -34,7 +34,13 @@ from ._ioloop import IOLoop
 from ._protocol import Message, MsgType, Signer
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize, serialize_error
 from ._transport import Connection
-from .exceptions import GetTimeoutError, ObjectLostError, ObjectStoreFullError, OwnerDiedError, ShoalError
+from .exceptions import (
+    GetTimeoutError,
+    ObjectLostError,
+    ObjectStoreFullError,
+    OwnerDiedError,
+    ShoalError,
+)
 
 log = logging.getLogger("shoal.core")
 
@@ -115,9 +121,19 @@ class CoreWorker:
         self.on_log: Callable[[Any], None] | None = None
 
         self.head = Connection(
-            self.ctx, self.signer, head_address,
-            {"role": role, "wid": self.worker_id, "pid": self.pid, "addr": worker_address, "ns": namespace},
-            self._on_head_message, self._on_refused, linger_ms=1000,
+            self.ctx,
+            self.signer,
+            head_address,
+            {
+                "role": role,
+                "wid": self.worker_id,
+                "pid": self.pid,
+                "addr": worker_address,
+                "ns": namespace,
+            },
+            self._on_head_message,
+            self._on_refused,
+            linger_ms=1000,
         )
         self._welcomed = threading.Event()
         self.loop.add_reader(self.head.sock, self._head_readable)
@@ -126,7 +142,9 @@ class CoreWorker:
         if head_pid is not None:
             try:
                 fd = os.pidfd_open(head_pid)
-                self.loop.add_reader(fd, lambda: self._lose_cluster("the cluster's head process exited"))
+                self.loop.add_reader(
+                    fd, lambda: self._lose_cluster("the cluster's head process exited")
+                )
                 self._head_pidfd: int | None = fd
             except OSError:
                 self._head_pidfd = None
@@ -137,7 +155,9 @@ class CoreWorker:
         self.thread.start()
         if not self._welcomed.wait(_config.START_TIMEOUT_SECONDS) or self.head.welcome is None:
             self.close()
-            raise ConnectionError(self.lost_reason or f"no answer from the cluster at {head_address}")
+            raise ConnectionError(
+                self.lost_reason or f"no answer from the cluster at {head_address}"
+            )
         welcome = self.head.welcome
         self.node_id: bytes = welcome["node"]
         self.job_id: int = int(welcome.get("job", 0))
@@ -195,7 +215,10 @@ class CoreWorker:
         return reply.msg
 
     def _wait_event(
-        self, event: threading.Event, timeout: float | None, each_slice: Callable[[], None] | None = None
+        self,
+        event: threading.Event,
+        timeout: float | None,
+        each_slice: Callable[[], None] | None = None,
     ) -> bool:
         # Waiting in short slices keeps Ctrl-C responsive in the main thread, and lets a
         # blocked worker hand back tasks that reach it while it waits.
@@ -396,7 +419,11 @@ class CoreWorker:
             if holder:
                 self._store_held.add(oid)
         sv = value[1] if kind == "v" else serialize_error(value[1])
-        self.head.send(Message(M.PUT_OBJECT, {"o": oid, "f": sv.flags, "c": sv.contained, "h": holder}, sv.frames()))
+        self.head.send(
+            Message(
+                M.PUT_OBJECT, {"o": oid, "f": sv.flags, "c": sv.contained, "h": holder}, sv.frames()
+            )
+        )
 
     def put_serialized(self, oid: bytes, sv: SerializedValue, call_site: str = "") -> Value:
         """User thread: record a new owned value (``put`` or an auto-put argument)."""
@@ -413,7 +440,9 @@ class CoreWorker:
             self.mark_escaped(sv.contained)
         return value
 
-    def store_large(self, oid: bytes, sv: SerializedValue, holder: bytes, call_site: str = "") -> str:
+    def store_large(
+        self, oid: bytes, sv: SerializedValue, holder: bytes, call_site: str = ""
+    ) -> str:
         """Write a value into the node's shared-memory store; returns the segment path."""
         size = _shm.layout_size(sv)
         reply = self.request(Message(M.CREATE_OBJECT, {"o": oid, "s": size, "cs": call_site}))
@@ -427,7 +456,9 @@ class CoreWorker:
             raise ObjectStoreFullError(
                 f"could not write an object of {size:,} bytes to shared memory: {exc}"
             ) from None
-        self.request(Message(M.SEAL_OBJECT, {"o": oid, "f": sv.flags, "c": sv.contained, "h": holder}))
+        self.request(
+            Message(M.SEAL_OBJECT, {"o": oid, "f": sv.flags, "c": sv.contained, "h": holder})
+        )
         return path
 
     def _on_objects(self, body: dict[str, Any], frames: Sequence[Any]) -> None:
@@ -464,7 +495,9 @@ class CoreWorker:
             self._waiters.setdefault(oid, []).append(on_value)
         self.post(self._fetch, [oid])
         if not self._wait_event(event, 60) or not box:
-            raise ObjectLostError(f"object {oid.hex()} is no longer at {stale_path} and the store did not say where it went")
+            raise ObjectLostError(
+                f"object {oid.hex()} is no longer at {stale_path} and the store did not say where it went"
+            )
         return box[0]
 
     def _fetch(self, oids: list[bytes]) -> None:
@@ -479,7 +512,9 @@ class CoreWorker:
     def lookup(self, oid: bytes) -> Value | None:
         return self._values.get(oid)
 
-    def wait_values(self, oids: Sequence[bytes], num: int, timeout: float | None) -> dict[bytes, Value]:
+    def wait_values(
+        self, oids: Sequence[bytes], num: int, timeout: float | None
+    ) -> dict[bytes, Value]:
         """Block until ``num`` of ``oids`` have values (or timeout); returns those known."""
         self.drain_releases()
         found: dict[bytes, Value] = {}
@@ -592,7 +627,9 @@ class CoreWorker:
         try:
             return serialize(value)
         except Exception as exc:
-            raise TypeError(f"could not serialize {what} of type {type(value).__name__}: {exc}") from exc
+            raise TypeError(
+                f"could not serialize {what} of type {type(value).__name__}: {exc}"
+            ) from exc
 
     def next_stream_item(self, task_id: bytes, index: int, timeout: float | None) -> Any:
         return self.tasks.next_stream_item(task_id, index, timeout)

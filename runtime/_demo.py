@@ -10,7 +10,9 @@ def run() -> None:
 
     t0 = time.perf_counter()
     shoal.init(num_cpus=2)
-    print(f"Started a local cluster in {time.perf_counter() - t0:.2f} s: {shoal.cluster_resources()}")
+    print(
+        f"Started a local cluster in {time.perf_counter() - t0:.2f} s: {shoal.cluster_resources()}"
+    )
 
     @shoal.remote
     def square(x: int) -> int:

@@ -30,9 +30,18 @@ from typing import Any
 import zmq
 
 from . import _actor_directory as ad
-from . import _config, _scheduler as sch
+from . import _config
+from . import _scheduler as sch
 from ._ioloop import IOLoop
-from ._object_store import LostObject, ObjectEntry, ObjectStore, RenameSegment, ReplyObjects, StoreFull, UnlinkSegment
+from ._object_store import (
+    LostObject,
+    ObjectEntry,
+    ObjectStore,
+    RenameSegment,
+    ReplyObjects,
+    StoreFull,
+    UnlinkSegment,
+)
 from ._protocol import Message, MsgType, ProtocolError, Signer
 from ._resources import as_floats, to_fixed
 from ._session import Session, clean_dead_sessions, remove_segments
@@ -47,7 +56,9 @@ M = MsgType
 class _Peer:
     __slots__ = ("addr", "ident", "job", "namespace", "pid", "pidfd", "role", "wid")
 
-    def __init__(self, ident: bytes, wid: bytes, role: str, pid: int, addr: str, namespace: str) -> None:
+    def __init__(
+        self, ident: bytes, wid: bytes, role: str, pid: int, addr: str, namespace: str
+    ) -> None:
         self.ident = ident
         self.wid = wid
         self.role = role
@@ -87,7 +98,10 @@ class Head:
         self.spill_dir = args.spill_dir or os.path.join(session.path, "spill")
         os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
         self.store = ObjectStore(
-            self.store_capacity, self._segment_path, self._is_alive, spill=_spill_file,
+            self.store_capacity,
+            self._segment_path,
+            self._is_alive,
+            spill=_spill_file,
             spill_path=lambda oid: os.path.join(self.spill_dir, f"shoal-{session.tag}-{oid.hex()}"),
             disk_free=lambda: free_bytes(self.spill_dir),
         )
@@ -116,10 +130,16 @@ class Head:
         return env
 
     def run(self) -> None:
-        self.session.write_head_info({
-            "pid": os.getpid(), "address": self.address, "tcp": self.tcp_address, "tag": self.session.tag,
-            "node_id": self.node_id.hex(), "started": self.started_at,
-        })
+        self.session.write_head_info(
+            {
+                "pid": os.getpid(),
+                "address": self.address,
+                "tcp": self.tcp_address,
+                "tag": self.session.tag,
+                "node_id": self.node_id.hex(),
+                "started": self.started_at,
+            }
+        )
         self._act_sched(self.scheduler.start())
         if self.args.parent_fd is not None:
             self.loop.add_reader(self.args.parent_fd, self._parent_gone)
@@ -172,12 +192,22 @@ class Head:
             raise ProtocolError("HELLO needs a role and an 8-byte worker id")
         if wid in self.by_wid:
             raise ProtocolError("a process with this worker id is already connected")
-        peer = _Peer(ident, wid, role, int(body.get("pid", 0)), str(body.get("addr", "")), str(body.get("ns", "")))
+        peer = _Peer(
+            ident,
+            wid,
+            role,
+            int(body.get("pid", 0)),
+            str(body.get("addr", "")),
+            str(body.get("ns", "")),
+        )
         self.peers[ident] = peer
         self.by_wid[wid] = peer
         welcome: dict[str, Any] = {
-            "node": self.node_id, "tag": self.session.tag, "session": self.session.path,
-            "head_pid": os.getpid(), "tcp": self.tcp_address,
+            "node": self.node_id,
+            "tag": self.session.tag,
+            "session": self.session.path,
+            "head_pid": os.getpid(),
+            "tcp": self.tcp_address,
         }
         if role == "driver":
             peer.job = self.next_job
@@ -190,7 +220,9 @@ class Head:
                 raise ProtocolError("unknown worker")
             # After the transport has accepted the peer, so that a grant made at once can
             # already send to it.
-            self.loop.call_soon(lambda: self._act_sched(self.scheduler.handle(sch.WorkerRegisteredEvent(wid))))
+            self.loop.call_soon(
+                lambda: self._act_sched(self.scheduler.handle(sch.WorkerRegisteredEvent(wid)))
+            )
         return welcome
 
     def _watch_pid(self, peer: _Peer) -> None:
@@ -214,7 +246,12 @@ class Head:
         self._act_store(self.store.process_gone(wid))
         self._act_actors(self.actors.owner_gone(wid))
         self._act_sched(self.scheduler.handle(sch.OwnerGoneEvent(wid)))
-        if self.args.parent_fd is None and self.args.exit_with_driver and peer and peer.role == "driver":
+        if (
+            self.args.parent_fd is None
+            and self.args.exit_with_driver
+            and peer
+            and peer.role == "driver"
+        ):
             self.shutdown()
 
     # -- worker processes --------------------------------------------------------------
@@ -225,8 +262,12 @@ class Head:
         with open(logpath, "ab") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "shoal._worker"],
-                env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent, close_fds=True,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+                close_fds=True,
             )
         self.procs[wid] = proc
         fd = os.pidfd_open(proc.pid)
@@ -239,7 +280,9 @@ class Head:
         self.loop.remove_reader(fd)
         os.close(fd)
         code = proc.wait()
-        reason = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        reason = (
+            f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        )
         self._process_gone(wid, reason)
         self._act_actors(self.actors.worker_exited(wid, reason))
         self._act_sched(self.scheduler.handle(sch.WorkerExitedEvent(wid, reason)))
@@ -261,13 +304,22 @@ class Head:
                     self._act_actors(self.actors.lease_granted(a.actor_id, a.worker_id))
                     continue
                 w = self.by_wid.get(a.worker_id)
-                ok = w is not None and self._send(a.owner, Message(M.LEASE_GRANTED, {
-                    "r": a.req_id, "w": a.worker_id, "a": w.addr, "p": w.pid, "g": a.gpu_ids}))
+                ok = w is not None and self._send(
+                    a.owner,
+                    Message(
+                        M.LEASE_GRANTED,
+                        {"r": a.req_id, "w": a.worker_id, "a": w.addr, "p": w.pid, "g": a.gpu_ids},
+                    ),
+                )
                 if not ok:
                     self._act_sched(self.scheduler.handle(sch.ReturnLeaseEvent(a.worker_id)))
             elif isinstance(a, sch.Reject):
                 if a.actor_id is not None:
-                    self._act_actors(self.actors.lease_rejected(a.actor_id, "it cannot be scheduled: " + a.reason))
+                    self._act_actors(
+                        self.actors.lease_rejected(
+                            a.actor_id, "it cannot be scheduled: " + a.reason
+                        )
+                    )
                 else:
                     self._send(a.owner, Message(M.LEASE_FAILED, {"r": a.req_id, "e": a.reason}))
             elif isinstance(a, sch.Revoke):
@@ -278,14 +330,15 @@ class Head:
                 self._start_worker(a.worker_id)
             elif isinstance(a, sch.KillWorker):
                 self._kill_worker(a.worker_id)
-            elif isinstance(a, sch.NotifyWorkerLost):
-                if a.actor_id is None:
-                    self._send(a.owner, Message(M.WORKER_DIED, {"w": a.worker_id, "e": a.reason}))
+            elif isinstance(a, sch.NotifyWorkerLost) and a.actor_id is None:
+                self._send(a.owner, Message(M.WORKER_DIED, {"w": a.worker_id, "e": a.reason}))
 
     def _act_actors(self, actions: list[ad.Action]) -> None:
         for a in actions:
             if isinstance(a, ad.RequestActorLease):
-                self._act_sched(self.scheduler.handle(sch.RequestLeaseEvent(b"", 0, a.resources, a.actor_id)))
+                self._act_sched(
+                    self.scheduler.handle(sch.RequestLeaseEvent(b"", 0, a.resources, a.actor_id))
+                )
             elif isinstance(a, ad.BecomeActor):
                 rec = a.record
                 body, frames = rec.creation
@@ -338,12 +391,16 @@ class Head:
         self._act_sched(self.scheduler.handle(sch.RequestLeaseEvent(peer.wid, int(body["r"]), res)))
 
     def _h_cancel_lease_request(self, peer: _Peer, body: Any, frames: Any) -> None:
-        self._act_sched(self.scheduler.handle(sch.CancelLeaseRequestEvent(peer.wid, int(body["r"]))))
+        self._act_sched(
+            self.scheduler.handle(sch.CancelLeaseRequestEvent(peer.wid, int(body["r"])))
+        )
 
     def _h_return_lease(self, peer: _Peer, body: Any, frames: Any) -> None:
         w = self.scheduler.worker(body["w"])
         if w is not None and w.owner == peer.wid:
-            self._act_sched(self.scheduler.handle(sch.ReturnLeaseEvent(body["w"], bool(body.get("kill")))))
+            self._act_sched(
+                self.scheduler.handle(sch.ReturnLeaseEvent(body["w"], bool(body.get("kill"))))
+            )
 
     def _h_blocked(self, peer: _Peer, body: Any, frames: Any) -> None:
         self._act_sched(self.scheduler.handle(sch.WorkerBlockedEvent(peer.wid)))
@@ -368,12 +425,21 @@ class Head:
         if name and body.get("gie"):
             existing = self.actors.lookup_name(name, ns)
             if existing is not None and existing.state != ad.DEAD:
-                self._send(peer.wid, Message(M.ACTOR_INFO, {"r": req, "info": existing.info(), "existing": True}))
+                self._send(
+                    peer.wid,
+                    Message(M.ACTOR_INFO, {"r": req, "info": existing.info(), "existing": True}),
+                )
                 return
         rec = ad.ActorRecord(
-            actor_id=body["aid"], owner=peer.wid, job_id=int(body.get("job", 0)), class_name=str(body["cls"]),
-            name=name, namespace=ns, detached=bool(body.get("detached")),
-            resources={str(k): int(v) for k, v in body["res"].items()}, meta=body["meta"],
+            actor_id=body["aid"],
+            owner=peer.wid,
+            job_id=int(body.get("job", 0)),
+            class_name=str(body["cls"]),
+            name=name,
+            namespace=ns,
+            detached=bool(body.get("detached")),
+            resources={str(k): int(v) for k, v in body["res"].items()},
+            meta=body["meta"],
             creation=(body, list(frames)),
         )
         try:
@@ -398,7 +464,11 @@ class Head:
     def _h_subscribe_actor(self, peer: _Peer, body: Any, frames: Any) -> None:
         rec = self.actors.subscribe(peer.wid, body["aid"])
         if rec is None:
-            info = {"aid": body["aid"], "state": ad.DEAD, "reason": "no such actor (it may belong to a cluster that is gone)"}
+            info = {
+                "aid": body["aid"],
+                "state": ad.DEAD,
+                "reason": "no such actor (it may belong to a cluster that is gone)",
+            }
             self._send(peer.wid, Message(M.ACTOR_UPDATE, info))
         else:
             self._send(peer.wid, Message(M.ACTOR_UPDATE, rec.info(), rec.death_error or ()))
@@ -418,11 +488,17 @@ class Head:
 
     def _h_put_object(self, peer: _Peer, body: Any, frames: Any) -> None:
         holder = peer.wid if body.get("h") else None
-        self._act_store(self.store.put_inline(body["o"], int(body["f"]), list(frames), list(body.get("c") or ()), holder))
+        self._act_store(
+            self.store.put_inline(
+                body["o"], int(body["f"]), list(frames), list(body.get("c") or ()), holder
+            )
+        )
 
     def _h_create_object(self, peer: _Peer, body: Any, frames: Any) -> None:
         try:
-            path, actions = self.store.reserve(body["o"], int(body["s"]), str(body.get("cs") or ""), peer.wid)
+            path, actions = self.store.reserve(
+                body["o"], int(body["s"]), str(body.get("cs") or ""), peer.wid
+            )
         except StoreFull as exc:
             self._act_store(exc.actions)
             self._send(peer.wid, Message(M.OBJECT_CREATED, {"r": body["r"], "e": str(exc)}))
@@ -435,7 +511,10 @@ class Head:
         records = self.store.listing()
         for rec in records:
             rec["holders"] = [roles.get(h, h) for h in rec["holders"]]
-        self._send(peer.wid, Message(M.REPLY, {"r": body["r"], "objects": records, "stats": self.store.stats()}))
+        self._send(
+            peer.wid,
+            Message(M.REPLY, {"r": body["r"], "objects": records, "stats": self.store.stats()}),
+        )
 
     def _h_seal_object(self, peer: _Peer, body: Any, frames: Any) -> None:
         oid = body["o"]
@@ -451,16 +530,23 @@ class Head:
         self._act_store(self.store.get(peer.wid, int(body["r"]), list(body["o"])))
 
     def _h_ref_updates(self, peer: _Peer, body: Any, frames: Any) -> None:
-        self._act_store(self.store.update_refs(peer.wid, list(body.get("a") or ()), list(body.get("d") or ())))
+        self._act_store(
+            self.store.update_refs(peer.wid, list(body.get("a") or ()), list(body.get("d") or ()))
+        )
         if body.get("r") is not None:
             self._send(peer.wid, Message(M.FLUSHED, {"r": body["r"]}))
 
     def _h_cluster_info(self, peer: _Peer, body: Any, frames: Any) -> None:
         s = self.scheduler
         node = {
-            "NodeID": self.node_id.hex(), "Alive": True, "NodeManagerAddress": "127.0.0.1",
-            "Resources": as_floats(s.total), "Available": as_floats(s.available),
-            "Workers": len(s.workers), "ObjectStore": self.store.stats(), "Address": self.address,
+            "NodeID": self.node_id.hex(),
+            "Alive": True,
+            "NodeManagerAddress": "127.0.0.1",
+            "Resources": as_floats(s.total),
+            "Available": as_floats(s.available),
+            "Workers": len(s.workers),
+            "ObjectStore": self.store.stats(),
+            "Address": self.address,
         }
         self._send(peer.wid, Message(M.CLUSTER_INFO_REPLY, {"r": body["r"], "nodes": [node]}))
 
@@ -553,7 +639,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exit-with-driver", action="store_true")
     parser.add_argument("--spill-dir", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING").upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING").upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     clean_dead_sessions()
     head = Head(Session(args.session, args.tag), args)
     head.run()

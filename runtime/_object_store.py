@@ -58,8 +58,20 @@ class LostObject:
 
 class ObjectEntry:
     __slots__ = (
-        "call_site", "containers", "contained", "flags", "frames", "holders", "last_access", "oid", "path",
-        "sealed", "size", "spilled", "waiters", "writer",
+        "call_site",
+        "containers",
+        "contained",
+        "flags",
+        "frames",
+        "holders",
+        "last_access",
+        "oid",
+        "path",
+        "sealed",
+        "size",
+        "spilled",
+        "waiters",
+        "writer",
     )
 
     def __init__(self, oid: bytes) -> None:
@@ -130,7 +142,14 @@ class ObjectStore:
         self.recycle = False
 
     # -- writes ------------------------------------------------------------------------
-    def put_inline(self, oid: bytes, flags: int, frames: list[Any], contained: list[bytes], holder: bytes | None) -> list[Action]:
+    def put_inline(
+        self,
+        oid: bytes,
+        flags: int,
+        frames: list[Any],
+        contained: list[bytes],
+        holder: bytes | None,
+    ) -> list[Action]:
         entry = self._entry(oid)
         if entry.sealed:
             return []  # a second put of the same value (a retried promotion) changes nothing
@@ -138,7 +157,9 @@ class ObjectStore:
         entry.size = sum(memoryview(f).nbytes for f in frames)
         return self._seal(entry, flags, contained, holder)
 
-    def reserve(self, oid: bytes, size: int, call_site: str = "", writer: bytes | None = None) -> tuple[str, list[Action]]:
+    def reserve(
+        self, oid: bytes, size: int, call_site: str = "", writer: bytes | None = None
+    ) -> tuple[str, list[Action]]:
         """Room for a new object of ``size`` bytes: returns the file to write, and actions.
 
         Past the spill threshold, the least recently used sealed objects move to the spill
@@ -249,13 +270,17 @@ class ObjectStore:
         self._maybe_free(entry, actions)
         return actions
 
-    def seal(self, oid: bytes, flags: int, contained: list[bytes], holder: bytes | None) -> list[Action]:
+    def seal(
+        self, oid: bytes, flags: int, contained: list[bytes], holder: bytes | None
+    ) -> list[Action]:
         entry = self.objects.get(oid)
         if entry is None or entry.path is None or entry.sealed:
             return []
         return self._seal(entry, flags, contained, holder)
 
-    def _seal(self, entry: ObjectEntry, flags: int, contained: list[bytes], holder: bytes | None) -> list[Action]:
+    def _seal(
+        self, entry: ObjectEntry, flags: int, contained: list[bytes], holder: bytes | None
+    ) -> list[Action]:
         entry.sealed = True
         entry.flags = flags
         entry.contained = list(contained)
@@ -281,7 +306,14 @@ class ObjectStore:
                 continue
             owner = owner_of(oid)
             if not self.is_alive(owner):
-                ready.append((oid, LostObject("owner_died", f"the owner {owner.hex()} of object {oid.hex()} died")))
+                ready.append(
+                    (
+                        oid,
+                        LostObject(
+                            "owner_died", f"the owner {owner.hex()} of object {oid.hex()} died"
+                        ),
+                    )
+                )
                 continue
             self._entry(oid).waiters.append((process, req_id))
         return [ReplyObjects(process, req_id, ready)] if ready else []
@@ -309,7 +341,9 @@ class ObjectStore:
                 entry.waiters = [w for w in entry.waiters if w[0] != process]
             entry.holders.discard(process)
             if not entry.sealed and owner_of(entry.oid) == process and entry.waiters:
-                lost = LostObject("owner_died", f"the owner {process.hex()} of object {entry.oid.hex()} died")
+                lost = LostObject(
+                    "owner_died", f"the owner {process.hex()} of object {entry.oid.hex()} died"
+                )
                 for waiter, req_id in entry.waiters:
                     actions.append(ReplyObjects(waiter, req_id, [(entry.oid, lost)]))
                 entry.waiters = []
@@ -335,8 +369,11 @@ class ObjectStore:
             if self.objects.pop(e.oid, None) is None:
                 continue
             if e.path is not None:
-                if self.recycle and not e.spilled and e.size >= POOL_MIN_SIZE and (
-                    sum(item[0] for item in self.pool) + e.size <= self.pool_max
+                if (
+                    self.recycle
+                    and not e.spilled
+                    and e.size >= POOL_MIN_SIZE
+                    and (sum(item[0] for item in self.pool) + e.size <= self.pool_max)
                 ):
                     self._pool_names += 1
                     pool_path = self.segment_path(b"pool" + self._pool_names.to_bytes(8, "big"))
@@ -359,8 +396,10 @@ class ObjectStore:
 
     def stats(self) -> dict[str, int]:
         return {
-            "objects": sum(1 for e in self.objects.values() if e.sealed), "used": self.used,
-            "capacity": self.capacity, "spilled": self.spilled_bytes,
+            "objects": sum(1 for e in self.objects.values() if e.sealed),
+            "used": self.used,
+            "capacity": self.capacity,
+            "spilled": self.spilled_bytes,
             "pooled": sum(item[0] for item in self.pool),
         }
 
@@ -370,9 +409,18 @@ class ObjectStore:
         for e in self.objects.values():
             if not e.sealed:
                 continue
-            place = "inline" if e.frames is not None else ("spilled" if e.spilled else "shared_memory")
-            out.append({
-                "object_id": e.oid.hex(), "size": e.size, "place": place, "holders": sorted(h.hex() for h in e.holders),
-                "contained_in": e.containers, "owner": owner_of(e.oid).hex(), "call_site": e.call_site,
-            })
+            place = (
+                "inline" if e.frames is not None else ("spilled" if e.spilled else "shared_memory")
+            )
+            out.append(
+                {
+                    "object_id": e.oid.hex(),
+                    "size": e.size,
+                    "place": place,
+                    "holders": sorted(h.hex() for h in e.holders),
+                    "contained_in": e.containers,
+                    "owner": owner_of(e.oid).hex(),
+                    "call_site": e.call_site,
+                }
+            )
         return out

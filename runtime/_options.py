@@ -11,21 +11,45 @@ from typing import Any
 from . import _resources
 
 _COMMON = {
-    "num_cpus", "num_gpus", "memory", "resources", "runtime_env", "scheduling_strategy", "name",
-    "accelerator_type", "label_selector", "_metadata", "enable_task_events",
+    "num_cpus",
+    "num_gpus",
+    "memory",
+    "resources",
+    "runtime_env",
+    "scheduling_strategy",
+    "name",
+    "accelerator_type",
+    "label_selector",
+    "_metadata",
+    "enable_task_events",
 }
 TASK_OPTIONS = _COMMON | {"num_returns", "max_retries", "retry_exceptions", "max_calls"}
 ACTOR_OPTIONS = _COMMON | {
-    "namespace", "get_if_exists", "lifetime", "max_concurrency", "max_restarts", "max_task_retries",
-    "max_pending_calls", "concurrency_groups", "object_store_memory",
+    "namespace",
+    "get_if_exists",
+    "lifetime",
+    "max_concurrency",
+    "max_restarts",
+    "max_task_retries",
+    "max_pending_calls",
+    "concurrency_groups",
+    "object_store_memory",
 }
-METHOD_OPTIONS = {"num_returns", "name", "concurrency_group", "max_task_retries", "retry_exceptions"}
+METHOD_OPTIONS = {
+    "num_returns",
+    "name",
+    "concurrency_group",
+    "max_task_retries",
+    "retry_exceptions",
+}
 
 
 def validate(options: dict[str, Any], allowed: set[str], what: str) -> dict[str, Any]:
     for key in options:
         if key not in allowed:
-            raise TypeError(f"{what} got an unknown option {key!r}; valid options are: {', '.join(sorted(allowed))}")
+            raise TypeError(
+                f"{what} got an unknown option {key!r}; valid options are: {', '.join(sorted(allowed))}"
+            )
     if "num_returns" in options:
         nr = options["num_returns"]
         if nr != "streaming" and (isinstance(nr, bool) or not isinstance(nr, int) or nr < 0):
@@ -38,24 +62,37 @@ def validate(options: dict[str, Any], allowed: set[str], what: str) -> dict[str,
     if "retry_exceptions" in options:
         re = options["retry_exceptions"]
         if not isinstance(re, bool) and not (
-            isinstance(re, (list, tuple)) and all(isinstance(t, type) and issubclass(t, BaseException) for t in re)
+            isinstance(re, (list, tuple))
+            and all(isinstance(t, type) and issubclass(t, BaseException) for t in re)
         ):
-            raise TypeError(f"retry_exceptions must be a bool or a list of exception classes, got {re!r}")
+            raise TypeError(
+                f"retry_exceptions must be a bool or a list of exception classes, got {re!r}"
+            )
     if "max_concurrency" in options:
         mc = options["max_concurrency"]
         if isinstance(mc, bool) or not isinstance(mc, int) or mc < 1:
             raise ValueError(f"max_concurrency must be an int >= 1, got {mc!r}")
     if "lifetime" in options and options["lifetime"] not in (None, "detached", "non_detached"):
-        raise ValueError(f"lifetime must be None, 'detached' or 'non_detached', got {options['lifetime']!r}")
-    if "resources" in options and options["resources"] is not None and not isinstance(options["resources"], dict):
-        raise TypeError(f"resources must be a dict of name to amount, got {type(options['resources']).__name__}")
+        raise ValueError(
+            f"lifetime must be None, 'detached' or 'non_detached', got {options['lifetime']!r}"
+        )
+    if (
+        "resources" in options
+        and options["resources"] is not None
+        and not isinstance(options["resources"], dict)
+    ):
+        raise TypeError(
+            f"resources must be a dict of name to amount, got {type(options['resources']).__name__}"
+        )
     if options.get("name") is not None and not isinstance(options["name"], str):
         raise TypeError(f"name must be a string, got {type(options['name']).__name__}")
     if options.get("namespace") is not None and not isinstance(options["namespace"], str):
         raise TypeError(f"namespace must be a string, got {type(options['namespace']).__name__}")
     strategy = options.get("scheduling_strategy")
     if strategy is not None and isinstance(strategy, str) and strategy not in ("DEFAULT", "SPREAD"):
-        raise ValueError(f"scheduling_strategy must be 'DEFAULT', 'SPREAD' or a strategy object, got {strategy!r}")
+        raise ValueError(
+            f"scheduling_strategy must be 'DEFAULT', 'SPREAD' or a strategy object, got {strategy!r}"
+        )
     # Resources are checked now too, so errors point at the decorator.
     resource_request(options, default_cpus=1)
     return options
@@ -63,6 +100,9 @@ def validate(options: dict[str, Any], allowed: set[str], what: str) -> dict[str,
 
 def resource_request(options: dict[str, Any], default_cpus: float) -> dict[str, int]:
     return _resources.request(
-        options.get("num_cpus"), options.get("num_gpus"), options.get("memory"), options.get("resources"),
+        options.get("num_cpus"),
+        options.get("num_gpus"),
+        options.get("memory"),
+        options.get("resources"),
         default_cpus,
     )

@@ -26,7 +26,9 @@ class ObjectRef:
 
     __slots__ = ("__weakref__", "_core", "_id")
 
-    def __init__(self, object_id: bytes, core: CoreWorker | None = None, _counted: bool = False) -> None:
+    def __init__(
+        self, object_id: bytes, core: CoreWorker | None = None, _counted: bool = False
+    ) -> None:
         self._id = object_id
         self._core = core or _worker_context.core()
         if not _counted:

@@ -12,7 +12,9 @@ from ._serialization import pickle_definition
 from ._task_submitter import STREAMING, TaskSpec
 
 
-def encode_call_args(core: Any, spec: TaskSpec, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], what: str) -> None:
+def encode_call_args(
+    core: Any, spec: TaskSpec, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], what: str
+) -> None:
     """Serialize the arguments of a call into ``spec`` (user thread).
 
     Top-level ObjectRefs become dependencies (the callee receives their values); large
@@ -29,7 +31,9 @@ def encode_call_args(core: Any, spec: TaskSpec, fn: Any, args: tuple[Any, ...], 
         try:
             sv = core.serialize_arg(value, "")
         except TypeError as exc:
-            raise TypeError(f"could not serialize {_arg_name(fn, i, len(args), spec.kwnames)} of {what}: {exc.__cause__ or exc}") from exc
+            raise TypeError(
+                f"could not serialize {_arg_name(fn, i, len(args), spec.kwnames)} of {what}: {exc.__cause__ or exc}"
+            ) from exc
         if sv.contained:
             spec.pins.extend(ObjectRef(oid, core) for oid in sv.contained)
             core.mark_escaped(sv.contained)
@@ -49,8 +53,11 @@ def _arg_name(fn: Any, index: int, npos: int, kwnames: list[str]) -> str:
     import inspect
 
     try:
-        params = [p.name for p in inspect.signature(fn).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
         if index < len(params):
             return f"argument {params[index]!r} (position {index})"
     except (TypeError, ValueError):
@@ -87,7 +94,9 @@ class RemoteFunction:
 
     def __init__(self, fn: Any, options: dict[str, Any], _pickled: list[Any] | None = None) -> None:
         if _is_async(fn):
-            raise TypeError(f"{fn.__qualname__} is an async function; tasks must be plain functions (use an async actor)")
+            raise TypeError(
+                f"{fn.__qualname__} is an async function; tasks must be plain functions (use an async actor)"
+            )
         self._function = fn
         self._options = validate(dict(options), TASK_OPTIONS, f"@remote on {fn.__qualname__}")
         self._pickled = _pickled if _pickled is not None else [None]  # shared by .options() copies
@@ -115,7 +124,9 @@ class RemoteFunction:
             try:
                 pickled = pickle_definition(self._function)
             except Exception as exc:
-                raise TypeError(f"could not serialize the function {self.__qualname__}: {exc}") from exc
+                raise TypeError(
+                    f"could not serialize the function {self.__qualname__}: {exc}"
+                ) from exc
             self._pickled[0] = pickled
         return pickled  # type: ignore[no-any-return]
 

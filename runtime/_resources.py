@@ -32,8 +32,11 @@ def request(
 ) -> Resources:
     """Validate a task's or actor's resource options and return them in fixed point."""
     out: Resources = {}
-    for name, value in (("num_cpus", num_cpus if num_cpus is not None else default_cpus),
-                        ("num_gpus", num_gpus or 0), ("memory", memory or 0)):
+    for name, value in (
+        ("num_cpus", num_cpus if num_cpus is not None else default_cpus),
+        ("num_gpus", num_gpus or 0),
+        ("memory", memory or 0),
+    ):
         _check_amount(name, value)
     cpus = num_cpus if num_cpus is not None else default_cpus
     if cpus:
@@ -48,7 +51,9 @@ def request(
         if not isinstance(name, str) or not name:
             raise ValueError(f"resource names must be non-empty strings, got {name!r}")
         if name in ("CPU", "GPU", "memory"):
-            raise ValueError(f"use num_cpus, num_gpus or memory instead of resources={{{name!r}: ...}}")
+            raise ValueError(
+                f"use num_cpus, num_gpus or memory instead of resources={{{name!r}: ...}}"
+            )
         _check_amount(f"resources[{name!r}]", value)
         if value:
             out[name] = to_fixed(value)
@@ -82,7 +87,9 @@ def add(available: Resources, amount: Resources) -> None:
 def as_floats(res: Resources) -> dict[str, float]:
     out = {}
     for name, value in res.items():
-        out[name] = float(value // UNIT) if name in ("memory", "object_store_memory") else to_float(value)
+        out[name] = (
+            float(value // UNIT) if name in ("memory", "object_store_memory") else to_float(value)
+        )
     return out
 
 

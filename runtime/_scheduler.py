@@ -78,8 +78,15 @@ class TickEvent:
 
 
 Event = (
-    RequestLeaseEvent | CancelLeaseRequestEvent | ReturnLeaseEvent | WorkerRegisteredEvent
-    | WorkerExitedEvent | WorkerBlockedEvent | WorkerUnblockedEvent | OwnerGoneEvent | TickEvent
+    RequestLeaseEvent
+    | CancelLeaseRequestEvent
+    | ReturnLeaseEvent
+    | WorkerRegisteredEvent
+    | WorkerExitedEvent
+    | WorkerBlockedEvent
+    | WorkerUnblockedEvent
+    | OwnerGoneEvent
+    | TickEvent
 )
 
 
@@ -179,7 +186,9 @@ class NodeScheduler:
         return sum(1 for w in self.workers.values() if w.state == state)
 
     def leased_to(self, owner: bytes) -> list[bytes]:
-        return [w.worker_id for w in self.workers.values() if w.state == "leased" and w.owner == owner]
+        return [
+            w.worker_id for w in self.workers.values() if w.state == "leased" and w.owner == owner
+        ]
 
     def worker(self, worker_id: bytes) -> _Worker | None:
         return self.workers.get(worker_id)
@@ -195,11 +204,17 @@ class NodeScheduler:
             if not fits(self.total, event.resources) or (
                 event.resources.get("GPU", 0) and self.gpus_infeasible(event.resources["GPU"])
             ):
-                actions.append(Reject(event.owner, event.req_id, self._infeasible(event.resources), event.actor_id))
+                actions.append(
+                    Reject(
+                        event.owner, event.req_id, self._infeasible(event.resources), event.actor_id
+                    )
+                )
                 return actions
             self.pending.append(event)
         elif isinstance(event, CancelLeaseRequestEvent):
-            self.pending = [r for r in self.pending if not (r.owner == event.owner and r.req_id == event.req_id)]
+            self.pending = [
+                r for r in self.pending if not (r.owner == event.owner and r.req_id == event.req_id)
+            ]
         elif isinstance(event, ReturnLeaseEvent):
             w = self.workers.get(event.worker_id)
             if w is not None and w.state == "leased":
@@ -259,7 +274,14 @@ class NodeScheduler:
         add(self.available, res)
         if w.gpu_ids:
             self.gpus.release(w.gpu_ids, w.resources.get("GPU", 0))
-        w.state, w.owner, w.req_id, w.resources, w.gpu_ids, w.blocked = "idle", b"", 0, {}, [], False
+        w.state, w.owner, w.req_id, w.resources, w.gpu_ids, w.blocked = (
+            "idle",
+            b"",
+            0,
+            {},
+            [],
+            False,
+        )
         w.revoked = False
         w.idle_since = self.clock()
 
@@ -316,7 +338,9 @@ class NodeScheduler:
     def _reap_idle(self) -> list[Action]:
         actions: list[Action] = []
         now = self.clock()
-        idle = sorted((w for w in self.workers.values() if w.state == "idle"), key=lambda w: w.idle_since)
+        idle = sorted(
+            (w for w in self.workers.values() if w.state == "idle"), key=lambda w: w.idle_since
+        )
         excess = len([w for w in self.workers.values() if w.actor_id is None]) - self.pool_size
         for w in idle:
             if excess <= 0:

@@ -32,7 +32,9 @@ class SerializedValue:
 
     __slots__ = ("buffers", "contained", "data", "flags")
 
-    def __init__(self, data: bytes, buffers: list[Any], contained: list[bytes], flags: int = 0) -> None:
+    def __init__(
+        self, data: bytes, buffers: list[Any], contained: list[bytes], flags: int = 0
+    ) -> None:
         self.data = data
         self.buffers = buffers
         self.contained = contained
@@ -138,7 +140,9 @@ def check_picklable(value: Any, what: str) -> SerializedValue:
     try:
         return serialize(value)
     except Exception as exc:
-        raise TypeError(f"could not serialize {what} of type {type(value).__name__}: {exc}") from exc
+        raise TypeError(
+            f"could not serialize {what} of type {type(value).__name__}: {exc}"
+        ) from exc
 
 
 def dumps_inline(value: Any) -> bytes:

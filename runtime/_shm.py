@@ -20,7 +20,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from typing import Any
 
 from ._serialization import SerializedValue
 
@@ -120,5 +119,3 @@ def unlink(path: str) -> None:
 def free_bytes(directory: str) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
-
-

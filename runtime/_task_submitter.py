@@ -19,14 +19,17 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import zmq
-
 from . import _config, _worker_context
 from ._ids import return_id
 from ._protocol import Message, MsgType
 from ._serialization import SerializedValue
 from ._transport import Connection
-from .exceptions import GetTimeoutError, TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
+from .exceptions import (
+    GetTimeoutError,
+    TaskCancelledError,
+    TaskUnschedulableError,
+    WorkerCrashedError,
+)
 
 if TYPE_CHECKING:
     from ._core import CoreWorker, Value
@@ -52,9 +55,27 @@ class TaskSpec:
     """Everything needed to run (and re-run) one task or actor call."""
 
     __slots__ = (
-        "actor_id", "args", "attempts", "cancelled", "deps", "fn_bytes", "fn_hash", "job", "key",
-        "kwnames", "max_retries", "method", "name", "num_returns", "parent", "pins", "resources",
-        "retry_exceptions", "return_ids", "task_id", "worker",
+        "actor_id",
+        "args",
+        "attempts",
+        "cancelled",
+        "deps",
+        "fn_bytes",
+        "fn_hash",
+        "job",
+        "key",
+        "kwnames",
+        "max_retries",
+        "method",
+        "name",
+        "num_returns",
+        "parent",
+        "pins",
+        "resources",
+        "retry_exceptions",
+        "return_ids",
+        "task_id",
+        "worker",
     )
 
     def __init__(self) -> None:
@@ -114,9 +135,21 @@ class _WorkerConn:
 
 
 class _Lease:
-    __slots__ = ("bounced", "conn", "gpu_ids", "idle_timer", "in_flight", "key", "pid", "revoked", "worker_id")
+    __slots__ = (
+        "bounced",
+        "conn",
+        "gpu_ids",
+        "idle_timer",
+        "in_flight",
+        "key",
+        "pid",
+        "revoked",
+        "worker_id",
+    )
 
-    def __init__(self, worker_id: bytes, conn: _WorkerConn, gpu_ids: list[int], key: _Key, pid: int) -> None:
+    def __init__(
+        self, worker_id: bytes, conn: _WorkerConn, gpu_ids: list[int], key: _Key, pid: int
+    ) -> None:
         self.worker_id = worker_id
         self.conn = conn
         self.gpu_ids = gpu_ids
@@ -185,7 +218,11 @@ class TaskSubmitter:
             return None
         with stream.cond:
             ok = stream.cond.wait_for(
-                lambda: index in stream.items or (stream.done is not None and index >= stream.done) or self.core.closed,
+                lambda: (
+                    index in stream.items
+                    or (stream.done is not None and index >= stream.done)
+                    or self.core.closed
+                ),
                 timeout,
             )
             if not ok:
@@ -220,7 +257,9 @@ class TaskSubmitter:
                 ctx.inline_depth -= 1
             self.core.post(self._on_inline_done, spec, reply)
 
-    def _steal(self, oids: Sequence[bytes], limit: dict[str, int], box: list[Any], done: threading.Event) -> None:
+    def _steal(
+        self, oids: Sequence[bytes], limit: dict[str, int], box: list[Any], done: threading.Event
+    ) -> None:
         try:
             for oid in oids:
                 spec = self.queued.get(oid[:16])
@@ -237,8 +276,15 @@ class TaskSubmitter:
                 self.running[spec.task_id] = (spec, INLINE)
                 frames: list[Any] = [spec.fn_bytes]
                 body: dict[str, Any] = {
-                    "t": spec.task_id, "f": spec.fn_hash, "fb": 1, "n": spec.name, "nr": spec.num_returns,
-                    "j": spec.job, "kw": spec.kwnames, "g": _worker_context.current_gpu_ids(), "res": spec.resources,
+                    "t": spec.task_id,
+                    "f": spec.fn_hash,
+                    "fb": 1,
+                    "n": spec.name,
+                    "nr": spec.num_returns,
+                    "j": spec.job,
+                    "kw": spec.kwnames,
+                    "g": _worker_context.current_gpu_ids(),
+                    "res": spec.resources,
                 }
                 body["a"] = encode_args(self.core, spec, frames)
                 box.append((spec, body, frames))
@@ -260,8 +306,11 @@ class TaskSubmitter:
 
     def _when_deps_ready(self, spec: TaskSpec, then: Any) -> None:
         core = self.core
-        pending = [ref.binary() for ref in spec.deps
-                   if ref.binary()[:8] == core.worker_id and core.lookup(ref.binary()) is None]
+        pending = [
+            ref.binary()
+            for ref in spec.deps
+            if ref.binary()[:8] == core.worker_id and core.lookup(ref.binary()) is None
+        ]
         if not pending:
             then()
             return
@@ -287,7 +336,11 @@ class TaskSubmitter:
             value = self.core.lookup(ref.binary())
             if value is None:
                 continue
-            if value[0] == "x" or (value[0] == "v" and value[1].is_error) or (value[0] == "s" and value[2] & 1):
+            if (
+                value[0] == "x"
+                or (value[0] == "v" and value[1].is_error)
+                or (value[0] == "s" and value[2] & 1)
+            ):
                 return value
         return None
 
@@ -335,7 +388,9 @@ class TaskSubmitter:
                 if lease.revoked:
                     self._return_if_idle(lease)
                 elif lease.idle_timer is None:
-                    lease.idle_timer = self.core.loop.call_later(_config.IDLE_LEASE_SECONDS, self._return_if_idle, lease)
+                    lease.idle_timer = self.core.loop.call_later(
+                        _config.IDLE_LEASE_SECONDS, self._return_if_idle, lease
+                    )
 
     def _push(self, spec: TaskSpec, lease: _Lease) -> None:
         if lease.idle_timer is not None:
@@ -348,8 +403,14 @@ class TaskSubmitter:
         self.running[spec.task_id] = (spec, lease)
         frames: list[Any] = []
         body: dict[str, Any] = {
-            "t": spec.task_id, "f": spec.fn_hash, "n": spec.name, "nr": spec.num_returns, "j": spec.job,
-            "kw": spec.kwnames, "g": lease.gpu_ids, "res": spec.resources,
+            "t": spec.task_id,
+            "f": spec.fn_hash,
+            "n": spec.name,
+            "nr": spec.num_returns,
+            "j": spec.job,
+            "kw": spec.kwnames,
+            "g": lease.gpu_ids,
+            "res": spec.resources,
         }
         if spec.fn_hash not in lease.conn.fns:
             lease.conn.fns.add(spec.fn_hash)
@@ -362,7 +423,9 @@ class TaskSubmitter:
         wc = self.conns.get(address)
         if wc is None:
             conn = Connection(
-                self.core.ctx, self.core.signer, address,
+                self.core.ctx,
+                self.core.signer,
+                address,
                 {"role": self.core.role, "wid": self.core.worker_id, "pid": self.core.pid},
                 self.on_worker_message,
             )
@@ -409,7 +472,9 @@ class TaskSubmitter:
                 return
             key.requests -= 1
             key.queued_at_head.discard(body["r"])
-            lease = _Lease(body["w"], self.connection(body["a"]), list(body["g"]), key, int(body["p"]))
+            lease = _Lease(
+                body["w"], self.connection(body["a"]), list(body["g"]), key, int(body["p"])
+            )
             self.leases[lease.worker_id] = lease
             key.leases[lease.worker_id] = lease
             self._pump(key)
@@ -437,7 +502,11 @@ class TaskSubmitter:
         for spec in specs:
             self.running.pop(spec.task_id, None)
             if spec.cancelled:
-                self._finish(spec, [("x", TaskCancelledError(f"task {spec.name} was cancelled"))] * max(1, len(spec.return_ids)))
+                self._finish(
+                    spec,
+                    [("x", TaskCancelledError(f"task {spec.name} was cancelled"))]
+                    * max(1, len(spec.return_ids)),
+                )
             elif spec.attempts <= spec.max_retries or spec.max_retries < 0:
                 self.queued[spec.task_id] = spec
                 lease.key.queue.appendleft(spec)
@@ -589,7 +658,11 @@ class TaskSubmitter:
                     key.queue.remove(spec)
                 except ValueError:
                     pass
-            self._finish(spec, [("x", TaskCancelledError(f"task {spec.name} was cancelled"))] * max(1, len(spec.return_ids)))
+            self._finish(
+                spec,
+                [("x", TaskCancelledError(f"task {spec.name} was cancelled"))]
+                * max(1, len(spec.return_ids)),
+            )
             return
         entry = self.running.get(task_id)
         if entry is None:
@@ -598,7 +671,12 @@ class TaskSubmitter:
         if lease is None or lease is INLINE:
             return  # actor calls, and children run inline by this very worker, go on
         spec.cancelled = True
-        self.core.head.send(Message(M.CANCEL_TASK, {"w": lease.worker_id, "t": task_id, "force": force, "rec": recursive}))
+        self.core.head.send(
+            Message(
+                M.CANCEL_TASK,
+                {"w": lease.worker_id, "t": task_id, "force": force, "rec": recursive},
+            )
+        )
 
     def cancel_children(self, parent: bytes) -> None:
         for child in list(self.children.get(parent, ())):
@@ -614,7 +692,3 @@ class TaskSubmitter:
                 if stream.done is None:
                     stream.done = len(stream.items)
                 stream.cond.notify_all()
-
-
-def _unused(_: Any) -> None:  # pragma: no cover
-    zmq.Again

@@ -40,7 +40,9 @@ def check_versions(body: dict[str, Any]) -> None:
     for field, name in names.items():
         theirs = body.get(field)
         if theirs != mine[field]:
-            raise ProtocolError(f"{name} version mismatch: peer has {theirs}, this side has {mine[field]}")
+            raise ProtocolError(
+                f"{name} version mismatch: peer has {theirs}, this side has {mine[field]}"
+            )
 
 
 class RateLimitedLog:
@@ -128,7 +130,9 @@ class Listener:
     ``on_message(peer, msg)`` gets every later verified message of an accepted peer.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], signer: Signer, on_hello: OnHello, on_message: OnMessage) -> None:
+    def __init__(
+        self, ctx: zmq.Context[Any], signer: Signer, on_hello: OnHello, on_message: OnMessage
+    ) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
         configure_socket(self.sock)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)

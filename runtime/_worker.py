@@ -60,8 +60,12 @@ class WorkerProcess:
         self.address = self.listener.bind(f"ipc://{session}/w-{self.worker_id.hex()}.sock")
         self.loop.add_reader(self.listener.sock, self.listener.handle_readable)
         self.core = CoreWorker(
-            role="worker", head_address=os.environ["SHOAL_HEAD"], key=key, worker_id=self.worker_id,
-            worker_address=self.address, worker_hooks=self._on_head_hook,
+            role="worker",
+            head_address=os.environ["SHOAL_HEAD"],
+            key=key,
+            worker_id=self.worker_id,
+            worker_address=self.address,
+            worker_hooks=self._on_head_hook,
         )
         self.core.inline_executor = self._execute_inline
         self.core.on_block = self._bounce_queued
@@ -173,12 +177,26 @@ class WorkerProcess:
         self._reply(peer, reply)
 
     def _execute(
-        self, peer: bytes, body: dict[str, Any], frames: Sequence[Any], pos: int, fn: Any, tid: bytes,
-        name: str, gpu_ids: list[int],
+        self,
+        peer: bytes,
+        body: dict[str, Any],
+        frames: Sequence[Any],
+        pos: int,
+        fn: Any,
+        tid: bytes,
+        name: str,
+        gpu_ids: list[int],
     ) -> Message:
         ctx = _worker_context.current
         # Saved and restored: a blocked task may run its children inline, nested in here.
-        saved = (ctx.task_id, ctx.task_name, ctx.gpu_ids, ctx.resources, ctx.fixed_resources, self.current_task)
+        saved = (
+            ctx.task_id,
+            ctx.task_name,
+            ctx.gpu_ids,
+            ctx.resources,
+            ctx.fixed_resources,
+            self.current_task,
+        )
         fixed = body.get("res") or {}
         ctx.task_id, ctx.task_name, ctx.gpu_ids = tid, name, gpu_ids
         ctx.resources = {k: v / 10_000 for k, v in fixed.items()}
@@ -221,7 +239,9 @@ class WorkerProcess:
             return self._error_reply(body, exc, app_error=True)
         return self._execute(b"", body, frames, pos, fn, body["t"], body["n"], body.get("g") or [])
 
-    def _decode_args(self, body: dict[str, Any], frames: Sequence[Any], pos: int) -> tuple[list[Any], dict[str, Any]]:
+    def _decode_args(
+        self, body: dict[str, Any], frames: Sequence[Any], pos: int
+    ) -> tuple[list[Any], dict[str, Any]]:
         from . import _shm
         from ._refs import ObjectRef
 
@@ -259,7 +279,7 @@ class WorkerProcess:
                 values[i] = v
         kwnames = body.get("kw") or []
         if kwnames:
-            kwargs = dict(zip(kwnames, values[len(values) - len(kwnames):], strict=True))
+            kwargs = dict(zip(kwnames, values[len(values) - len(kwnames) :], strict=True))
             return values[: len(values) - len(kwnames)], kwargs
         return values, {}
 
@@ -272,8 +292,10 @@ class WorkerProcess:
             results = []
         else:
             if not isinstance(result, (tuple, list)) or len(result) != nr:
-                raise ValueError(f"task {name} declared num_returns={nr} but returned {type(result).__name__}"
-                                 + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+                raise ValueError(
+                    f"task {name} declared num_returns={nr} but returned {type(result).__name__}"
+                    + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
+                )
             results = list(result)
         descs: list[Any] = []
         frames: list[Any] = []
@@ -282,13 +304,20 @@ class WorkerProcess:
             self._add_result(return_id(tid, i + 1), sv, descs, frames)
         return Message(M.TASK_DONE, {"t": tid, "r": descs}, frames)
 
-    def _add_result(self, oid: bytes, sv: SerializedValue, descs: list[Any], frames: list[Any]) -> None:
+    def _add_result(
+        self, oid: bytes, sv: SerializedValue, descs: list[Any], frames: list[Any]
+    ) -> None:
         from ._ids import owner_of
 
         if sv.contained:
             self.core.mark_escaped(sv.contained)
         if sv.nbytes >= _config.INLINE_THRESHOLD:
-            path = self.core.store_large(oid, sv, holder=owner_of(oid), call_site=f"returned by {_worker_context.current.task_name}")
+            path = self.core.store_large(
+                oid,
+                sv,
+                holder=owner_of(oid),
+                call_site=f"returned by {_worker_context.current.task_name}",
+            )
             descs.append([1, path, sv.flags])
         else:
             descs.append([0, 1 + len(sv.buffers), sv.flags, sv.contained])
@@ -299,27 +328,42 @@ class WorkerProcess:
         from ._ids import return_id
 
         if not inspect.isgenerator(gen) and not hasattr(gen, "__next__"):
-            raise TypeError(f"task {name} has num_returns='streaming' but returned {type(gen).__name__}, not a generator")
+            raise TypeError(
+                f"task {name} has num_returns='streaming' but returned {type(gen).__name__}, not a generator"
+            )
         index = 0
         try:
             for value in gen:
                 descs: list[Any] = []
                 frames: list[Any] = []
                 self._add_result(return_id(tid, index + 1), serialize(value), descs, frames)
-                self._reply(peer, Message(M.STREAM_ITEM, {"t": tid, "i": index, "r": descs[0]}, frames))
+                self._reply(
+                    peer, Message(M.STREAM_ITEM, {"t": tid, "i": index, "r": descs[0]}, frames)
+                )
                 index += 1
         except _Cancelled:
             raise
         except BaseException as exc:
             err = serialize_error(self._task_error(exc, name))
-            self._reply(peer, Message(M.STREAM_ITEM, {"t": tid, "i": index, "r": [0, 1 + len(err.buffers), err.flags, []]}, err.frames()))
+            self._reply(
+                peer,
+                Message(
+                    M.STREAM_ITEM,
+                    {"t": tid, "i": index, "r": [0, 1 + len(err.buffers), err.flags, []]},
+                    err.frames(),
+                ),
+            )
             index += 1
         return Message(M.TASK_DONE, {"t": tid, "r": [], "n": index})
 
     # -- errors ------------------------------------------------------------------------
     def _task_error(self, exc: BaseException, name: str) -> TaskError:
         tb = _user_traceback(exc)
-        type_name = exc.cause_type_name if isinstance(exc, TaskError) and exc.cause_type_name else type(exc).__name__
+        type_name = (
+            exc.cause_type_name
+            if isinstance(exc, TaskError) and exc.cause_type_name
+            else type(exc).__name__
+        )
         message = (
             f"{name}() failed with {type_name} on node {self.node_hex[:12]} "
             f"(pid={os.getpid()}, worker={self.worker_id.hex()[:12]}):\n{tb}"
@@ -330,8 +374,14 @@ class WorkerProcess:
         except Exception:
             cause = None
         err = TaskError(
-            message, cause=cause, cause_type_name=type_name, remote_traceback=tb, task_name=name,
-            pid=os.getpid(), node_id=self.node_hex, worker_id=self.worker_id.hex(),
+            message,
+            cause=cause,
+            cause_type_name=type_name,
+            remote_traceback=tb,
+            task_name=name,
+            pid=os.getpid(),
+            node_id=self.node_hex,
+            worker_id=self.worker_id.hex(),
         )
         return err
 
@@ -340,14 +390,18 @@ class WorkerProcess:
         msg = self._plain_error_reply(body, err)
         if app_error:
             msg.body["app_error"] = True
-            msg.body["app_error_types"] = [f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__]
+            msg.body["app_error_types"] = [
+                f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__
+            ]
         return msg
 
     def _plain_error_reply(self, body: dict[str, Any], err: BaseException) -> Message:
         sv = serialize_error(err)
         nr = body.get("nr", 1)
         if nr == STREAMING:
-            return Message(M.TASK_DONE, {"t": body["t"], "r": [], "n": 1}, [])  # never reached in practice
+            return Message(
+                M.TASK_DONE, {"t": body["t"], "r": [], "n": 1}, []
+            )  # never reached in practice
         n = max(1, nr)
         descs = [[0, 1 + len(sv.buffers), sv.flags, []] for _ in range(n)]
         frames: list[Any] = []
@@ -380,7 +434,9 @@ class WorkerProcess:
             self.aloop = asyncio.new_event_loop()
             threading.Thread(target=self._run_aloop, name="shoal-actor-async", daemon=True).start()
         elif concurrency > 1:
-            self.pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="shoal-actor")
+            self.pool = concurrent.futures.ThreadPoolExecutor(
+                concurrency, thread_name_prefix="shoal-actor"
+            )
         self.core.send_head(Message(M.ACTOR_READY, {"aid": aid}))
 
     def _run_aloop(self) -> None:
@@ -391,25 +447,41 @@ class WorkerProcess:
 
     def _actor_call(self, peer: bytes, body: dict[str, Any], frames: Sequence[Any]) -> None:
         if self.actor is None:
-            self._reply(peer, self._error_reply(body, RuntimeError("this worker hosts no actor"), app_error=False))
+            self._reply(
+                peer,
+                self._error_reply(
+                    body, RuntimeError("this worker hosts no actor"), app_error=False
+                ),
+            )
             return
         name = body["n"]
         method = getattr(self.actor, body["m"], None)
         if method is None:
-            self._reply(peer, self._error_reply(body, AttributeError(f"the actor has no method {body['m']!r}"), False))
+            self._reply(
+                peer,
+                self._error_reply(
+                    body, AttributeError(f"the actor has no method {body['m']!r}"), False
+                ),
+            )
             return
         if self.aloop is not None:
-            asyncio.run_coroutine_threadsafe(self._async_call(peer, body, frames, method, name), self.aloop)
+            asyncio.run_coroutine_threadsafe(
+                self._async_call(peer, body, frames, method, name), self.aloop
+            )
         elif self.pool is not None:
             self.pool.submit(self._threaded_call, peer, body, frames, method, name)
         else:
             self._reply(peer, self._execute(peer, body, frames, 0, method, body["t"], name, []))
 
-    def _threaded_call(self, peer: bytes, body: dict[str, Any], frames: Sequence[Any], method: Any, name: str) -> None:
+    def _threaded_call(
+        self, peer: bytes, body: dict[str, Any], frames: Sequence[Any], method: Any, name: str
+    ) -> None:
         reply = self._execute(peer, body, frames, 0, method, body["t"], name, [])
         self.loop.call_soon_threadsafe(self._reply, peer, reply)
 
-    async def _async_call(self, peer: bytes, body: dict[str, Any], frames: Sequence[Any], method: Any, name: str) -> None:
+    async def _async_call(
+        self, peer: bytes, body: dict[str, Any], frames: Sequence[Any], method: Any, name: str
+    ) -> None:
         assert self.asem is not None
         async with self.asem:
             ctx = _worker_context.current
@@ -435,9 +507,13 @@ def _user_traceback(exc: BaseException) -> str:
     runtime's private modules (a failing ``get`` inside the task, say) are dropped too.
     """
     frames = [
-        f for f in traceback.extract_tb(exc.__traceback__)[1:]
-        if not (os.path.dirname(f.filename) == _RUNTIME_DIR and os.path.basename(f.filename).startswith("_")
-                and os.path.basename(f.filename) != "_demo.py")
+        f
+        for f in traceback.extract_tb(exc.__traceback__)[1:]
+        if not (
+            os.path.dirname(f.filename) == _RUNTIME_DIR
+            and os.path.basename(f.filename).startswith("_")
+            and os.path.basename(f.filename) != "_demo.py"
+        )
     ]
     lines = ["Traceback (most recent call last):\n"] if frames else []
     lines += traceback.format_list(frames)
@@ -450,7 +526,8 @@ def main() -> None:
 
     # Log records go to the worker's log file (its original stderr), never to the driver.
     logging.basicConfig(
-        stream=sys.__stderr__, level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING").upper(),
+        stream=sys.__stderr__,
+        level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING").upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     worker = WorkerProcess()

@@ -17,7 +17,9 @@ __all__ = ["list_nodes", "list_objects", "summarize_objects"]
 Filter = tuple[str, str, Any]
 
 
-def _apply(records: list[dict[str, Any]], filters: list[Filter] | None, limit: int | None) -> list[dict[str, Any]]:
+def _apply(
+    records: list[dict[str, Any]], filters: list[Filter] | None, limit: int | None
+) -> list[dict[str, Any]]:
     for key, op, value in filters or ():
         if op not in ("=", "!="):
             raise ValueError(f"filter operator must be '=' or '!=', got {op!r}")
@@ -32,7 +34,9 @@ def _apply(records: list[dict[str, Any]], filters: list[Filter] | None, limit: i
     return records
 
 
-def list_objects(filters: list[Filter] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+def list_objects(
+    filters: list[Filter] | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
     """Objects in the store: object_id, size, place (shared_memory, spilled, inline),
     holders (processes holding a ref), owner, contained_in and call_site.
 
@@ -56,7 +60,9 @@ def summarize_objects() -> dict[str, Any]:
     return dict(reply.body["stats"])
 
 
-def list_nodes(filters: list[Filter] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+def list_nodes(
+    filters: list[Filter] | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
     from ._api import nodes
 
     return _apply(nodes(), filters, limit)

@@ -1,9 +1,9 @@
 """Helpers for testing code that uses Shoal, and Shoal itself.
 
-    with shoal.testing.local_cluster(num_cpus=2):
-        ...                               # shoal.init() has run; shutdown() runs after
-    shoal.testing.wait_for(lambda: cond(), timeout=10)
-    shoal.testing.assert_no_leaks()        # no Shoal process or shared-memory segment left
+with shoal.testing.local_cluster(num_cpus=2):
+    ...                               # shoal.init() has run; shutdown() runs after
+shoal.testing.wait_for(lambda: cond(), timeout=10)
+shoal.testing.assert_no_leaks()        # no Shoal process or shared-memory segment left
 """
 
 from __future__ import annotations

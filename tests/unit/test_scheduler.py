@@ -279,7 +279,9 @@ def test_owner_gone_kills_its_task_workers_keeps_actor_workers_and_drops_request
     actions = request(sched, OWNER_A, 3, actor_id=b"actor-1", CPU=1)
     (actor,) = of_type(actions, Grant)
     assert register_started(sched, actions) == []  # the pool's replacement for the actor
-    assert of_type(request(sched, OWNER_A, 4, CPU=1), Queued) == [Queued(OWNER_A, 4)]  # no CPU left: waits
+    assert of_type(request(sched, OWNER_A, 4, CPU=1), Queued) == [
+        Queued(OWNER_A, 4)
+    ]  # no CPU left: waits
     assert of_type(request(sched, OWNER_B, 5, CPU=0.5), Grant) == []  # waits too
 
     actions = sched.handle(OwnerGoneEvent(OWNER_A))
