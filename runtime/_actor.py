@@ -58,7 +58,7 @@ class ActorClass:
         self._options = validate(
             dict(options), ACTOR_OPTIONS, f"@remote on class {cls.__qualname__}"
         )
-        self._pickled = _pickled if _pickled is not None else [None]
+        self._pickled: list[Any] = _pickled if _pickled is not None else [None]
         self._meta = _method_meta(cls)
         self.__name__ = cls.__name__
         self.__qualname__ = cls.__qualname__
@@ -82,7 +82,8 @@ class ActorClass:
                 raise TypeError(
                     f"could not serialize the class {self.__qualname__}: {exc}"
                 ) from exc
-        return self._pickled[0]  # type: ignore[no-any-return]
+        pickled: tuple[bytes, bytes] = self._pickled[0]
+        return pickled
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         from ._api import _auto_init
@@ -103,9 +104,8 @@ class ActorClass:
         if detached and not name:
             raise ValueError("a detached actor must have a name, so that it can be found again")
         spec = TaskSpec()
-        encode_call_args(
-            core, spec, self._cls.__init__, args, kwargs, f"{self.__qualname__}.__init__"
-        )
+        init = getattr(self._cls, "__init__", None)
+        encode_call_args(core, spec, init, args, kwargs, f"{self.__qualname__}.__init__")
         # The actor's worker reads argument refs from the store, so they must be there.
         core.mark_escaped([ref.binary() for ref in spec.deps])
         frames: list[Any] = [self._definition()[1]]

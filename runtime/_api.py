@@ -51,7 +51,7 @@ class _Cluster:
 _cluster: _Cluster | None = None
 
 
-class ClusterContext(dict):  # type: ignore[type-arg]
+class ClusterContext(dict[str, Any]):
     """What ``init`` returns: a dict of facts (as Ray's ``address_info``), usable with ``with``."""
 
     @property
@@ -474,7 +474,8 @@ def wait(
     if not refs:
         return [], []
     values = core.wait_values([r.binary() for r in refs], num_returns, timeout)
-    ready, not_ready = [], []
+    ready: list[ObjectRef] = []
+    not_ready: list[ObjectRef] = []
     for r in refs:
         if r.binary() in values and len(ready) < num_returns:
             ready.append(r)

@@ -641,7 +641,8 @@ class CoreWorker:
 
 def print_log_lines(body: dict[str, Any]) -> None:
     """The default way a driver shows its tasks' output: to its own stdout and stderr."""
-    out, err = [], []
+    out: list[str] = []
+    err: list[str] = []
     for stream, line in body.get("l", ()):
         (err if stream == 2 else out).append(line)
     if out:

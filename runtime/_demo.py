@@ -31,7 +31,7 @@ def run() -> None:
             self.n += 1
             return self.n
 
-    counter = Counter.remote()
+    counter = Counter.remote()  # type: ignore[attr-defined]
     for _ in range(5):
         counter.increment.remote()
     print(f"An actor counted to {shoal.get(counter.increment.remote())}")

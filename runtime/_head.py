@@ -585,7 +585,7 @@ class Head:
 
 
 def _objects_message(req_id: int, entries: list[tuple[bytes, Any]]) -> Message:
-    out = []
+    out: list[list[Any]] = []
     frames: list[Any] = []
     for oid, entry in entries:
         if isinstance(entry, LostObject):

@@ -128,7 +128,7 @@ class RemoteFunction:
                     f"could not serialize the function {self.__qualname__}: {exc}"
                 ) from exc
             self._pickled[0] = pickled
-        return pickled  # type: ignore[no-any-return]
+        return pickled
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         from ._api import _auto_init

@@ -282,7 +282,7 @@ class Connection:
             if self.welcome is None:
                 if msg.type == MsgType.WELCOME and isinstance(msg.body, dict):
                     conn_id = msg.body.get("conn")
-                    if conn_id in _seen_conn_ids:
+                    if not isinstance(conn_id, bytes) or conn_id in _seen_conn_ids:
                         continue
                     _seen_conn_ids.add(conn_id)
                     self.welcome = msg.body

@@ -85,8 +85,8 @@ class WorkerProcess:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the head owns all shared state
 
     def run(self) -> None:
-        sys.stdout = self.output.stream(1)  # type: ignore[assignment]
-        sys.stderr = self.output.stream(2)  # type: ignore[assignment]
+        sys.stdout = self.output.stream(1)
+        sys.stderr = self.output.stream(2)
         try:
             self.loop.run()
         finally:

@@ -84,7 +84,7 @@ class TaskError(ShoalError):
             # A task that failed because a task it waited on failed: keep the innermost
             # class, so that ``except ZeroDivisionError`` still works two levels up.
             dual = cause_cls if isinstance(cause, TaskError) else _dual_class(cause_cls)
-            err = dual.__new__(dual)
+            err: TaskError = Exception.__new__(dual)
             # Copy the cause's state first (its args, attributes), then ours on top.
             err.__dict__.update(getattr(cause, "__dict__", {}))
             err.args = cause.args
