@@ -103,6 +103,7 @@ class CoreWorker:
         self._waiters: dict[bytes, list[Callable[[bytes, Value], None]]] = {}
         self._escaped: set[bytes] = set()
         self._store_held: set[bytes] = set()
+        self._nested: dict[bytes, list[Any]] = {}  # local value -> pins of refs inside it
         self._fetching: set[bytes] = set()
         self._released: collections.deque[bytes] = collections.deque()
         self._ref_ops: dict[bytes, list[int]] = {}  # oid -> [first op, last op], +1 add / -1 remove
@@ -333,6 +334,9 @@ class CoreWorker:
                     continue
                 self._refcounts.pop(oid, None)
                 value = self._values.pop(oid, None)
+                nested = self._nested.pop(oid, None)
+                if nested:
+                    nested.clear()  # drops the pins; their releases join this queue
                 if oid in self._escaped and value is not None:
                     self._escaped.discard(oid)
                 if oid in self._store_held:
@@ -384,7 +388,7 @@ class CoreWorker:
                 self._values[oid] = value
             callbacks = self._waiters.pop(oid, None)
             promote = oid in self._escaped
-            if value[0] == "s" and oid[:8] == self.worker_id:
+            if (value[0] == "s" or len(value) > 2) and oid[:8] == self.worker_id:
                 # Sealed with this process as holder: it must let go when its refs do.
                 self._store_held.add(oid)
                 if oid not in self._refcounts:
@@ -434,11 +438,27 @@ class CoreWorker:
                 self._store_held.add(oid)
         else:
             value = ("v", sv)
-        with self._lock:
-            self._values[oid] = value
         if sv.contained:
             self.mark_escaped(sv.contained)
+        with self._lock:
+            self._values[oid] = value
+            if sv.contained and value[0] == "v":
+                # The value holds refs but stays here: it keeps their objects alive until
+                # it is released itself (a stored value does the same in the store).
+                self._nested[oid] = [self._pin(c) for c in sv.contained]
         return value
+
+    def _pin(self, oid: bytes) -> Any:
+        from ._refs import ObjectRef
+
+        # Counted by hand: incref would take the lock we already hold.
+        n = self._refcounts.get(oid, 0)
+        self._refcounts[oid] = n + 1
+        if n == 0 and oid[:8] != self.worker_id:
+            self.borrow_adds += 1
+            self._store_held.add(oid)
+            self._ref_op(oid, 1)
+        return ObjectRef(oid, self, _counted=True)
 
     def store_large(
         self, oid: bytes, sv: SerializedValue, holder: bytes, call_site: str = ""
@@ -450,7 +470,7 @@ class CoreWorker:
             raise ObjectStoreFullError(reply.body["e"])
         path = reply.body["p"]
         try:
-            _shm.write(path, sv, size)
+            _shm.write(path, sv, size, reuse=bool(reply.body.get("reuse")))
         except OSError as exc:
             self.send_head(Message(M.SEAL_OBJECT, {"o": oid, "abort": True}))
             raise ObjectStoreFullError(
@@ -478,6 +498,14 @@ class CoreWorker:
                 cls = OwnerDiedError if entry[2] == "owner_died" else ObjectLostError
                 value = ("x", cls(entry[3]))
             self.resolve(oid, value)
+
+    def _keepalive(self, oid: bytes | None) -> Any:
+        """A ref that a zero-copy mapping holds, so the store keeps (and never reuses) it."""
+        if oid is None or self.closed:
+            return None
+        from ._refs import ObjectRef
+
+        return ObjectRef(oid, self)
 
     def relocate(self, oid: bytes, stale_path: str) -> Value:
         """Ask the store again where ``oid`` is, after its file moved away from ``stale_path``."""
@@ -600,7 +628,7 @@ class CoreWorker:
         elif owner_of(oid) != self.worker_id:
             self.post(self._fetch, [oid])
 
-    def materialize(self, value: Value, oid: bytes | None = None) -> Any:
+    def materialize(self, value: Value, oid: bytes | None = None, relocated: bool = False) -> Any:
         """Turn a resolved value into the Python object (raising it if it is an error)."""
         kind = value[0]
         if kind == "v":
@@ -609,12 +637,14 @@ class CoreWorker:
             flags = sv.flags
         elif kind == "s":
             try:
-                data, buffers, flags = _shm.read(value[1])
+                data, buffers, flags = _shm.read(value[1], self._keepalive(oid))
             except FileNotFoundError:
-                if oid is None:
-                    raise
+                if oid is None or relocated:
+                    raise ObjectLostError(
+                        f"the file of object {(oid or b'').hex()} is gone: {value[1]}"
+                    ) from None
                 # The store moved it (spilled to disk) since we learned where it was.
-                return self.materialize(self.relocate(oid, value[1]))
+                return self.materialize(self.relocate(oid, value[1]), oid, relocated=True)
             obj = deserialize(data, buffers)
         else:
             raise value[1]

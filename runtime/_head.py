@@ -47,6 +47,7 @@ from ._resources import as_floats, to_fixed
 from ._session import Session, clean_dead_sessions, remove_segments
 from ._shm import copy_file, free_bytes, unlink
 from ._transport import Listener
+from ._zygote import Zygote, become_subreaper
 
 log = logging.getLogger("shoal.head")
 
@@ -69,11 +70,50 @@ class _Peer:
         self.pidfd: int | None = None
 
 
+class _WorkerProc:
+    """A worker process that is our child, however it was started (Popen or zygote)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -signal.SIGKILL  # reaped elsewhere; it is gone
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+
 class Head:
-    def __init__(self, session: Session, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        session: Session,
+        args: argparse.Namespace,
+        node_id: bytes,
+        zygote: Zygote | None = None,
+    ) -> None:
         self.session = session
         self.args = args
-        self.node_id = os.urandom(16)
+        self.node_id = node_id
+        self.zygote = zygote
         self.loop = IOLoop()
         self.ctx = zmq.Context()
         self.signer = Signer(session.read_key())
@@ -89,9 +129,7 @@ class Head:
             total["GPU"] = to_fixed(args.num_gpus)
         for name, amount in json.loads(args.resources or "{}").items():
             total[name] = to_fixed(amount)
-        import psutil
-
-        total["memory"] = int(psutil.virtual_memory().available * 0.7) * 10_000
+        total["memory"] = int(_available_memory() * 0.7) * 10_000
         self.store_capacity = args.object_store_memory
         total["object_store_memory"] = self.store_capacity * 10_000
         self.scheduler = sch.NodeScheduler(total, pool_size=max(1, int(args.num_cpus)))
@@ -112,23 +150,17 @@ class Head:
         self.by_wid: dict[bytes, _Peer] = {}
         self.jobs: dict[int, _Peer] = {}
         self.next_job = 1
-        self.procs: dict[bytes, subprocess.Popen[bytes]] = {}
+        self.procs: dict[bytes, _WorkerProc] = {}
+        self.spawning: set[bytes] = set()  # asked of the zygote, pid not known yet
         self.proc_fds: dict[bytes, int] = {}
         self.exiting = False
         self.started_at = time.time()
-        self.worker_env = self._make_worker_env()
+        self.worker_env = dict(os.environ)
         self.loop.call_later(1.0, self._tick)
+        if zygote is not None:
+            self.loop.add_reader(zygote.replies, self._zygote_replies)
 
     # -- lifecycle ---------------------------------------------------------------------
-    def _make_worker_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["SHOAL_SESSION"] = self.session.path
-        env["SHOAL_HEAD"] = self.address
-        env["SHOAL_NODE_ID"] = self.node_id.hex()
-        env["SHOAL_SHM_TAG"] = self.session.tag
-        env.pop("CUDA_VISIBLE_DEVICES", None)
-        return env
-
     def run(self) -> None:
         self.session.write_head_info(
             {
@@ -162,6 +194,9 @@ class Head:
         self.loop.stop()
 
     def _cleanup(self) -> None:
+        if self.zygote is not None:
+            self.loop.remove_reader(self.zygote.replies)
+            self.zygote.close()
         for proc in self.procs.values():
             _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + _config.KILL_GRACE_SECONDS
@@ -179,7 +214,25 @@ class Head:
         self.ctx.term()
         shutil.rmtree(self.session.path, ignore_errors=True)
 
+    def _reap_strays(self) -> None:
+        """As a subreaper we inherit orphans (say, a task's own subprocesses); reap them."""
+        known = {p.pid for p in self.procs.values()}
+        if self.zygote is not None:
+            known.add(self.zygote.pid)
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid in known:
+                return
+            try:
+                os.waitpid(info.si_pid, 0)
+            except ChildProcessError:
+                return
+
     def _tick(self) -> None:
+        self._reap_strays()
         self._act_sched(self.scheduler.handle(sch.TickEvent()))
         self._act_store(self.store.expire_pool())
         self.loop.call_later(0.25, self._tick)
@@ -216,7 +269,7 @@ class Head:
             welcome["job"] = peer.job
             self._watch_pid(peer)
         else:
-            if wid not in self.procs:
+            if wid not in self.procs and wid not in self.spawning:
                 raise ProtocolError("unknown worker")
             # After the transport has accepted the peer, so that a grant made at once can
             # already send to it.
@@ -256,6 +309,13 @@ class Head:
 
     # -- worker processes --------------------------------------------------------------
     def _start_worker(self, wid: bytes) -> None:
+        if self.zygote is not None:
+            try:
+                self.zygote.spawn(wid.hex())
+                self.spawning.add(wid)
+                return
+            except OSError:
+                self._zygote_gone()
         env = dict(self.worker_env)
         env["SHOAL_WORKER_ID"] = wid.hex()
         logpath = os.path.join(self.session.logs, f"worker-{wid.hex()}.log")
@@ -269,10 +329,41 @@ class Head:
                 preexec_fn=_die_with_parent,
                 close_fds=True,
             )
-        self.procs[wid] = proc
-        fd = os.pidfd_open(proc.pid)
+        self._watch_worker(wid, proc.pid)
+
+    def _watch_worker(self, wid: bytes, pid: int) -> None:
+        self.procs[wid] = _WorkerProc(pid)
+        fd = os.pidfd_open(pid)
         self.proc_fds[wid] = fd
         self.loop.add_reader(fd, lambda: self._worker_exited(wid))
+
+    def _zygote_replies(self) -> None:
+        assert self.zygote is not None
+        replies = self.zygote.read_replies()
+        if replies is None:
+            self._zygote_gone()
+            return
+        for worker_hex, pid in replies:
+            wid = bytes.fromhex(worker_hex)
+            self.spawning.discard(wid)
+            try:
+                self._watch_worker(wid, pid)
+            except OSError:  # it died already; its exit is reaped as we are its parent
+                self._act_sched(
+                    self.scheduler.handle(sch.WorkerExitedEvent(wid, "exited at start"))
+                )
+
+    def _zygote_gone(self) -> None:
+        """Fall back to starting workers with a fresh interpreter each."""
+        if self.zygote is None:
+            return
+        log.warning("the worker zygote exited; starting workers the slow way from now on")
+        self.loop.remove_reader(self.zygote.replies)
+        self.zygote.close()
+        self.zygote = None
+        pending, self.spawning = self.spawning, set()
+        for wid in pending:
+            self._start_worker(wid)
 
     def _worker_exited(self, wid: bytes) -> None:
         proc = self.procs.pop(wid)
@@ -487,7 +578,8 @@ class Head:
             self._act_actors(self.actors.release(body["aid"]))
 
     def _h_put_object(self, peer: _Peer, body: Any, frames: Any) -> None:
-        holder = peer.wid if body.get("h") else None
+        h = body.get("h")
+        holder = h if isinstance(h, bytes) else (peer.wid if h else None)
         self._act_store(
             self.store.put_inline(
                 body["o"], int(body["f"]), list(frames), list(body.get("c") or ()), holder
@@ -504,7 +596,8 @@ class Head:
             self._send(peer.wid, Message(M.OBJECT_CREATED, {"r": body["r"], "e": str(exc)}))
             return
         self._act_store(actions)
-        self._send(peer.wid, Message(M.OBJECT_CREATED, {"r": body["r"], "p": path}))
+        reuse = any(isinstance(a, RenameSegment) and a.dst == path for a in actions)
+        self._send(peer.wid, Message(M.OBJECT_CREATED, {"r": body["r"], "p": path, "reuse": reuse}))
 
     def _h_list_objects(self, peer: _Peer, body: Any, frames: Any) -> None:
         roles = {p.wid.hex(): f"{p.role} pid={p.pid}" for p in self.by_wid.values()}
@@ -598,6 +691,18 @@ def _objects_message(req_id: int, entries: list[tuple[bytes, Any]]) -> Message:
     return Message(M.OBJECTS, {"r": req_id, "e": out}, frames)
 
 
+def _available_memory() -> int:
+    """MemAvailable from /proc/meminfo (psutil would cost 15 ms of start-up for one number)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 def _spill_file(src: str, dst: str) -> str | None:
     """Copy an object file to the spill directory; an error text when the disk refuses."""
     try:
@@ -608,7 +713,7 @@ def _spill_file(src: str, dst: str) -> str | None:
     return None
 
 
-def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+def _signal(proc: _WorkerProc, sig: int) -> None:
     try:
         proc.send_signal(sig)
     except ProcessLookupError:
@@ -644,7 +749,27 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     clean_dead_sessions()
-    head = Head(Session(args.session, args.tag), args)
+    session = Session(args.session, args.tag)
+    node_id = os.urandom(16)
+    # What workers need to know, in the environment they inherit (set before the zygote
+    # is forked, and before any thread or zmq context exists, which makes forking safe).
+    os.environ.update(
+        {
+            "SHOAL_SESSION": session.path,
+            "SHOAL_HEAD": session.socket_address("h"),
+            "SHOAL_NODE_ID": node_id.hex(),
+            "SHOAL_SHM_TAG": session.tag,
+        }
+    )
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    zygote = None
+    if os.environ.get("SHOAL_NO_ZYGOTE") != "1":
+        try:
+            become_subreaper()
+            zygote = Zygote(session.logs)
+        except OSError as exc:
+            log.warning("no worker zygote (%s); workers start with a fresh interpreter each", exc)
+    head = Head(session, args, node_id, zygote)
     head.run()
 
 

@@ -136,10 +136,9 @@ class ObjectStore:
         self.pool_max = min(capacity // 4, 2 << 30)
         self._pool_names = 0
         self.now: Callable[[], float] = lambda: 0.0
-        # Off: a reader may still map a freed object's pages (a zero-copy numpy array
-        # outlives its ref), so rewriting them would change what it reads. Recycling needs
-        # readers to pin what they map first; until then, freed segments are unlinked.
-        self.recycle = False
+        # Safe because a process that maps an object holds a ref to it for as long as the
+        # mapping lives (see _shm._Mapping): a freed object is mapped by nobody.
+        self.recycle = True
 
     # -- writes ------------------------------------------------------------------------
     def put_inline(

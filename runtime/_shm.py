@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
+from typing import Any
 
 from ._serialization import SerializedValue
 
@@ -42,17 +44,34 @@ def layout_size(sv: SerializedValue) -> int:
     return pos
 
 
-def write(path: str, sv: SerializedValue, size: int) -> None:
-    """Create ``path`` (0600; it must not exist) holding ``sv``; ``size`` from layout_size.
+def write(path: str, sv: SerializedValue, size: int, reuse: bool = False) -> None:
+    """Write ``sv`` (``size`` from layout_size) to a new file ``path``, created 0600.
 
     Exclusive creation matters: /dev/shm is world-writable and segment names can be
-    guessed, so a file that is already there may have been planted by someone else.
+    guessed, so a file that is already there may have been planted by someone else. With
+    ``reuse`` (the store renamed one of its freed segments to ``path``), the existing file
+    is written over, after checking that it is a private regular file of ours.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    if reuse:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        st = os.fstat(fd)
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_uid != os.geteuid()
+            or st.st_mode & 0o077
+            or st.st_size < size
+        ):
+            os.close(fd)
+            raise PermissionError(
+                f"{path} is not a private segment of this user; refusing to write it"
+            )
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        # posix_fallocate reserves the pages now, so a full /dev/shm fails here with ENOSPC
-        # instead of killing the writer with SIGBUS later.
-        os.posix_fallocate(fd, 0, max(size, 1))
+        if not reuse:
+            # posix_fallocate reserves the pages now, so a full /dev/shm fails here with
+            # ENOSPC instead of killing the writer with SIGBUS later.
+            os.posix_fallocate(fd, 0, max(size, 1))
         # MAP_POPULATE maps every page in one call instead of one fault per page.
         with mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | _POPULATE) as mm:
             entries = []
@@ -78,14 +97,25 @@ def write(path: str, sv: SerializedValue, size: int) -> None:
     os.close(fd)
 
 
-def read(path: str) -> tuple[memoryview, list[memoryview], int]:
+class _Mapping(mmap.mmap):
+    """A read-only mapping that keeps ``keepalive`` (the object's ObjectRef) while mapped.
+
+    Zero-copy values (numpy arrays ...) hold the mapping, so the object stays referenced,
+    and its pages untouched, for as long as anything in this process can read them.
+    """
+
+    keepalive: Any = None
+
+
+def read(path: str, keepalive: Any = None) -> tuple[memoryview, list[memoryview], int]:
     """Map ``path`` read-only; returns (pickle stream, buffers, flags) as views into it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        mm = _Mapping(fd, size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
+    mm.keepalive = keepalive
     view = memoryview(mm)
     magic, flags, count, data_off, data_len = _HEAD.unpack_from(view, 0)
     if magic != MAGIC:

@@ -533,7 +533,8 @@ class TaskSubmitter:
                 parts = frames[pos : pos + n]
                 pos += n
                 sv = SerializedValue(parts[0], list(parts[1:]), list(d[3]), d[2])
-                out.append(("v", sv))
+                # ("v", sv, True): also in the store with this process as its holder.
+                out.append(("v", sv, True) if len(d) > 4 and d[4] else ("v", sv))
             else:
                 out.append(("s", d[1], d[2]))
         return out

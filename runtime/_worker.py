@@ -15,16 +15,13 @@ thread; either way replies go back through the task loop, which alone owns the s
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import inspect
 import os
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import zmq
@@ -38,6 +35,13 @@ from ._session import read_key_file
 from ._task_output import TaskOutput
 from ._transport import Listener
 from .exceptions import TaskCancelledError, TaskError
+
+if TYPE_CHECKING:
+    import asyncio
+    import concurrent.futures
+
+# asyncio, concurrent.futures and inspect are imported only by the actors that need them:
+# they would add a third to every worker's start-up.
 
 M = MsgType
 STREAMING = -1
@@ -257,7 +261,7 @@ class WorkerProcess:
                 values.append(self.core.materialize(("v", sv)))
             elif kind == 2:
                 try:
-                    data, buffers, flags = _shm.read(desc[1])
+                    data, buffers, flags = _shm.read(desc[1], ObjectRef(desc[3], self.core))
                 except FileNotFoundError:
                     # Spilled since the owner looked: ask the store where it is now.
                     fetch.append((len(values), ObjectRef(desc[3], self.core)))
@@ -311,7 +315,22 @@ class WorkerProcess:
 
         if sv.contained:
             self.core.mark_escaped(sv.contained)
-        if sv.nbytes >= _config.INLINE_THRESHOLD:
+        if sv.contained and sv.nbytes < _config.INLINE_THRESHOLD:
+            # A result holding refs also goes to the store, with its owner as holder: the
+            # store then keeps the refs' objects alive for as long as the result lives,
+            # even after this worker lets go of them. Acknowledged before the reply.
+            self.core.send_head(
+                Message(
+                    M.PUT_OBJECT,
+                    {"o": oid, "f": sv.flags, "c": sv.contained, "h": owner_of(oid)},
+                    sv.frames(),
+                )
+            )
+            self.core.flush_refs_sync()
+            descs.append([0, 1 + len(sv.buffers), sv.flags, sv.contained, 1])
+            frames.append(sv.data)
+            frames.extend(sv.buffers)
+        elif sv.nbytes >= _config.INLINE_THRESHOLD:
             path = self.core.store_large(
                 oid,
                 sv,
@@ -327,7 +346,7 @@ class WorkerProcess:
     def _stream(self, peer: bytes, tid: bytes, name: str, gen: Any) -> Message:
         from ._ids import return_id
 
-        if not inspect.isgenerator(gen) and not hasattr(gen, "__next__"):
+        if not hasattr(gen, "__next__"):
             raise TypeError(
                 f"task {name} has num_returns='streaming' but returned {type(gen).__name__}, not a generator"
             )
@@ -431,9 +450,13 @@ class WorkerProcess:
             self.output.flush()
         concurrency = int(meta.get("mc") or 1)
         if meta.get("async"):
+            import asyncio
+
             self.aloop = asyncio.new_event_loop()
             threading.Thread(target=self._run_aloop, name="shoal-actor-async", daemon=True).start()
         elif concurrency > 1:
+            import concurrent.futures
+
             self.pool = concurrent.futures.ThreadPoolExecutor(
                 concurrency, thread_name_prefix="shoal-actor"
             )
@@ -441,6 +464,8 @@ class WorkerProcess:
 
     def _run_aloop(self) -> None:
         assert self.aloop is not None
+        import asyncio
+
         asyncio.set_event_loop(self.aloop)
         self.asem = asyncio.Semaphore(int(self.actor_meta.get("mc") or 1000))
         self.aloop.run_forever()
@@ -465,6 +490,8 @@ class WorkerProcess:
             )
             return
         if self.aloop is not None:
+            import asyncio
+
             asyncio.run_coroutine_threadsafe(
                 self._async_call(peer, body, frames, method, name), self.aloop
             )
@@ -487,6 +514,9 @@ class WorkerProcess:
             ctx = _worker_context.current
             ctx.actor_id = self.actor_id
             try:
+                import asyncio
+                import inspect
+
                 loop = asyncio.get_running_loop()
                 # Arguments may need a blocking fetch from the store: off the event loop.
                 args, kwargs = await loop.run_in_executor(None, self._decode_args, body, frames, 0)
