@@ -547,14 +547,18 @@ class CoreWorker:
         self.drain_releases()
         found: dict[bytes, Value] = {}
         missing: list[bytes] = []
+        values = self._values
         with self._lock:
             for oid in oids:
-                v = self._values.get(oid)
+                v = values.get(oid)
                 if v is not None:
                     found[oid] = v
+                    if len(found) >= num:
+                        # Enough (``wait`` asks for the first few): the rest need no look.
+                        return found
                 else:
                     missing.append(oid)
-        if len(found) >= num or not missing:
+        if not missing:
             return found
         event = threading.Event()
         need = [num - len(found)]
