@@ -104,6 +104,7 @@ class CoreWorker:
         self._escaped: set[bytes] = set()
         self._store_held: set[bytes] = set()
         self._nested: dict[bytes, list[Any]] = {}  # local value -> pins of refs inside it
+        self._writer_maps = _shm.WriterMappings()
         self._fetching: set[bytes] = set()
         self._released: collections.deque[bytes] = collections.deque()
         self._ref_ops: dict[bytes, list[int]] = {}  # oid -> [first op, last op], +1 add / -1 remove
@@ -287,6 +288,7 @@ class CoreWorker:
             if threading.current_thread() is not self.thread:
                 self.thread.join(5)
         self.ctx.term()
+        self._writer_maps.close()
 
     def _flush_now(self) -> None:
         self._process_releases()
@@ -315,6 +317,7 @@ class CoreWorker:
     def _sweep_releases(self) -> None:
         if self._released:
             self._process_releases()
+        self._writer_maps.sweep()
         if not self.closed:
             self.loop.call_later(RELEASE_SWEEP_SECONDS, self._sweep_releases)
 
@@ -431,6 +434,9 @@ class CoreWorker:
 
     def put_serialized(self, oid: bytes, sv: SerializedValue, call_site: str = "") -> Value:
         """User thread: record a new owned value (``put`` or an auto-put argument)."""
+        # Refs dropped since the last call are released first, so that their memory (and
+        # a segment to reuse) is back before this value asks for room.
+        self.drain_releases()
         if sv.nbytes >= _config.INLINE_THRESHOLD:
             path = self.store_large(oid, sv, holder=self.worker_id, call_site=call_site)
             value: Value = ("s", path, sv.flags)
@@ -470,7 +476,9 @@ class CoreWorker:
             raise ObjectStoreFullError(reply.body["e"])
         path = reply.body["p"]
         try:
-            _shm.write(path, sv, size, reuse=bool(reply.body.get("reuse")))
+            _shm.write(
+                path, sv, size, reuse=bool(reply.body.get("reuse")), mappings=self._writer_maps
+            )
         except OSError as exc:
             self.send_head(Message(M.SEAL_OBJECT, {"o": oid, "abort": True}))
             raise ObjectStoreFullError(

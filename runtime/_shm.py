@@ -21,6 +21,7 @@ import mmap
 import os
 import stat
 import struct
+import threading
 from typing import Any
 
 from ._serialization import SerializedValue
@@ -44,7 +45,81 @@ def layout_size(sv: SerializedValue) -> int:
     return pos
 
 
-def write(path: str, sv: SerializedValue, size: int, reuse: bool = False) -> None:
+class WriterMappings:
+    """A writer's mappings of the large segments it wrote, kept to be written again.
+
+    When the store hands a freed segment back to the same writer (see the store's segment
+    pool), writing through the mapping it already has costs a memcpy; mapping the file
+    again costs a page-table entry per 4 KiB page, which is most of a large put. A mapping
+    is dropped as soon as its file is unlinked (``sweep``), so that its memory goes back.
+    """
+
+    MIN_SIZE = 1 << 20
+    MAX_ENTRIES = 4
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[int, int], tuple[int, mmap.mmap]] = {}  # (dev, ino) -> fd, map
+        # Writers are user threads; the sweep runs on the IO thread.
+        self._lock = threading.Lock()
+
+    def mapping(self, fd: int, size: int) -> mmap.mmap:
+        with self._lock:
+            return self._mapping(fd, size)
+
+    def _mapping(self, fd: int, size: int) -> mmap.mmap:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        cached = self._maps.get(key)
+        if cached is not None and len(cached[1]) >= size:
+            return cached[1]
+        # MAP_POPULATE maps every page in one call instead of one fault per page.
+        mm = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | _POPULATE)
+        if size >= self.MIN_SIZE:
+            self._sweep()
+            if len(self._maps) >= self.MAX_ENTRIES:
+                self._drop(next(iter(self._maps)))
+            self._maps[key] = (os.dup(fd), mm)
+        return mm
+
+    def owns(self, mm: mmap.mmap) -> bool:
+        with self._lock:
+            return any(m is mm for _, m in self._maps.values())
+
+    def sweep(self) -> None:
+        """Drop mappings whose file the store unlinked."""
+        with self._lock:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        for key, (fd, _) in list(self._maps.items()):
+            try:
+                gone = os.fstat(fd).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:
+                self._drop(key)
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        fd, mm = self._maps.pop(key)
+        try:
+            mm.close()
+        except BufferError:
+            pass  # still exported somewhere; it goes with its last view
+        os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for key in list(self._maps):
+                self._drop(key)
+
+
+def write(
+    path: str,
+    sv: SerializedValue,
+    size: int,
+    reuse: bool = False,
+    mappings: WriterMappings | None = None,
+) -> None:
     """Write ``sv`` (``size`` from layout_size) to a new file ``path``, created 0600.
 
     Exclusive creation matters: /dev/shm is world-writable and segment names can be
@@ -67,26 +142,29 @@ def write(path: str, sv: SerializedValue, size: int, reuse: bool = False) -> Non
             )
     else:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    mm: mmap.mmap | None = None
     try:
         if not reuse:
             # posix_fallocate reserves the pages now, so a full /dev/shm fails here with
             # ENOSPC instead of killing the writer with SIGBUS later.
             os.posix_fallocate(fd, 0, max(size, 1))
-        # MAP_POPULATE maps every page in one call instead of one fault per page.
-        with mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | _POPULATE) as mm:
-            entries = []
-            pos = _align(_HEAD.size + _ENTRY.size * len(sv.buffers))
-            data_off = pos
-            mm[pos : pos + len(sv.data)] = sv.data
-            pos = _align(pos + len(sv.data))
-            for buf in sv.buffers:
-                view = memoryview(buf).cast("B")
-                mm[pos : pos + view.nbytes] = view
-                entries.append((pos, view.nbytes))
-                pos = _align(pos + view.nbytes)
-            _HEAD.pack_into(mm, 0, MAGIC, sv.flags, len(sv.buffers), data_off, len(sv.data))
-            for i, (off, length) in enumerate(entries):
-                _ENTRY.pack_into(mm, _HEAD.size + i * _ENTRY.size, off, length)
+        if mappings is not None:
+            mm = mappings.mapping(fd, size)
+        else:
+            mm = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | _POPULATE)
+        entries = []
+        pos = _align(_HEAD.size + _ENTRY.size * len(sv.buffers))
+        data_off = pos
+        mm[pos : pos + len(sv.data)] = sv.data
+        pos = _align(pos + len(sv.data))
+        for buf in sv.buffers:
+            view = memoryview(buf).cast("B")
+            mm[pos : pos + view.nbytes] = view
+            entries.append((pos, view.nbytes))
+            pos = _align(pos + view.nbytes)
+        _HEAD.pack_into(mm, 0, MAGIC, sv.flags, len(sv.buffers), data_off, len(sv.data))
+        for i, (off, length) in enumerate(entries):
+            _ENTRY.pack_into(mm, _HEAD.size + i * _ENTRY.size, off, length)
     except BaseException:
         os.close(fd)
         try:
@@ -94,6 +172,9 @@ def write(path: str, sv: SerializedValue, size: int, reuse: bool = False) -> Non
         except FileNotFoundError:
             pass
         raise
+    finally:
+        if mm is not None and (mappings is None or not mappings.owns(mm)):
+            mm.close()
     os.close(fd)
 
 
