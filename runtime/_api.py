@@ -362,7 +362,8 @@ def shutdown() -> None:
             except subprocess.TimeoutExpired:
                 cluster.head.kill()
                 cluster.head.wait()
-                _session.remove_segments(_session.open_session(cluster.session_dir).tag)
+            # The head removes its segments as it exits; if it died first, we do.
+            _session.remove_segments(_session.open_session(cluster.session_dir).tag)
 
 
 def is_initialized() -> bool:

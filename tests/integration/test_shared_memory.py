@@ -199,3 +199,40 @@ def test_killing_the_driver_frees_its_objects(tmp_path):
             proc.kill()
             proc.wait()
     testing.assert_no_leaks(timeout=20)
+
+
+def test_the_next_start_removes_what_a_killed_cluster_left(make_cluster, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, numpy as np, shoal
+            shoal.init(num_cpus=1)
+            refs = [shoal.put(np.ones(1 << 20)) for _ in range(3)]
+            print("ready", flush=True)
+            sys.stdin.read()
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        left = set(testing.shm_segments())
+        assert len(left) >= 3
+        # SIGKILL the head (its workers follow it) and the driver: nobody cleans up.
+        for child in __import__("psutil").Process(proc.pid).children():
+            if "shoal._head" in " ".join(child.cmdline()):
+                child.kill()
+        proc.kill()
+        proc.wait(10)
+        testing.wait_for(lambda: not testing.shoal_processes(), timeout=20)
+        assert left <= set(testing.shm_segments())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    make_cluster(num_cpus=1)  # a new cluster's head removes the dead one's segments
+    testing.wait_for(lambda: not (left & set(testing.shm_segments())), timeout=20)
