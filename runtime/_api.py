@@ -93,6 +93,9 @@ def init(address: str | None = None, **kwargs: Any) -> ClusterContext:
     for key in kwargs:
         if key not in _INIT_ARGS:
             raise TypeError(f"init() got an unknown argument {key!r}")
+    from ._options import warn_not_yet
+
+    warn_not_yet("runtime_env", kwargs.get("runtime_env"))
     with _init_lock:
         if _cluster is not None:
             if kwargs.get("ignore_reinit_error"):

@@ -44,8 +44,42 @@ METHOD_OPTIONS = {
 }
 
 
+# Options accepted for compatibility with Ray code that have no effect yet; a warning says
+# so once per option, rather than silently doing nothing.
+_NOT_YET = {
+    "runtime_env": "runtime environments are not supported yet; the task runs in the worker's environment",
+    "max_restarts": "actors are not restarted yet; a dead actor stays dead",
+    "max_task_retries": "actor calls are not retried yet",
+    "max_calls": "workers are not recycled after max_calls yet",
+    "concurrency_groups": "concurrency groups are not supported yet; max_concurrency applies",
+    "max_pending_calls": "max_pending_calls is not enforced yet",
+}
+_warned: set[str] = set()
+
+
+def warn_not_yet(key: str, value: Any) -> None:
+    if key in _NOT_YET and value not in (None, {}, [], 0, -1) and key not in _warned:
+        import warnings
+
+        _warned.add(key)
+        warnings.warn(f"{key}={value!r} has no effect: {_NOT_YET[key]}", stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel that points a warning at the first caller outside this package."""
+    import os
+    import sys
+
+    here = os.path.dirname(__file__)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
 def validate(options: dict[str, Any], allowed: set[str], what: str) -> dict[str, Any]:
     for key in options:
+        warn_not_yet(key, options[key])
         if key not in allowed:
             raise TypeError(
                 f"{what} got an unknown option {key!r}; valid options are: {', '.join(sorted(allowed))}"
