@@ -62,7 +62,9 @@ def warn_not_yet(key: str, value: Any) -> None:
         import warnings
 
         _warned.add(key)
-        warnings.warn(f"{key}={value!r} has no effect: {_NOT_YET[key]}", stacklevel=_user_stacklevel())
+        warnings.warn(
+            f"{key}={value!r} has no effect: {_NOT_YET[key]}", stacklevel=_user_stacklevel()
+        )
 
 
 def _user_stacklevel() -> int:
