@@ -167,6 +167,9 @@ class ActorCaller:
                     pass
             st.death = ActorDiedError(message, aid.hex(), body.get("reason") or "")
             self._fail(st)
+            if st.address:
+                self.core.tasks.close_connection(st.address)
+                st.conn = None
 
     def mark_killed(self, actor_id: bytes) -> None:
         """``kill`` was called here: calls made after it fail at once, not after the news."""

@@ -495,6 +495,7 @@ class TaskSubmitter:
 
     def _lease_lost(self, lease: _Lease, reason: str) -> None:
         self._drop_lease(lease)
+        self.close_connection(lease.conn.conn.address)  # the worker is gone for good
         if lease.idle_timer is not None:
             lease.idle_timer.cancel()
         specs = list(lease.in_flight.values())
