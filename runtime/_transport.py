@@ -81,20 +81,32 @@ def configure_socket(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.LINGER, 0)
 
 
-def recv_frames(sock: zmq.Socket[Any], max_frames: int) -> list[Any] | None:
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+
+
+def recv_frames(sock: zmq.Socket[Any], max_frames: int, small: int = 1) -> list[Any] | None:
     """One multipart message without blocking, or None when none is waiting.
 
-    Reads frame by frame so that a message with too many frames is drained and refused
-    without holding all of them. Raises ProtocolError for such a message.
+    The first ``small`` frames (routing id, header) come as bytes, which is cheaper for
+    small frames; later ones (buffers) as zero-copy zmq Frames. Reads frame by frame so
+    that a message with too many frames is drained and refused without holding all of
+    them. Raises ProtocolError for such a message.
     """
     try:
-        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        first = sock.recv(_NOBLOCK)
     except zmq.Again:
         return None
-    frames = [frame]
+    frames: list[Any] = [first]
     too_many = False
-    while frame.more:
-        frame = sock.recv(copy=False)
+    more = sock.getsockopt(_RCVMORE)
+    while more:
+        if len(frames) < small:
+            frame: Any = sock.recv()
+            more = sock.getsockopt(_RCVMORE)
+        else:
+            frame = sock.recv(copy=False)
+            more = frame.more
         if len(frames) < max_frames:
             frames.append(frame)
         else:
@@ -158,7 +170,9 @@ class Listener:
             return False
         state.send_seq += 1
         try:
-            self.sock.send_multipart([peer, *self._signer.encode(msg, state.send_seq)], copy=False)
+            frames = self._signer.encode(msg, state.send_seq)
+            # Copying is cheaper than zero-copy bookkeeping for a lone small frame.
+            self.sock.send_multipart([peer, *frames], copy=len(frames) == 1)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 self.forget(peer)
@@ -170,13 +184,13 @@ class Listener:
         """Read and dispatch up to ``budget`` messages (fairness to other sockets)."""
         for _ in range(budget):
             try:
-                frames = recv_frames(self.sock, _config.MAX_FRAMES + 1)
+                frames = recv_frames(self.sock, _config.MAX_FRAMES + 1, small=2)
             except ProtocolError as exc:
                 _reject_log.warning("dropped a message: %s", exc)
                 continue
             if frames is None:
                 return
-            peer = frames[0].bytes
+            peer = frames[0]
             self._dispatch(peer, frames[1:])
 
     def _dispatch(self, peer: bytes, frames: list[Any]) -> None:
@@ -259,7 +273,8 @@ class Connection:
 
     def send(self, msg: Message) -> None:
         self._send_seq += 1
-        self.sock.send_multipart(self._signer.encode(msg, self._send_seq), copy=False)
+        frames = self._signer.encode(msg, self._send_seq)
+        self.sock.send_multipart(frames, copy=len(frames) == 1)
 
     def handle_readable(self, budget: int = 1000) -> None:
         for _ in range(budget):

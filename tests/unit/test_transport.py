@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from shoal import _config, _transport
+from shoal import _config, _protocol, _transport
 from shoal._protocol import MAGIC, Message, MsgType, Signer
 from shoal._serialization import deserialize
 from shoal._transport import Connection, Listener
@@ -254,12 +254,14 @@ def _garbage(how: str, captured: list[bytes]) -> list[bytes]:
         return HTTP_REQUEST.split(b"\r\n", 2)
     if how == "magic only":
         return [MAGIC]
+    # The first frame is MAGIC | signature (32 bytes) | header.
+    head = captured[0]
     if how == "truncated signature":
-        return [captured[0], captured[1][:20], *captured[2:]]
+        return [head[: len(MAGIC) + 20], *captured[1:]]
     if how == "truncated header":
-        return [captured[0], captured[1], captured[2][:-1]]
+        return [head[:-1], *captured[1:]]
     if how == "zero signature":
-        return [captured[0], b"\x00" * 32, *captured[2:]]
+        return [MAGIC + b"\x00" * 32 + head[len(MAGIC) + 32 :], *captured[1:]]
     raise AssertionError(how)
 
 
@@ -356,22 +358,24 @@ def test_a_message_with_more_than_max_frames_is_refused_and_drained(env, good):
     env.assert_still_serving()
 
 
-def test_even_a_signed_message_may_not_exceed_max_frames(env, good):
+def test_even_a_signed_message_may_not_exceed_max_frames(env, good, monkeypatch):
     conn, got = good
-    too_many = Message(MsgType.PUT_OBJECT, {"p": "too many"}, [b"b"] * (_config.MAX_FRAMES - 2))
-    conn.send(too_many)  # MAGIC + signature + header + buffers = MAX_FRAMES + 1
+    # Every buffer its own frame (small ones normally ride inside the header).
+    monkeypatch.setattr(_protocol, "SMALL_BUFFER", -1)
+    too_many = Message(MsgType.PUT_OBJECT, {"p": "too many"}, [b"b"] * _config.MAX_FRAMES)
+    conn.send(too_many)  # header frame + buffers = MAX_FRAMES + 1
     env.wait_rejections(1, "frames in one message")
     assert "too many" not in env.server.payloads()
 
     at_limit = Message(
         MsgType.PUT_OBJECT,
         {"p": "at the limit"},
-        [pickle.dumps(0)] + [b"b"] * (_config.MAX_FRAMES - 4),
+        [pickle.dumps(0)] + [b"b"] * (_config.MAX_FRAMES - 2),
     )
     conn.send(at_limit)
     env.pump(lambda: "at the limit" in env.server.payloads())
     (msg,) = [m for m in env.server.messages if m.body == {"p": "at the limit"}]
-    assert len(msg.frames) == _config.MAX_FRAMES - 3
+    assert len(msg.frames) == _config.MAX_FRAMES - 1
     env.round_trip(conn, got, "after the limits")
 
 
@@ -396,10 +400,12 @@ def test_a_pickle_in_an_unauthenticated_message_is_never_loaded(env, good, tmp_p
     bad, _ = env.connect(OTHER_KEY)
     bad.send(Message(MsgType.PUT_OBJECT, {"p": "evil"}, [payload]))
     # Not signed at all, from a raw socket, both as a first message and after a HELLO.
-    header = msgpack.packb((int(MsgType.PUT_OBJECT), 2, {"p": "evil"}), use_bin_type=True)
+    header = msgpack.packb(
+        (int(MsgType.PUT_OBJECT), 2, {"p": "evil"}, [payload]), use_bin_type=True
+    )
     raw = env.raw()
-    raw.send([MAGIC, os.urandom(32), header, payload])
-    raw.send([MAGIC, b"\x00" * 32, header, payload])
+    raw.send([MAGIC + os.urandom(32) + header, payload])
+    raw.send([MAGIC + b"\x00" * 32 + header])
     env.wait_rejections(4, "signature mismatch")
     assert not target.exists()
     assert "evil" not in env.server.payloads()
