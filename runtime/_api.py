@@ -22,6 +22,7 @@ from ._core import CoreWorker, print_log_lines
 from ._protocol import Message, MsgType
 from ._refs import ObjectRef, ObjectRefGenerator
 from ._runtime_context import RuntimeContext
+from ._serialization import check_picklable
 from .exceptions import GetTimeoutError
 
 M = MsgType
@@ -390,7 +391,7 @@ def put(value: Any) -> ObjectRef:
         raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself instead")
     core = _auto_init()
     try:
-        sv = core.serialize_arg(value, "the value")
+        sv = check_picklable(value, "the value")
     except TypeError as exc:
         raise TypeError(
             f"put() could not serialize a value of type {type(value).__name__}: {exc.__cause__ or exc}"

@@ -32,7 +32,7 @@ from . import _config, _shm
 from ._ids import IdFactory, owner_of
 from ._ioloop import IOLoop
 from ._protocol import Message, MsgType, Signer
-from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize, serialize_error
+from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize_error
 from ._transport import Connection
 from .exceptions import (
     GetTimeoutError,
@@ -297,13 +297,17 @@ class CoreWorker:
     # -- reference counting ------------------------------------------------------------
     def incref(self, oid: bytes) -> None:
         with self._lock:
-            n = self._refcounts.get(oid, 0)
-            self._refcounts[oid] = n + 1
-            if n == 0 and oid[:8] != self.worker_id:
-                # A borrowed ref: the store must know this process holds it.
-                self.borrow_adds += 1
-                self._store_held.add(oid)
-                self._ref_op(oid, 1)
+            self._count_ref(oid)
+
+    def _count_ref(self, oid: bytes) -> None:
+        """One more local ref to ``oid``; must hold the lock."""
+        n = self._refcounts.get(oid, 0)
+        self._refcounts[oid] = n + 1
+        if n == 0 and oid[:8] != self.worker_id:
+            # A borrowed ref: the store must know this process holds it.
+            self.borrow_adds += 1
+            self._store_held.add(oid)
+            self._ref_op(oid, 1)
 
     def decref(self, oid: bytes) -> None:
         # Called from __del__, possibly inside a locked region of this very thread: only
@@ -457,13 +461,7 @@ class CoreWorker:
     def _pin(self, oid: bytes) -> Any:
         from ._refs import ObjectRef
 
-        # Counted by hand: incref would take the lock we already hold.
-        n = self._refcounts.get(oid, 0)
-        self._refcounts[oid] = n + 1
-        if n == 0 and oid[:8] != self.worker_id:
-            self.borrow_adds += 1
-            self._store_held.add(oid)
-            self._ref_op(oid, 1)
+        self._count_ref(oid)  # not incref: the caller holds the lock already
         return ObjectRef(oid, self, _counted=True)
 
     def store_large(
@@ -665,14 +663,6 @@ class CoreWorker:
         return obj
 
     # -- submitting --------------------------------------------------------------------
-    def serialize_arg(self, value: Any, what: str) -> SerializedValue:
-        try:
-            return serialize(value)
-        except Exception as exc:
-            raise TypeError(
-                f"could not serialize {what} of type {type(value).__name__}: {exc}"
-            ) from exc
-
     def next_stream_item(self, task_id: bytes, index: int, timeout: float | None) -> Any:
         return self.tasks.next_stream_item(task_id, index, timeout)
 

@@ -8,7 +8,7 @@ from . import _config, _worker_context
 from ._ids import return_id
 from ._options import TASK_OPTIONS, resource_request, validate
 from ._refs import ObjectRef, ObjectRefGenerator
-from ._serialization import pickle_definition
+from ._serialization import check_picklable, pickle_definition
 from ._task_submitter import STREAMING, TaskSpec
 
 
@@ -29,7 +29,7 @@ def encode_call_args(
             spec.args.append((1, value))
             continue
         try:
-            sv = core.serialize_arg(value, "")
+            sv = check_picklable(value, "")
         except TypeError as exc:
             raise TypeError(
                 f"could not serialize {_arg_name(fn, i, len(args), spec.kwnames)} of {what}: {exc.__cause__ or exc}"
