@@ -112,7 +112,6 @@ class CoreWorker:
         self.borrow_adds = 0  # how many borrowed refs were taken; a worker checks it per task
         self._req_ids = itertools.count(1)
         self._replies: dict[int, _Reply] = {}
-        self._get_handlers: dict[int, Callable[[list[Any], Sequence[Any]], None]] = {}
         # A worker's handler for what the head sends to workers only (BECOME_ACTOR, ...);
         # given here because such a message can arrive right after the WELCOME.
         self.worker_hooks = worker_hooks
@@ -383,9 +382,6 @@ class CoreWorker:
         self._replies[rid] = reply
         self.post(self._flush_refs, rid)
         self._wait_event(reply.event, 30)
-
-    def local_refcount(self, oid: bytes) -> int:
-        return self._refcounts.get(oid, 0)
 
     # -- values ------------------------------------------------------------------------
     def resolve(self, oid: bytes, value: Value) -> None:

@@ -14,9 +14,7 @@ can tell who to blame when an object never arrives: the owner is known without a
 from __future__ import annotations
 
 import itertools
-import os
 import struct
-import threading
 
 WORKER_ID_SIZE = 8
 TASK_ID_SIZE = 16
@@ -24,11 +22,6 @@ OBJECT_ID_SIZE = 20
 
 _pack_counter = struct.Struct(">Q").pack
 _pack_index = struct.Struct(">I").pack
-_unpack_index = struct.Struct(">I").unpack
-
-
-def random_id(size: int) -> bytes:
-    return os.urandom(size)
 
 
 class IdFactory:
@@ -36,8 +29,8 @@ class IdFactory:
 
     def __init__(self, worker_id: bytes) -> None:
         self.worker_id = worker_id
+        # next() on itertools.count is atomic under the GIL: safe from any thread.
         self._counter = itertools.count(1)
-        self._lock = threading.Lock()
 
     def task_id(self) -> bytes:
         return self.worker_id + _pack_counter(next(self._counter))
@@ -53,11 +46,3 @@ def return_id(task_id: bytes, index: int) -> bytes:
 
 def owner_of(object_id: bytes) -> bytes:
     return object_id[:WORKER_ID_SIZE]
-
-
-def task_of(object_id: bytes) -> bytes:
-    return object_id[:TASK_ID_SIZE]
-
-
-def index_of(object_id: bytes) -> int:
-    return int(_unpack_index(object_id[TASK_ID_SIZE:OBJECT_ID_SIZE])[0])

@@ -82,14 +82,12 @@ class MsgType(enum.IntEnum):
     GET_OBJECTS = 44
     OBJECTS = 45
     REF_UPDATES = 46
-    PROMISE_OBJECT = 47
     FLUSHED = 48
     # cluster information and logs
     CLUSTER_INFO = 50
     CLUSTER_INFO_REPLY = 51
     LOG_LINES = 52
     EXIT = 53
-    REQUEST = 54
     REPLY = 55
     LIST_OBJECTS = 56
 

@@ -12,7 +12,6 @@ Plain data is pickled with the C pickler; anything it refuses (lambdas, classes 
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 import threading
 import traceback
@@ -143,10 +142,3 @@ def check_picklable(value: Any, what: str) -> SerializedValue:
         raise TypeError(
             f"could not serialize {what} of type {type(value).__name__}: {exc}"
         ) from exc
-
-
-def dumps_inline(value: Any) -> bytes:
-    """A value as one self-contained byte string (no out-of-band buffers)."""
-    buf = io.BytesIO()
-    cloudpickle.dump(value, buf, protocol=5)
-    return buf.getvalue()

@@ -241,10 +241,6 @@ class Listener:
         self.sock.close(linger=0)
 
 
-class ConnectionRefused(ConnectionError):
-    pass
-
-
 class Connection:
     """A DEALER socket to one Listener. Sends HELLO at once; expects WELCOME first."""
 

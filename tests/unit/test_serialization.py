@@ -13,7 +13,6 @@ from shoal._serialization import (
     FLAG_ERROR,
     check_picklable,
     deserialize,
-    dumps_inline,
     pickle_definition,
     serialize,
     serialize_error,
@@ -146,14 +145,6 @@ def test_a_non_contiguous_array_is_copied_in_band():
     sv = serialize(array)
     assert sv.buffers == []
     np.testing.assert_array_equal(deserialize(sv.data, sv.buffers), array)
-
-
-def test_dumps_inline_is_self_contained():
-    array = np.arange(1000)
-    np.testing.assert_array_equal(pickle.loads(dumps_inline(array)), array)
-
-
-# -- contained refs -------------------------------------------------------------------------
 
 
 def test_refs_inside_a_value_are_collected(core):
