@@ -16,21 +16,17 @@ the head shuts down and cleans up after it.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
 import zmq
 
 from . import _actor_directory as ad
-from . import _config
 from . import _scheduler as sch
 from ._ioloop import IOLoop
 from ._object_store import (
@@ -47,6 +43,7 @@ from ._resources import as_floats, to_fixed
 from ._session import Session, clean_dead_sessions, remove_segments
 from ._shm import copy_file, free_bytes, unlink
 from ._transport import Listener
+from ._worker_processes import WorkerProcesses
 from ._zygote import Zygote, become_subreaper
 
 log = logging.getLogger("shoal.head")
@@ -70,38 +67,6 @@ class _Peer:
         self.pidfd: int | None = None
 
 
-class _WorkerProc:
-    """A worker process that is our child, however it was started (Popen or zygote)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self.returncode = -signal.SIGKILL  # reaped elsewhere; it is gone
-                return self.returncode
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
-            time.sleep(0.005)
-        assert self.returncode is not None
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            os.kill(self.pid, sig)
-
-
 class Head:
     def __init__(
         self,
@@ -113,7 +78,6 @@ class Head:
         self.session = session
         self.args = args
         self.node_id = node_id
-        self.zygote = zygote
         self.loop = IOLoop()
         self.ctx = zmq.Context()
         self.signer = Signer(session.read_key())
@@ -150,15 +114,10 @@ class Head:
         self.by_wid: dict[bytes, _Peer] = {}
         self.jobs: dict[int, _Peer] = {}
         self.next_job = 1
-        self.procs: dict[bytes, _WorkerProc] = {}
-        self.spawning: set[bytes] = set()  # asked of the zygote, pid not known yet
-        self.proc_fds: dict[bytes, int] = {}
+        self.workers = WorkerProcesses(self.loop, session.logs, zygote, self._worker_exited)
         self.exiting = False
         self.started_at = time.time()
-        self.worker_env = dict(os.environ)
         self.loop.call_later(1.0, self._tick)
-        if zygote is not None:
-            self.loop.add_reader(zygote.replies, self._zygote_replies)
 
     # -- lifecycle ---------------------------------------------------------------------
     def run(self) -> None:
@@ -194,18 +153,7 @@ class Head:
         self.loop.stop()
 
     def _cleanup(self) -> None:
-        if self.zygote is not None:
-            self.loop.remove_reader(self.zygote.replies)
-            self.zygote.close()
-        for proc in self.procs.values():
-            _signal(proc, signal.SIGTERM)
-        deadline = time.monotonic() + _config.KILL_GRACE_SECONDS
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal(proc, signal.SIGKILL)
-                proc.wait()
+        self.workers.stop_all()
         for entry in self.store.objects.values():
             if entry.path:
                 unlink(entry.path)
@@ -214,25 +162,8 @@ class Head:
         self.ctx.term()
         shutil.rmtree(self.session.path, ignore_errors=True)
 
-    def _reap_strays(self) -> None:
-        """As a subreaper we inherit orphans (say, a task's own subprocesses); reap them."""
-        known = {p.pid for p in self.procs.values()}
-        if self.zygote is not None:
-            known.add(self.zygote.pid)
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return
-            if info is None or info.si_pid in known:
-                return
-            try:
-                os.waitpid(info.si_pid, 0)
-            except ChildProcessError:
-                return
-
     def _tick(self) -> None:
-        self._reap_strays()
+        self.workers.reap_strays()
         self._act_sched(self.scheduler.handle(sch.TickEvent()))
         self._act_store(self.store.expire_pool())
         self.loop.call_later(0.25, self._tick)
@@ -269,7 +200,7 @@ class Head:
             welcome["job"] = peer.job
             self._watch_pid(peer)
         else:
-            if wid not in self.procs and wid not in self.spawning:
+            if not self.workers.known(wid):
                 raise ProtocolError("unknown worker")
             # After the transport has accepted the peer, so that a grant made at once can
             # already send to it.
@@ -308,80 +239,10 @@ class Head:
             self.shutdown()
 
     # -- worker processes --------------------------------------------------------------
-    def _start_worker(self, wid: bytes) -> None:
-        if self.zygote is not None:
-            try:
-                self.zygote.spawn(wid.hex())
-                self.spawning.add(wid)
-                return
-            except OSError:
-                self._zygote_gone()
-        env = dict(self.worker_env)
-        env["SHOAL_WORKER_ID"] = wid.hex()
-        logpath = os.path.join(self.session.logs, f"worker-{wid.hex()}.log")
-        with open(logpath, "ab") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "shoal._worker"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-                close_fds=True,
-            )
-        self._watch_worker(wid, proc.pid)
-
-    def _watch_worker(self, wid: bytes, pid: int) -> None:
-        self.procs[wid] = _WorkerProc(pid)
-        fd = os.pidfd_open(pid)
-        self.proc_fds[wid] = fd
-        self.loop.add_reader(fd, lambda: self._worker_exited(wid))
-
-    def _zygote_replies(self) -> None:
-        assert self.zygote is not None
-        replies = self.zygote.read_replies()
-        if replies is None:
-            self._zygote_gone()
-            return
-        for worker_hex, pid in replies:
-            wid = bytes.fromhex(worker_hex)
-            self.spawning.discard(wid)
-            try:
-                self._watch_worker(wid, pid)
-            except OSError:  # it died already; its exit is reaped as we are its parent
-                self._act_sched(
-                    self.scheduler.handle(sch.WorkerExitedEvent(wid, "exited at start"))
-                )
-
-    def _zygote_gone(self) -> None:
-        """Fall back to starting workers with a fresh interpreter each."""
-        if self.zygote is None:
-            return
-        log.warning("the worker zygote exited; starting workers the slow way from now on")
-        self.loop.remove_reader(self.zygote.replies)
-        self.zygote.close()
-        self.zygote = None
-        pending, self.spawning = self.spawning, set()
-        for wid in pending:
-            self._start_worker(wid)
-
-    def _worker_exited(self, wid: bytes) -> None:
-        proc = self.procs.pop(wid)
-        fd = self.proc_fds.pop(wid)
-        self.loop.remove_reader(fd)
-        os.close(fd)
-        code = proc.wait()
-        reason = (
-            f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        )
+    def _worker_exited(self, wid: bytes, reason: str) -> None:
         self._process_gone(wid, reason)
         self._act_actors(self.actors.worker_exited(wid, reason))
         self._act_sched(self.scheduler.handle(sch.WorkerExitedEvent(wid, reason)))
-
-    def _kill_worker(self, wid: bytes) -> None:
-        proc = self.procs.get(wid)
-        if proc is not None:
-            _signal(proc, signal.SIGKILL)
 
     # -- actions -----------------------------------------------------------------------
     def _send(self, wid: bytes, msg: Message) -> bool:
@@ -418,9 +279,9 @@ class Head:
             elif isinstance(a, sch.Queued):
                 self._send(a.owner, Message(M.LEASE_QUEUED, {"r": a.req_id}))
             elif isinstance(a, sch.StartWorker):
-                self._start_worker(a.worker_id)
+                self.workers.start(a.worker_id)
             elif isinstance(a, sch.KillWorker):
-                self._kill_worker(a.worker_id)
+                self.workers.kill(a.worker_id)
             elif isinstance(a, sch.NotifyWorkerLost) and a.actor_id is None:
                 self._send(a.owner, Message(M.WORKER_DIED, {"w": a.worker_id, "e": a.reason}))
 
@@ -440,7 +301,7 @@ class Head:
                 for sub in a.subscribers:
                     self._send(sub, Message(M.ACTOR_UPDATE, body, frames))
             elif isinstance(a, ad.KillActorWorker):
-                self._kill_worker(a.worker_id)
+                self.workers.kill(a.worker_id)
 
     def _act_store(self, actions: list[Any]) -> None:
         for a in actions:
@@ -505,7 +366,7 @@ class Head:
         if w is None or w.owner != peer.wid:
             return
         if body.get("force"):
-            self._kill_worker(wid)
+            self.workers.kill(wid)
         else:
             self._send(wid, Message(M.CANCEL_TASK, {"t": body["t"]}))
 
@@ -711,23 +572,6 @@ def _spill_file(src: str, dst: str) -> str | None:
         unlink(dst)
         return str(exc)
     return None
-
-
-def _signal(proc: _WorkerProc, sig: int) -> None:
-    try:
-        proc.send_signal(sig)
-    except ProcessLookupError:
-        pass
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In a child before exec: get SIGKILL when the head dies, however it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    os.setpgid(0, 0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,196 @@
+"""The head's worker processes: starting them (zygote or fresh interpreter), watching them
+through pidfds, reaping them, and killing them.
+
+    WorkerProcesses.start(wid) --> zygote fork (pid reported later) or Popen
+    pidfd readable             --> reap, then on_exit(wid, "exit code 1" / "killed by signal SIGKILL")
+
+Only IO here; what a death means (leases, actors, objects) is the head's business.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from . import _config
+from ._ioloop import IOLoop
+from ._zygote import Zygote
+
+log = logging.getLogger("shoal.head")
+
+
+class WorkerProc:
+    """A worker process that is our child, however it was started."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -signal.SIGKILL  # reaped elsewhere; it is gone
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+    def signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class WorkerProcesses:
+    def __init__(
+        self,
+        loop: IOLoop,
+        logs_dir: str,
+        zygote: Zygote | None,
+        on_exit: Callable[[bytes, str], None],
+    ) -> None:
+        self.loop = loop
+        self.logs_dir = logs_dir
+        self.zygote = zygote
+        self.on_exit = on_exit
+        self.procs: dict[bytes, WorkerProc] = {}
+        self.fds: dict[bytes, int] = {}
+        self.spawning: set[bytes] = set()  # asked of the zygote, pid not known yet
+        self.env = dict(os.environ)
+        if zygote is not None:
+            loop.add_reader(zygote.replies, self._zygote_replies)
+
+    def known(self, wid: bytes) -> bool:
+        return wid in self.procs or wid in self.spawning
+
+    def start(self, wid: bytes) -> None:
+        if self.zygote is not None:
+            try:
+                self.zygote.spawn(wid.hex())
+                self.spawning.add(wid)
+                return
+            except OSError:
+                self._zygote_gone()
+        env = dict(self.env)
+        env["SHOAL_WORKER_ID"] = wid.hex()
+        with open(os.path.join(self.logs_dir, f"worker-{wid.hex()}.log"), "ab") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "shoal._worker"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+                close_fds=True,
+            )
+        self._watch(wid, proc.pid)
+
+    def kill(self, wid: bytes) -> None:
+        proc = self.procs.get(wid)
+        if proc is not None:
+            proc.signal(signal.SIGKILL)
+
+    def reap_strays(self) -> None:
+        """As a subreaper the head inherits orphans (a task's own subprocesses); reap them."""
+        known = {p.pid for p in self.procs.values()}
+        if self.zygote is not None:
+            known.add(self.zygote.pid)
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid in known:
+                return
+            try:
+                os.waitpid(info.si_pid, 0)
+            except ChildProcessError:
+                return
+
+    def stop_all(self) -> None:
+        """SIGTERM every worker, wait a little, SIGKILL the rest; stop the zygote."""
+        if self.zygote is not None:
+            self.loop.remove_reader(self.zygote.replies)
+            self.zygote.close()
+            self.zygote = None
+        for proc in self.procs.values():
+            proc.signal(signal.SIGTERM)
+        deadline = time.monotonic() + _config.KILL_GRACE_SECONDS
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.signal(signal.SIGKILL)
+                proc.wait()
+
+    def _watch(self, wid: bytes, pid: int) -> None:
+        self.procs[wid] = WorkerProc(pid)
+        fd = os.pidfd_open(pid)
+        self.fds[wid] = fd
+        self.loop.add_reader(fd, lambda: self._exited(wid))
+
+    def _exited(self, wid: bytes) -> None:
+        proc = self.procs.pop(wid)
+        fd = self.fds.pop(wid)
+        self.loop.remove_reader(fd)
+        os.close(fd)
+        code = proc.wait()
+        reason = (
+            f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        )
+        self.on_exit(wid, reason)
+
+    def _zygote_replies(self) -> None:
+        assert self.zygote is not None
+        replies = self.zygote.read_replies()
+        if replies is None:
+            self._zygote_gone()
+            return
+        for worker_hex, pid in replies:
+            wid = bytes.fromhex(worker_hex)
+            self.spawning.discard(wid)
+            try:
+                self._watch(wid, pid)
+            except OSError:  # gone already
+                self.on_exit(wid, "exited at start")
+
+    def _zygote_gone(self) -> None:
+        """Fall back to starting workers with a fresh interpreter each."""
+        if self.zygote is None:
+            return
+        log.warning("the worker zygote exited; starting workers the slow way from now on")
+        self.loop.remove_reader(self.zygote.replies)
+        self.zygote.close()
+        self.zygote = None
+        pending, self.spawning = self.spawning, set()
+        for wid in pending:
+            self.start(wid)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: get SIGKILL when the head dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.setpgid(0, 0)
