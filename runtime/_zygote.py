@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import random
 import signal
 import sys
 import time
@@ -139,7 +138,6 @@ def _become_worker(worker_hex: str, head_pid: int, logs_dir: str) -> None:
         os.dup2(log_fd, 2)
         os.closerange(3, 1 << 16)
         os.environ["SHOAL_WORKER_ID"] = worker_hex
-        random.seed()  # forked workers must not share the zygote's random sequence
         from shoal._worker import main
 
         main()
