@@ -9,7 +9,8 @@
 
 Starting a worker this way skips the interpreter start and the imports (about 150 ms on
 this class of machine, against a few ms), which is most of `shoal.init()`'s cold start and
-of the delay before a new actor or a blocked task's extra worker can run.
+of the delay before a new actor or a blocked task's extra worker can run. (Python's
+`random` reseeds itself in a forked child, so workers do not share a random sequence.)
 """
 
 from __future__ import annotations
