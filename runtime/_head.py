@@ -368,7 +368,7 @@ class Head:
         if body.get("force"):
             self.workers.kill(wid)
         else:
-            self._send(wid, Message(M.CANCEL_TASK, {"t": body["t"]}))
+            self._send(wid, Message(M.CANCEL_TASK, {"t": body["t"], "rec": body.get("rec", True)}))
 
     def _h_create_actor(self, peer: _Peer, body: Any, frames: Any) -> None:
         name = str(body.get("name") or "")

@@ -108,13 +108,14 @@ class WorkerProcess:
         if msg.type == M.BECOME_ACTOR:
             self.loop.call_soon_threadsafe(self._become_actor, msg.body, list(msg.frames))
         elif msg.type == M.CANCEL_TASK:
-            self._cancel(msg.body["t"])
+            self._cancel(msg.body["t"], bool(msg.body.get("rec", True)))
         elif msg.type == M.EXIT:
             self.loop.call_soon_threadsafe(self._exit)
 
-    def _cancel(self, task_id: bytes) -> None:
+    def _cancel(self, task_id: bytes, recursive: bool) -> None:
         self.cancelled.add(task_id)
-        self.core.post(self.core.tasks.cancel_children, task_id)
+        if recursive:
+            self.core.post(self.core.tasks.cancel_children, task_id)
         if self.current_task == task_id:
             signal.pthread_kill(self.main_ident, signal.SIGINT)
 
