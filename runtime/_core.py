@@ -17,6 +17,7 @@ node's object store, where this process is registered as a holder.
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import logging
 import os
@@ -653,7 +654,7 @@ class CoreWorker:
                 return self.materialize(self.relocate(oid, value[1]), oid, relocated=True)
             obj = deserialize(data, buffers)
         else:
-            raise value[1]
+            raise _fresh(value[1])
         if flags & FLAG_ERROR:
             raise obj
         return obj
@@ -665,6 +666,19 @@ class CoreWorker:
     def drop_stream(self, task_id: bytes) -> None:
         if not self.closed:
             self.post(self.tasks.drop_stream, task_id)
+
+
+def _fresh(exc: BaseException) -> BaseException:
+    """A copy of a stored error to raise. Raising the stored one would attach the caller's
+    traceback to it, and through the traceback's frames keep the caller's locals (refs
+    among them) alive as long as the error is stored: a leak that no GC can see, since a
+    ref's count lives in a dict, not in Python references."""
+    try:
+        fresh = copy.copy(exc)
+    except Exception:
+        return exc.with_traceback(None)
+    fresh.__traceback__ = None
+    return fresh
 
 
 def print_log_lines(body: dict[str, Any]) -> None:

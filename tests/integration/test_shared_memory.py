@@ -236,3 +236,30 @@ def test_the_next_start_removes_what_a_killed_cluster_left(make_cluster, tmp_pat
             proc.wait()
     make_cluster(num_cpus=1)  # a new cluster's head removes the dead one's segments
     testing.wait_for(lambda: not (left & set(testing.shm_segments())), timeout=20)
+
+
+def test_a_raised_remote_error_does_not_pin_the_callers_refs(make_cluster):
+    make_cluster(num_cpus=2)
+
+    @shoal.remote
+    def slow(x):
+        return x
+
+    def caller():
+        big = shoal.put(np.ones(1 * MB))  # a local of the frame that sees the error
+        failed = slow.remote(1)
+        shoal.cancel(failed)
+        try:
+            shoal.get(failed, timeout=30)
+        except shoal.exceptions.TaskCancelledError:
+            pass
+        try:
+            shoal.get(failed, timeout=30)  # raised twice from the same stored error
+        except shoal.exceptions.TaskCancelledError:
+            pass
+        return big.hex()
+
+    for _ in range(3):
+        caller()
+    # The stored errors must not hold the callers' frames (and their refs) alive.
+    testing.wait_for(lambda: store_stats()["objects"] == 0, timeout=30)
