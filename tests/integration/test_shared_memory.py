@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import numpy as np
+import psutil
 import pytest
 import shoal
 import shoal.state
@@ -172,14 +175,16 @@ def test_a_large_task_result_is_freed_when_its_ref_goes(make_cluster):
     testing.wait_for(lambda: store_stats()["objects"] == 0, timeout=30)
 
 
-def test_killing_the_driver_frees_its_objects(tmp_path):
+@contextlib.contextmanager
+def driver_holding_objects(tmp_path, count: int) -> Iterator[subprocess.Popen[str]]:
+    """A driver process that put ``count`` 8 MB objects and waits; killed on the way out."""
     script = tmp_path / "driver.py"
     script.write_text(
         textwrap.dedent(
-            """
+            f"""
             import sys, numpy as np, shoal
-            shoal.init(num_cpus=2)
-            refs = [shoal.put(np.ones(1 << 20)) for _ in range(5)]
+            shoal.init(num_cpus=1)
+            refs = [shoal.put(np.ones(1 << 20)) for _ in range({count})]
             print("ready", flush=True)
             sys.stdin.read()
             """
@@ -191,49 +196,33 @@ def test_killing_the_driver_frees_its_objects(tmp_path):
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        assert len(testing.shm_segments()) >= 5
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_killing_the_driver_frees_its_objects(tmp_path):
+    with driver_holding_objects(tmp_path, 5) as proc:
+        assert len(testing.shm_segments()) >= 5
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
     testing.assert_no_leaks(timeout=20)
 
 
 def test_the_next_start_removes_what_a_killed_cluster_left(make_cluster, tmp_path):
-    script = tmp_path / "driver.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import sys, numpy as np, shoal
-            shoal.init(num_cpus=1)
-            refs = [shoal.put(np.ones(1 << 20)) for _ in range(3)]
-            print("ready", flush=True)
-            sys.stdin.read()
-            """
-        )
-    )
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
+    with driver_holding_objects(tmp_path, 3) as proc:
         left = set(testing.shm_segments())
         assert len(left) >= 3
         # SIGKILL the head (its workers follow it) and the driver: nobody cleans up.
-        for child in __import__("psutil").Process(proc.pid).children():
+        for child in psutil.Process(proc.pid).children():
             if "shoal._head" in " ".join(child.cmdline()):
                 child.kill()
         proc.kill()
         proc.wait(10)
         testing.wait_for(lambda: not testing.shoal_processes(), timeout=20)
         assert left <= set(testing.shm_segments())
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     make_cluster(num_cpus=1)  # a new cluster's head removes the dead one's segments
     testing.wait_for(lambda: not (left & set(testing.shm_segments())), timeout=20)
 
