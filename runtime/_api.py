@@ -228,11 +228,16 @@ def start_head_process(
     embedded: bool,
     port: int | None = None,
     spill_dir: str | None = None,
+    bind: str | None = None,
+    join: str | None = None,
+    node_ip: str | None = None,
+    key: bytes | None = None,
 ) -> tuple[subprocess.Popen[bytes], _session.Session]:
-    """Start a head in a new process and wait until it serves. Used by init() and the CLI."""
+    """Start a head (or, with ``join``, a node of the head at that address) in a new
+    process and wait until it serves. Used by init() and the CLI."""
     import json
 
-    session = _session.create_session()
+    session = _session.create_session(key)
     ready_r, ready_w = os.pipe()
     cmd = [
         sys.executable,
@@ -255,6 +260,12 @@ def start_head_process(
     ]
     if port is not None:
         cmd += ["--port", str(port)]
+    if bind is not None:
+        cmd += ["--bind", bind]
+    if join is not None:
+        cmd += ["--address", join]
+    if node_ip is not None:
+        cmd += ["--node-ip", node_ip]
     if spill_dir is not None:
         cmd += ["--spill-dir", spill_dir]
     pass_fds = [ready_w]
@@ -300,6 +311,8 @@ def _wait_ready(fd: int, proc: subprocess.Popen[bytes], session: _session.Sessio
     data = os.read(fd, 64) if readable else b""
     if data.startswith(b"ready"):
         return
+    if data.startswith(b"error:"):
+        raise ConnectionError(data[6:].decode(errors="replace").strip())
     try:
         with open(os.path.join(session.logs, "head.log"), errors="replace") as f:
             tail = f.read()[-3000:]

@@ -1,6 +1,7 @@
 """The ``shoal`` command: start, stop and inspect clusters on this machine.
 
-shoal start --head [--port N] [--num-cpus N] [--num-gpus N] [--resources JSON]
+shoal start --head [--port N] [--bind ADDR] [--key-file F] [--num-cpus N] [--resources JSON]
+shoal start --address HEAD:PORT [--key-file F] [--num-cpus N] ...     (join as a node)
 shoal stop
 shoal status
 shoal memory [--json]
@@ -22,9 +23,32 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="shoal", description="Shoal cluster runtime")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    start = sub.add_parser("start", help="start a head node in the background")
-    start.add_argument("--head", action="store_true", help="start a head node (required for now)")
-    start.add_argument("--port", type=int, default=None, help="also listen on tcp://127.0.0.1:PORT")
+    start = sub.add_parser(
+        "start", help="start a head, or a node that joins one, in the background"
+    )
+    start.add_argument("--head", action="store_true", help="start a head node")
+    start.add_argument(
+        "--address", default=None, help="join the head at HOST:PORT as a node (instead of --head)"
+    )
+    start.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="the tcp port to listen on (default: any free port; the address is printed)",
+    )
+    start.add_argument(
+        "--bind",
+        default=None,
+        help="the address the head listens on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)",
+    )
+    start.add_argument(
+        "--key-file",
+        default=None,
+        help="the cluster key: a head uses this file (creating a fresh key there if it does not exist), a node reads it",
+    )
+    start.add_argument(
+        "--node-ip-address", default=None, help="the address other machines reach this one at"
+    )
     start.add_argument("--num-cpus", type=float, default=None)
     start.add_argument("--num-gpus", type=int, default=0)
     start.add_argument(
@@ -66,10 +90,8 @@ def main(argv: list[str] | None = None) -> None:
 def _start(args: argparse.Namespace) -> None:
     from ._api import _default_store_memory, start_head_process
 
-    if not args.head:
-        raise ValueError(
-            "joining another head comes with multi-node support; use `shoal start --head`"
-        )
+    if args.head == bool(args.address):
+        raise ValueError("pass either --head (start a head) or --address HOST:PORT (join one)")
     try:
         resources = json.loads(args.resources)
     except json.JSONDecodeError as exc:
@@ -81,7 +103,36 @@ def _start(args: argparse.Namespace) -> None:
     num_cpus = args.num_cpus if args.num_cpus is not None else (os.cpu_count() or 1)
     if num_cpus < 0 or args.num_gpus < 0:
         raise ValueError("--num-cpus and --num-gpus must be >= 0")
+    if args.port is not None and not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be a port number, got {args.port}")
     store = args.object_store_memory or _default_store_memory()
+    if args.head:
+        key, key_path = _head_key(args.key_file)
+        port = 0 if args.port is None else args.port  # 0: any free port (it is printed)
+        proc, session = start_head_process(
+            num_cpus=num_cpus,
+            num_gpus=args.num_gpus,
+            resources=resources,
+            object_store_memory=store,
+            embedded=False,
+            port=port,
+            bind=args.bind or "127.0.0.1",
+            node_ip=args.node_ip_address,
+            key=key,
+        )
+        info = session.head_info() or {}
+        address = str(info.get("tcp", "")).removeprefix("tcp://")
+        print(f"Started a Shoal head (pid {proc.pid}).")
+        print(f"  address:   {address}")
+        print(f"  key file:  {key_path or session.key_path}")
+        print(f"  session:   {session.path}")
+        print("Join another machine to it with:")
+        print(f"  shoal start --address {address} --key-file {key_path or session.key_path}")
+        print(
+            'Connect from Python on this machine with shoal.init(address="auto"); stop it with `shoal stop`.'
+        )
+        return
+    key = _node_key(args.key_file, args.address)
     proc, session = start_head_process(
         num_cpus=num_cpus,
         num_gpus=args.num_gpus,
@@ -89,14 +140,52 @@ def _start(args: argparse.Namespace) -> None:
         object_store_memory=store,
         embedded=False,
         port=args.port,
+        join=args.address,
+        node_ip=args.node_ip_address,
+        key=key,
     )
     info = session.head_info() or {}
-    print(f"Started a Shoal head (pid {proc.pid}).")
-    print(f"  address:   {info.get('tcp') or info.get('address')}")
-    print(f"  key file:  {session.key_path}")
+    print(f"Started a Shoal node (pid {proc.pid}) in the cluster at {args.address}.")
+    print(f"  node id:   {info.get('node_id', '')}")
+    print(f"  node ip:   {info.get('node_ip', '')}")
     print(f"  session:   {session.path}")
-    print(
-        'Connect from Python on this machine with shoal.init(address="auto"); stop it with `shoal stop`.'
+    print("Stop it with `shoal stop`.")
+
+
+def _head_key(path: str | None) -> tuple[bytes | None, str | None]:
+    """The key a head uses: from ``path`` (made there first if missing), else a fresh one."""
+    import secrets
+
+    from ._session import read_key_file, write_key_file
+
+    if path is None:
+        return None, None
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        write_key_file(path, secrets.token_bytes(32))
+    return read_key_file(path), path
+
+
+def _node_key(path: str | None, address: str) -> bytes:
+    """The key a node joins with: --key-file, $SHOAL_CLUSTER_KEY, or a head on this machine."""
+    from ._session import list_session_dirs, open_session, pid_alive, read_key_file
+
+    if path is not None:
+        return read_key_file(os.path.abspath(os.path.expanduser(path)))
+    if os.environ.get("SHOAL_CLUSTER_KEY"):
+        try:
+            return bytes.fromhex(os.environ["SHOAL_CLUSTER_KEY"])
+        except ValueError:
+            raise ValueError("SHOAL_CLUSTER_KEY does not hold a hex key") from None
+    wanted = address if address.startswith("tcp://") else "tcp://" + address
+    for session_dir in list_session_dirs():
+        session = open_session(session_dir)
+        info = session.head_info()
+        if info and info.get("tcp") == wanted and pid_alive(int(info["pid"])):
+            return session.read_key()
+    raise ValueError(
+        f"no key for the cluster at {address}: pass --key-file (the head printed its path) "
+        "or set SHOAL_CLUSTER_KEY"
     )
 
 

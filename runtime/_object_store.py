@@ -41,7 +41,15 @@ class RenameSegment:
     dst: str
 
 
-Action = ReplyObjects | UnlinkSegment | RenameSegment
+@dataclass
+class FreeCopies:
+    """The directory freed an object: every node in ``nodes`` drops its copy."""
+
+    oid: bytes
+    nodes: list[bytes]
+
+
+Action = ReplyObjects | UnlinkSegment | RenameSegment | FreeCopies
 
 # Freed segments of at least this size are kept for a moment and reused by the next object
 # that fits: writing into pages that are already mapped runs at memory speed, while fresh
@@ -65,6 +73,7 @@ class ObjectEntry:
         "frames",
         "holders",
         "last_access",
+        "nodes",
         "oid",
         "path",
         "sealed",
@@ -89,6 +98,8 @@ class ObjectEntry:
         self.last_access = 0
         self.call_site = ""
         self.writer = b""  # the process writing the segment, until it is sealed
+        # In the cluster's directory: the nodes whose stores hold a copy (no path here).
+        self.nodes: set[bytes] | None = None
 
 
 class StoreFull(Exception):
@@ -277,6 +288,41 @@ class ObjectStore:
             return []
         return self._seal(entry, flags, contained, holder)
 
+    def seal_at(
+        self,
+        oid: bytes,
+        node: bytes,
+        size: int,
+        flags: int,
+        contained: list[bytes],
+        holder: bytes | None,
+        call_site: str = "",
+    ) -> list[Action]:
+        """Directory: ``oid`` was sealed in the store of ``node`` (its first copy)."""
+        entry = self._entry(oid)
+        if entry.sealed:
+            return self.add_copy(oid, node)
+        entry.nodes = {node}
+        entry.size = size
+        entry.call_site = call_site
+        return self._seal(entry, flags, contained, holder)
+
+    def add_copy(self, oid: bytes, node: bytes) -> list[Action]:
+        """Directory: ``node`` made a copy of ``oid``. A copy of a freed object is dropped."""
+        entry = self.objects.get(oid)
+        if entry is None or not entry.sealed or entry.nodes is None:
+            return [FreeCopies(oid, [node])]
+        entry.nodes.add(node)
+        return []
+
+    def node_gone(self, node: bytes) -> list[Action]:
+        """Directory: a node left; its copies are gone. Objects left without a copy stay
+        known (their holders get ObjectLostError when they read them)."""
+        for entry in self.objects.values():
+            if entry.nodes is not None:
+                entry.nodes.discard(node)
+        return []
+
     def _seal(
         self, entry: ObjectEntry, flags: int, contained: list[bytes], holder: bytes | None
     ) -> list[Action]:
@@ -367,6 +413,8 @@ class ObjectStore:
                 continue  # being written
             if self.objects.pop(e.oid, None) is None:
                 continue
+            if e.nodes:
+                actions.append(FreeCopies(e.oid, sorted(e.nodes)))
             if e.path is not None:
                 if (
                     self.recycle
@@ -408,9 +456,12 @@ class ObjectStore:
         for e in self.objects.values():
             if not e.sealed:
                 continue
-            place = (
-                "inline" if e.frames is not None else ("spilled" if e.spilled else "shared_memory")
-            )
+            if e.frames is not None:
+                place = "inline"
+            elif e.nodes is not None:
+                place = "node"
+            else:
+                place = "spilled" if e.spilled else "shared_memory"
             out.append(
                 {
                     "object_id": e.oid.hex(),
@@ -420,6 +471,7 @@ class ObjectStore:
                     "contained_in": e.containers,
                     "owner": owner_of(e.oid).hex(),
                     "call_site": e.call_site,
+                    "nodes": sorted(n.hex() for n in e.nodes or ()),
                 }
             )
         return out

@@ -90,6 +90,28 @@ class MsgType(enum.IntEnum):
     EXIT = 53
     REPLY = 55
     LIST_OBJECTS = 56
+    # node manager <-> control store (see _control_store.py)
+    NODE_UPDATE = 60
+    NODE_LEAVE = 61
+    PROC_JOINED = 62
+    PROC_GONE = 63
+    UP = 64
+    DOWN = 65
+    ROUTE = 66
+    TO_NODE = 67
+    SPILL_LEASE = 68
+    ACTOR_LEASE = 69
+    ACTOR_LEASE_RESULT = 70
+    KILL_WORKER = 71
+    OWNER_GONE = 72
+    LOCATE = 73
+    LOCATED = 74
+    OBJECT_SEALED = 75
+    OBJECT_COPIED = 76
+    FREE_OBJECTS = 77
+    # node manager <-> node manager: object transfer
+    PULL = 78
+    CHUNK = 79
 
 
 class ProtocolError(Exception):

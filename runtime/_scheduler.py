@@ -32,6 +32,9 @@ class RequestLeaseEvent:
     req_id: int
     resources: Resources
     actor_id: bytes | None = None
+    # In a cluster: True when the control store already chose this node (no spillback).
+    nospill: bool = False
+    strategy: object = None  # "SPREAD" or a node-affinity dict: the control store decides
 
 
 @dataclass
@@ -125,6 +128,14 @@ class Revoke:
 
 
 @dataclass
+class Spill:
+    """This node cannot serve the request now (or its strategy is not this node's call):
+    the control store picks a node for it."""
+
+    request: RequestLeaseEvent
+
+
+@dataclass
 class StartWorker:
     worker_id: bytes
 
@@ -142,7 +153,7 @@ class NotifyWorkerLost:
     actor_id: bytes | None
 
 
-Action = Grant | Reject | Queued | Revoke | StartWorker | KillWorker | NotifyWorkerLost
+Action = Grant | Reject | Queued | Revoke | Spill | StartWorker | KillWorker | NotifyWorkerLost
 
 
 @dataclass
@@ -166,6 +177,7 @@ class NodeScheduler:
         pool_size: int,
         max_workers: int | None = None,
         clock: Callable[[], float] | None = None,
+        cluster: bool = False,
     ) -> None:
         import time
 
@@ -179,6 +191,9 @@ class NodeScheduler:
         self.clock = clock or time.monotonic
         self.workers: dict[bytes, _Worker] = {}
         self.pending: list[RequestLeaseEvent] = []
+        # Part of a cluster: requests this node cannot serve at once go to the control
+        # store instead of waiting here (spillback), unless it sent them here.
+        self.cluster = cluster
         self._told_queued: set[int] = set()  # ids of pending requests whose owner knows
 
     # -- queries -----------------------------------------------------------------------
@@ -201,9 +216,20 @@ class NodeScheduler:
     def handle(self, event: Event) -> list[Action]:
         actions: list[Action] = []
         if isinstance(event, RequestLeaseEvent):
-            if not fits(self.total, event.resources) or (
+            infeasible = not fits(self.total, event.resources) or bool(
                 event.resources.get("GPU", 0) and self.gpus_infeasible(event.resources["GPU"])
+            )
+            if (
+                self.cluster
+                and not event.nospill
+                and (
+                    infeasible
+                    or event.strategy is not None
+                    or not fits(self.available, event.resources)
+                )
             ):
+                return [Spill(event)]
+            if infeasible:
                 actions.append(
                     Reject(
                         event.owner, event.req_id, self._infeasible(event.resources), event.actor_id

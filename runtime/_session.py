@@ -67,7 +67,8 @@ class Session:
             return None
 
 
-def create_session() -> Session:
+def create_session(key: bytes | None = None) -> Session:
+    """A new session directory; ``key`` is the cluster's (a node joining a head), or fresh."""
     base = base_dir()
     os.makedirs(base, mode=0o700, exist_ok=True)
     tag = secrets.token_hex(4)
@@ -75,7 +76,7 @@ def create_session() -> Session:
     path = os.path.join(base, name)
     os.mkdir(path, 0o700)
     os.mkdir(os.path.join(path, "logs"), 0o700)
-    write_key_file(os.path.join(path, KEY_FILE), secrets.token_bytes(32))
+    write_key_file(os.path.join(path, KEY_FILE), key or secrets.token_bytes(32))
     latest = os.path.join(base, LATEST)
     tmp_link = latest + f".{tag}"
     os.symlink(name, tmp_link)

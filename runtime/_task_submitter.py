@@ -420,12 +420,13 @@ class TaskSubmitter:
         lease.conn.conn.send(Message(M.PUSH_TASK, body, frames))
 
     def connection(self, address: str) -> _WorkerConn:
+        """The connection to a worker; ``address`` lists its ipc and tcp addresses."""
         wc = self.conns.get(address)
         if wc is None:
             conn = Connection(
                 self.core.ctx,
                 self.core.signer,
-                address,
+                pick_address(address, self.core.session_path),
                 {"role": self.core.role, "wid": self.core.worker_id, "pid": self.core.pid},
                 self.on_worker_message,
             )
@@ -694,3 +695,15 @@ class TaskSubmitter:
                 if stream.done is None:
                     stream.done = len(stream.items)
                 stream.cond.notify_all()
+
+
+def pick_address(addresses: str, session_path: str) -> str:
+    """ipc for a worker of this node (its socket is in our session directory), else tcp."""
+    choices = addresses.split()
+    for address in choices:
+        if address.startswith("ipc://") and session_path and address[6:].startswith(session_path):
+            return address
+    for address in choices:
+        if address.startswith("tcp://"):
+            return address
+    return choices[0]

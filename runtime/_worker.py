@@ -62,6 +62,10 @@ class WorkerProcess:
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.listener = Listener(self.ctx, Signer(key), self._on_hello, self._on_message)
         self.address = self.listener.bind(f"ipc://{session}/w-{self.worker_id.hex()}.sock")
+        node_ip = os.environ.get("SHOAL_NODE_IP")
+        if node_ip:
+            # Callers on other nodes reach this worker over tcp; ours keep using ipc.
+            self.address += " " + self.listener.bind(f"tcp://{node_ip}:*")
         self.loop.add_reader(self.listener.sock, self.listener.handle_readable)
         self.core = CoreWorker(
             role="worker",

@@ -1,0 +1,700 @@
+"""The node manager: one per machine, Ray's raylet. Its node's leases, workers and store.
+
+    drivers, workers --(ipc)--> NodeManager.on_message
+        REQUEST_LEASE, RETURN_LEASE, BLOCKED ...   NodeScheduler (leases, worker pool)
+        CREATE_OBJECT, SEAL_OBJECT, GET_OBJECTS    the node's ObjectStore (capacity, spill)
+        anything else                              up to the control store (UP)
+    other node managers --(tcp)--> PULL: chunks of this node's objects
+    control store --> on_control: DOWN (to a local process), TO_NODE, ACTOR_LEASE, ...
+
+The local store keeps each object's file until the control store's directory frees it
+(FREE_OBJECTS): reference counts are the directory's, kept for the whole cluster. A read
+of an object this node does not have asks the directory where it is (LOCATE), then pulls
+it from a node that has it (``_transfer.Pull``) into this node's shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from . import _scheduler as sch
+from ._ioloop import IOLoop
+from ._object_store import (
+    ObjectStore,
+    RenameSegment,
+    ReplyObjects,
+    StoreFull,
+    UnlinkSegment,
+)
+from ._protocol import Message, MsgType, ProtocolError, Signer
+from ._resources import as_floats
+from ._session import Session
+from ._shm import copy_file, free_bytes, unlink
+from ._transfer import ChunkServer, Pull
+from ._transport import Connection, Listener
+from ._worker_processes import WorkerProcesses
+from ._zygote import Zygote
+
+log = logging.getLogger("shoal.node")
+
+M = MsgType
+
+# The holder that pins every object in a node's store until the directory frees it.
+DIRECTORY_PIN = b"\x00directory"
+
+# Messages a node manager serves itself; everything else from a local process goes up.
+NODE_LEVEL = frozenset(
+    {
+        M.REQUEST_LEASE,
+        M.CANCEL_LEASE_REQUEST,
+        M.RETURN_LEASE,
+        M.BLOCKED,
+        M.UNBLOCKED,
+        M.CANCEL_TASK,
+        M.CREATE_OBJECT,
+        M.SEAL_OBJECT,
+        M.GET_OBJECTS,
+    }
+)
+
+# How often a node reports its resources when nothing changes (a heartbeat), and the
+# shortest gap between two reports when they do change.
+UPDATE_SECONDS = 1.0
+UPDATE_MIN_GAP = 0.02
+
+
+class _Peer:
+    __slots__ = ("addr", "ident", "job", "namespace", "pid", "pidfd", "role", "wid")
+
+    def __init__(
+        self, ident: bytes, wid: bytes, role: str, pid: int, addr: str, namespace: str
+    ) -> None:
+        self.ident = ident
+        self.wid = wid
+        self.role = role
+        self.pid = pid
+        self.addr = addr
+        self.namespace = namespace
+        self.job = 0
+        self.pidfd: int | None = None
+
+
+class NodeManager:
+    def __init__(
+        self,
+        loop: IOLoop,
+        ctx: zmq.Context[Any],
+        session: Session,
+        args: argparse.Namespace,
+        node_id: bytes,
+        signer: Signer,
+        zygote: Zygote | None,
+        total: dict[str, int],
+    ) -> None:
+        self.loop = loop
+        self.ctx = ctx
+        self.session = session
+        self.args = args
+        self.node_id = node_id
+        self.signer = signer
+        self.number = 0  # given by the control store: it numbers jobs started here
+        self.listener = Listener(ctx, signer, self._on_hello, self._on_message)
+        self.address = self.listener.bind(session.socket_address("h"))
+        self.tcp_address = ""  # where other nodes (and, on the head, nodes) reach us
+        self.loop.add_reader(self.listener.sock, self.listener.handle_readable)
+        # Hooks for peers that are not local processes (on the head: node links).
+        self.on_foreign_hello: Callable[[bytes, dict[str, Any]], dict[str, Any]] | None = None
+        self.on_foreign_message: Callable[[bytes, Message], None] | None = None
+        self.foreign: set[bytes] = set()
+        self.up: Any = None  # a link to the control store: .send(Message)
+
+        self.scheduler = sch.NodeScheduler(
+            total, pool_size=max(1, int(args.num_cpus)), cluster=True
+        )
+        self.store_capacity = args.object_store_memory
+        self.spill_dir = args.spill_dir or os.path.join(session.path, "spill")
+        os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+        self.store = ObjectStore(
+            self.store_capacity,
+            self._segment_path,
+            lambda wid: True,  # liveness is the directory's business
+            spill=_spill_file,
+            spill_path=lambda oid: os.path.join(self.spill_dir, f"shoal-{session.tag}-{oid.hex()}"),
+            disk_free=lambda: free_bytes(self.spill_dir),
+        )
+        self.store.now = time.monotonic
+
+        self.peers: dict[bytes, _Peer] = {}  # routing identity -> local process
+        self.by_wid: dict[bytes, _Peer] = {}
+        self.next_job = 1
+        self.workers = WorkerProcesses(self.loop, session.logs, zygote, self._worker_exited)
+        self.exiting = False
+        self.on_shutdown: Callable[[], None] | None = None
+        # Reads of objects this node does not have yet: oid -> local readers waiting.
+        self.get_waiters: dict[bytes, list[bytes]] = {}
+        self.locating: set[bytes] = set()
+        self.chunks = ChunkServer(self.store)
+        self.pulls: dict[bytes, Pull] = {}
+        self.node_conns: dict[str, Connection] = {}  # other nodes' addresses -> connection
+        self._update_due = False
+        self._last_update = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._act_sched(self.scheduler.start())
+        self.loop.call_later(0.25, self._tick)
+
+    def cleanup(self) -> None:
+        self.workers.stop_all()
+        for pull in self.pulls.values():
+            pull.abort()
+        for entry in self.store.objects.values():
+            if entry.path:
+                unlink(entry.path)
+        for conn in self.node_conns.values():
+            conn.close()
+        self.chunks.close()
+        self.listener.close()
+
+    def _tick(self) -> None:
+        self.workers.reap_strays()
+        self._act_sched(self.scheduler.handle(sch.TickEvent()))
+        self._act_store(self.store.expire_pool())
+        now = time.monotonic()
+        if now - self._last_update >= UPDATE_SECONDS:
+            self._send_update()
+        self.loop.call_later(0.25, self._tick)
+
+    def status(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {
+            "avail": s.available,
+            "res": s.total,
+            "store": self.store.stats(),
+            "workers": len(s.workers),
+        }
+
+    def _send_update(self) -> None:
+        self._update_due = False
+        self._last_update = time.monotonic()
+        if self.up is not None:
+            self.up.send(Message(M.NODE_UPDATE, self.status()))
+
+    def _resources_changed(self) -> None:
+        if self._update_due:
+            return
+        self._update_due = True
+        gap = UPDATE_MIN_GAP - (time.monotonic() - self._last_update)
+        self.loop.call_later(max(0.0, gap), self._send_update)
+
+    # -- peers -------------------------------------------------------------------------
+    def _on_hello(self, ident: bytes, body: dict[str, Any]) -> dict[str, Any]:
+        role = body.get("role")
+        if role in ("node", "puller"):
+            reply: dict[str, Any] = {"node": self.node_id}
+            if role == "node":
+                if self.on_foreign_hello is None:
+                    raise ProtocolError("only the head takes nodes")
+                reply = self.on_foreign_hello(ident, body)
+            self.foreign.add(ident)
+            return reply
+        wid = body.get("wid")
+        if role not in ("driver", "worker") or not isinstance(wid, bytes) or len(wid) != 8:
+            raise ProtocolError("HELLO needs a role and an 8-byte worker id")
+        if wid in self.by_wid:
+            raise ProtocolError("a process with this worker id is already connected")
+        if role == "worker" and not self.workers.known(wid):
+            raise ProtocolError("unknown worker")
+        peer = _Peer(
+            ident,
+            wid,
+            role,
+            int(body.get("pid", 0)),
+            str(body.get("addr", "")),
+            str(body.get("ns", "")),
+        )
+        self.peers[ident] = peer
+        self.by_wid[wid] = peer
+        welcome: dict[str, Any] = {
+            "node": self.node_id,
+            "tag": self.session.tag,
+            "session": self.session.path,
+            "head_pid": os.getpid(),
+            "tcp": self.tcp_address,
+        }
+        if role == "driver":
+            # Job ids carry the node's number, so that nodes need not ask for them.
+            peer.job = (self.number << 16) | self.next_job
+            self.next_job += 1
+            welcome["job"] = peer.job
+            self._watch_pid(peer)
+        else:
+            # After the transport has accepted the peer, so that a grant made at once can
+            # already send to it.
+            self.loop.call_soon(
+                lambda: self._act_sched(self.scheduler.handle(sch.WorkerRegisteredEvent(wid)))
+            )
+        self.up.send(
+            Message(
+                M.PROC_JOINED,
+                {
+                    "w": wid,
+                    "role": role,
+                    "pid": peer.pid,
+                    "addr": peer.addr,
+                    "ns": peer.namespace,
+                    "job": peer.job,
+                },
+            )
+        )
+        return welcome
+
+    def _watch_pid(self, peer: _Peer) -> None:
+        try:
+            fd = os.pidfd_open(peer.pid)
+        except OSError:
+            return
+        peer.pidfd = fd
+        self.loop.add_reader(fd, lambda: self._process_gone(peer.wid, "exited", False))
+
+    def _process_gone(self, wid: bytes, reason: str, worker: bool) -> None:
+        peer = self.by_wid.pop(wid, None)
+        if peer is not None:
+            self.peers.pop(peer.ident, None)
+            self.listener.forget(peer.ident)
+            if peer.pidfd is not None:
+                self.loop.remove_reader(peer.pidfd)
+                os.close(peer.pidfd)
+        self._act_store(self.store.process_gone(wid))
+        self._act_sched(self.scheduler.handle(sch.OwnerGoneEvent(wid)))
+        if peer is not None or worker:
+            self.up.send(Message(M.PROC_GONE, {"w": wid, "e": reason, "worker": worker}))
+        if (
+            self.args.parent_fd is None
+            and getattr(self.args, "exit_with_driver", False)
+            and peer
+            and peer.role == "driver"
+            and self.on_shutdown is not None
+        ):
+            self.on_shutdown()
+
+    def _worker_exited(self, wid: bytes, reason: str) -> None:
+        self._process_gone(wid, reason, True)
+        self._act_sched(self.scheduler.handle(sch.WorkerExitedEvent(wid, reason)))
+
+    # -- sending -----------------------------------------------------------------------
+    def send(self, wid: bytes, msg: Message) -> bool:
+        """To a process: directly when it is ours, else through the control store."""
+        peer = self.by_wid.get(wid)
+        if peer is not None:
+            return self.listener.send(peer.ident, msg)
+        if len(wid) == 8 and self.up is not None:
+            self.up.send(
+                Message(M.ROUTE, {"w": wid, "t": int(msg.type), "b": msg.body}, msg.frames)
+            )
+            return True
+        return False
+
+    def _act_sched(self, actions: list[sch.Action]) -> None:
+        changed = False
+        for a in actions:
+            if isinstance(a, sch.Grant):
+                changed = True
+                if a.actor_id is not None:
+                    self.up.send(
+                        Message(M.ACTOR_LEASE_RESULT, {"aid": a.actor_id, "w": a.worker_id})
+                    )
+                    continue
+                w = self.by_wid.get(a.worker_id)
+                ok = w is not None and self.send(
+                    a.owner,
+                    Message(
+                        M.LEASE_GRANTED,
+                        {"r": a.req_id, "w": a.worker_id, "a": w.addr, "p": w.pid, "g": a.gpu_ids},
+                    ),
+                )
+                if not ok:
+                    self._act_sched(self.scheduler.handle(sch.ReturnLeaseEvent(a.worker_id)))
+            elif isinstance(a, sch.Spill):
+                r = a.request
+                self.up.send(
+                    Message(
+                        M.SPILL_LEASE,
+                        {"w": r.owner, "r": r.req_id, "res": r.resources, "st": r.strategy},
+                    )
+                )
+            elif isinstance(a, sch.Reject):
+                if a.actor_id is not None:
+                    self.up.send(Message(M.ACTOR_LEASE_RESULT, {"aid": a.actor_id, "e": a.reason}))
+                else:
+                    self.send(a.owner, Message(M.LEASE_FAILED, {"r": a.req_id, "e": a.reason}))
+            elif isinstance(a, sch.Revoke):
+                self.send(a.owner, Message(M.LEASE_REVOKE, {"w": a.worker_id}))
+            elif isinstance(a, sch.Queued):
+                self.send(a.owner, Message(M.LEASE_QUEUED, {"r": a.req_id}))
+            elif isinstance(a, sch.StartWorker):
+                self.workers.start(a.worker_id)
+            elif isinstance(a, sch.KillWorker):
+                changed = True
+                self.workers.kill(a.worker_id)
+            elif isinstance(a, sch.NotifyWorkerLost) and a.actor_id is None:
+                changed = True
+                self.send(a.owner, Message(M.WORKER_DIED, {"w": a.worker_id, "e": a.reason}))
+        if changed or actions:
+            self._resources_changed()
+
+    def _act_store(self, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, ReplyObjects):
+                pass  # local reads are answered by this class, not by the store's waiters
+            elif isinstance(a, UnlinkSegment):
+                unlink(a.path)
+            elif isinstance(a, RenameSegment):
+                try:
+                    os.rename(a.src, a.dst)
+                except OSError as exc:
+                    log.warning("could not reuse segment %s: %s", a.src, exc)
+
+    def _segment_path(self, oid: bytes) -> str:
+        return f"/dev/shm/shoal-{self.session.tag}-{oid.hex()}"
+
+    # -- messages from local processes -------------------------------------------------
+    def _on_message(self, ident: bytes, msg: Message) -> None:
+        peer = self.peers.get(ident)
+        if peer is None:
+            if ident in self.foreign:
+                self._on_foreign(ident, msg)
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s from %s: %.200r", msg.type.name, peer.wid.hex(), msg.body)
+        if msg.type not in NODE_LEVEL:
+            self.up.send(
+                Message(M.UP, {"w": peer.wid, "t": int(msg.type), "b": msg.body}, msg.frames)
+            )
+            return
+        self.handle_for(peer.wid, msg)
+
+    def handle_for(self, wid: bytes, msg: Message) -> None:
+        """Serve a node-level message of process ``wid`` (local, or routed from elsewhere)."""
+        handler = self._handlers.get(msg.type)
+        if handler is None:
+            log.warning("unexpected %s from %s", msg.type.name, wid.hex())
+            return
+        try:
+            handler(self, wid, msg.body, msg.frames)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            # A well-signed but malformed message is a bug in a peer; it must not stop us.
+            log.warning("bad %s from %s: %r", msg.type.name, wid.hex(), exc)
+
+    def _on_foreign(self, ident: bytes, msg: Message) -> None:
+        if msg.type == M.PULL:
+            self.listener.send(ident, self.chunks.serve(msg.body))
+        elif self.on_foreign_message is not None:
+            self.on_foreign_message(ident, msg)
+
+    def _h_request_lease(self, wid: bytes, body: Any, frames: Any) -> None:
+        res = {str(k): int(v) for k, v in body["res"].items()}
+        strategy = body.get("st")
+        nospill = bool(body.get("ns"))
+        if isinstance(strategy, dict) and strategy.get("node") == self.node_id.hex():
+            nospill, strategy = True, None  # affinity to this very node
+        self._act_sched(
+            self.scheduler.handle(
+                sch.RequestLeaseEvent(wid, int(body["r"]), res, None, nospill, strategy)
+            )
+        )
+
+    def _h_cancel_lease_request(self, wid: bytes, body: Any, frames: Any) -> None:
+        self._act_sched(self.scheduler.handle(sch.CancelLeaseRequestEvent(wid, int(body["r"]))))
+        if wid in self.by_wid:
+            # It may have been sent to another node: the control store knows which.
+            self.up.send(Message(M.UP, {"w": wid, "t": int(M.CANCEL_LEASE_REQUEST), "b": body}))
+
+    def _h_return_lease(self, wid: bytes, body: Any, frames: Any) -> None:
+        w = self.scheduler.worker(body["w"])
+        if w is None:
+            if wid in self.by_wid:
+                self.up.send(Message(M.UP, {"w": wid, "t": int(M.RETURN_LEASE), "b": body}))
+            return
+        if w.owner == wid:
+            self._act_sched(
+                self.scheduler.handle(sch.ReturnLeaseEvent(body["w"], bool(body.get("kill"))))
+            )
+
+    def _h_blocked(self, wid: bytes, body: Any, frames: Any) -> None:
+        self._act_sched(self.scheduler.handle(sch.WorkerBlockedEvent(wid)))
+
+    def _h_unblocked(self, wid: bytes, body: Any, frames: Any) -> None:
+        self._act_sched(self.scheduler.handle(sch.WorkerUnblockedEvent(wid)))
+
+    def _h_cancel_task(self, wid: bytes, body: Any, frames: Any) -> None:
+        target = body["w"]
+        w = self.scheduler.worker(target)
+        if w is None:
+            if wid in self.by_wid:
+                self.up.send(Message(M.UP, {"w": wid, "t": int(M.CANCEL_TASK), "b": body}))
+            return
+        if w.owner != wid:
+            return
+        if body.get("force"):
+            self.workers.kill(target)
+        else:
+            self.send(
+                target, Message(M.CANCEL_TASK, {"t": body["t"], "rec": body.get("rec", True)})
+            )
+
+    def _h_create_object(self, wid: bytes, body: Any, frames: Any) -> None:
+        try:
+            path, actions = self.store.reserve(
+                body["o"], int(body["s"]), str(body.get("cs") or ""), wid
+            )
+        except StoreFull as exc:
+            self._act_store(exc.actions)
+            self.send(wid, Message(M.OBJECT_CREATED, {"r": body["r"], "e": str(exc)}))
+            return
+        self._act_store(actions)
+        reuse = any(isinstance(a, RenameSegment) and a.dst == path for a in actions)
+        self.send(wid, Message(M.OBJECT_CREATED, {"r": body["r"], "p": path, "reuse": reuse}))
+
+    def _h_seal_object(self, wid: bytes, body: Any, frames: Any) -> None:
+        oid = body["o"]
+        if body.get("abort"):
+            self._act_store(self.store.abort(oid))
+            if body.get("r") is not None:
+                self.send(wid, Message(M.FLUSHED, {"r": body["r"]}))
+            return
+        entry = self.store.objects.get(oid)
+        if entry is None or entry.path is None or entry.sealed:
+            if body.get("r") is not None:
+                self.send(wid, Message(M.FLUSHED, {"r": body["r"]}))
+            return
+        flags = int(body["f"])
+        self._act_store(self.store.seal(oid, flags, [], DIRECTORY_PIN))
+        self.up.send(
+            Message(
+                M.OBJECT_SEALED,
+                {
+                    "o": oid,
+                    "s": entry.size,
+                    "f": flags,
+                    "c": list(body.get("c") or ()),
+                    "h": body.get("h"),
+                    "r": body.get("r"),
+                    "w": wid,
+                    "cs": entry.call_site,
+                },
+            )
+        )
+        self._answer_local(oid)
+        self._resources_changed()
+
+    def _h_get_objects(self, wid: bytes, body: Any, frames: Any) -> None:
+        ready = []
+        wanted = []
+        for oid in body["o"]:
+            entry = self.store.objects.get(oid)
+            if entry is not None and entry.sealed:
+                self.store._touch(entry)
+                ready.append([oid, "s", entry.flags, entry.path])
+                continue
+            waiters = self.get_waiters.setdefault(oid, [])
+            if wid not in waiters:
+                waiters.append(wid)
+            if oid not in self.locating and oid not in self.pulls:
+                self.locating.add(oid)
+                wanted.append(oid)
+        if ready:
+            self.send(wid, Message(M.OBJECTS, {"r": 0, "e": ready}))
+        if wanted:
+            self.up.send(Message(M.LOCATE, {"o": wanted}))
+
+    _handlers: dict[MsgType, Callable[[Any, bytes, Any, Any], None]] = {
+        M.REQUEST_LEASE: _h_request_lease,
+        M.CANCEL_LEASE_REQUEST: _h_cancel_lease_request,
+        M.RETURN_LEASE: _h_return_lease,
+        M.BLOCKED: _h_blocked,
+        M.UNBLOCKED: _h_unblocked,
+        M.CANCEL_TASK: _h_cancel_task,
+        M.CREATE_OBJECT: _h_create_object,
+        M.SEAL_OBJECT: _h_seal_object,
+        M.GET_OBJECTS: _h_get_objects,
+    }
+
+    # -- objects -----------------------------------------------------------------------
+    def _answer_local(self, oid: bytes) -> None:
+        """``oid`` is sealed in this node's store: answer the local readers waiting."""
+        waiters = self.get_waiters.pop(oid, None)
+        if not waiters:
+            return
+        entry = self.store.objects[oid]
+        msg = Message(M.OBJECTS, {"r": 0, "e": [[oid, "s", entry.flags, entry.path]]})
+        for wid in waiters:
+            self.send(wid, msg)
+
+    def _answer(self, oid: bytes, item: list[Any], frames: list[Any]) -> None:
+        waiters = self.get_waiters.pop(oid, None)
+        if not waiters:
+            return
+        msg = Message(M.OBJECTS, {"r": 0, "e": [item]}, frames)
+        for wid in waiters:
+            self.send(wid, msg)
+
+    def _on_located(self, body: Any, frames: Any) -> None:
+        pos = 0
+        for item in body["e"]:
+            oid, kind = item[0], item[1]
+            self.locating.discard(oid)
+            if kind == "i":
+                n = item[3]
+                self._answer(oid, item, list(frames[pos : pos + n]))
+                pos += n
+            elif kind == "e":
+                self._answer(oid, item, [])
+            elif kind == "n":
+                self._locate_result(oid, item[2], item[3], item[4])
+
+    def _locate_result(self, oid: bytes, flags: int, size: int, sources: list[Any]) -> None:
+        entry = self.store.objects.get(oid)
+        if entry is not None and entry.sealed:
+            self._answer_local(oid)
+            return
+        if any(nid == self.node_id for nid, _ in sources):
+            return  # sealed here any moment now (the seal is on its way)
+        sources = [(nid, addr) for nid, addr in sources if addr]
+        if not sources:
+            self._answer(
+                oid,
+                [oid, "e", "lost", f"object {oid.hex()} was lost: no node holds a copy any more"],
+                [],
+            )
+            return
+        if oid in self.pulls:
+            return
+        try:
+            path, actions = self.store.reserve(oid, size, "", DIRECTORY_PIN)
+        except StoreFull as exc:
+            self._act_store(exc.actions)
+            self._answer(oid, [oid, "e", "lost", f"cannot fetch object {oid.hex()}: {exc}"], [])
+            return
+        self._act_store(actions)
+        reuse = any(isinstance(a, RenameSegment) and a.dst == path for a in actions)
+        try:
+            pull = Pull(oid, path, size, flags, reuse, [addr for _, addr in sources])
+        except OSError as exc:
+            self._act_store(self.store.abort(oid))
+            self._answer(oid, [oid, "e", "lost", f"cannot fetch object {oid.hex()}: {exc}"], [])
+            return
+        self.pulls[oid] = pull
+        self._pull_next(pull)
+
+    def _node_conn(self, address: str) -> Connection:
+        conn = self.node_conns.get(address)
+        if conn is None:
+            conn = Connection(
+                self.ctx,
+                self.signer,
+                address,
+                {"role": "puller", "node": self.node_id},
+                functools.partial(self._on_chunk, address),
+            )
+            self.loop.add_reader(conn.sock, conn.handle_readable)
+            self.node_conns[address] = conn
+        return conn
+
+    def _pull_next(self, pull: Pull) -> None:
+        conn = self._node_conn(pull.source)
+        for request in pull.requests():
+            conn.send(Message(M.PULL, request))
+
+    def _on_chunk(self, address: str, msg: Message) -> None:
+        if msg.type != M.CHUNK:
+            return
+        pull = self.pulls.get(msg.body.get("o"))
+        if pull is None or pull.source != address:
+            return
+        error = pull.receive(msg.body, msg.frames)
+        if error is not None:
+            if pull.next_source():
+                self._pull_next(pull)
+                return
+            self._finish_pull(pull, error)
+            return
+        if pull.done:
+            self._finish_pull(pull, None)
+        else:
+            self._pull_next(pull)
+
+    def _finish_pull(self, pull: Pull, error: str | None) -> None:
+        oid = pull.oid
+        self.pulls.pop(oid, None)
+        pull.close()
+        if error is not None:
+            self._act_store(self.store.abort(oid))
+            self._answer(oid, [oid, "e", "lost", f"cannot fetch object {oid.hex()}: {error}"], [])
+            return
+        self._act_store(self.store.seal(oid, pull.flags, [], DIRECTORY_PIN))
+        self.up.send(Message(M.OBJECT_COPIED, {"o": oid}))
+        self._answer_local(oid)
+        self._resources_changed()
+
+    def _free_objects(self, oids: list[bytes]) -> None:
+        for oid in oids:
+            pull = self.pulls.pop(oid, None)
+            if pull is not None:
+                pull.abort()
+                self._act_store(self.store.abort(oid))
+            self._act_store(self.store.update_refs(DIRECTORY_PIN, [], [oid]))
+        self._resources_changed()
+
+    # -- messages from the control store -----------------------------------------------
+    def on_control(self, msg: Message) -> None:
+        body = msg.body
+        try:
+            if msg.type == M.DOWN:
+                peer = self.by_wid.get(body["w"])
+                if peer is not None:
+                    self.listener.send(
+                        peer.ident, Message(MsgType(body["t"]), body["b"], msg.frames)
+                    )
+            elif msg.type == M.TO_NODE:
+                self.handle_for(body["w"], Message(MsgType(body["t"]), body["b"], msg.frames))
+            elif msg.type == M.LOCATED:
+                self._on_located(body, msg.frames)
+            elif msg.type == M.FREE_OBJECTS:
+                self._free_objects(list(body["o"]))
+            elif msg.type == M.ACTOR_LEASE:
+                res = {str(k): int(v) for k, v in body["res"].items()}
+                self._act_sched(
+                    self.scheduler.handle(
+                        sch.RequestLeaseEvent(b"", 0, res, body["aid"], nospill=True)
+                    )
+                )
+            elif msg.type == M.KILL_WORKER:
+                self.workers.kill(body["w"])
+            elif msg.type == M.OWNER_GONE:
+                self._act_sched(self.scheduler.handle(sch.OwnerGoneEvent(body["w"])))
+            else:
+                log.warning("unexpected %s from the control store", msg.type.name)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            log.warning("bad %s from the control store: %r", msg.type.name, exc)
+
+    def cluster_status(self) -> dict[str, Any]:
+        return {"Resources": as_floats(self.scheduler.total)}
+
+
+def _spill_file(src: str, dst: str) -> str | None:
+    """Copy an object file to the spill directory; an error text when the disk refuses."""
+    try:
+        copy_file(src, dst)
+    except OSError as exc:
+        unlink(dst)
+        return str(exc)
+    return None
