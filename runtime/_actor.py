@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from . import _worker_context
-from ._options import ACTOR_OPTIONS, METHOD_OPTIONS, resource_request, validate
+from ._options import ACTOR_OPTIONS, METHOD_OPTIONS, resource_request, scheduling, validate
 from ._protocol import Message, MsgType
 from ._remote_function import _is_async, encode_call_args, make_returns
 from ._serialization import pickle_definition
@@ -92,7 +92,7 @@ class ActorClass:
         opts = self._options
         # An actor holds no CPU while it lives unless it asks for some (as in Ray), so that
         # idle actors never starve tasks.
-        resources = resource_request(opts, default_cpus=0)
+        resources, strategy = scheduling(opts, resource_request(opts, default_cpus=0))
         meta = dict(self._meta)
         mc = opts.get("max_concurrency")
         meta["mc"] = mc if mc is not None else (1000 if meta["async"] else 1)
@@ -118,6 +118,7 @@ class ActorClass:
             "detached": detached,
             "gie": bool(opts.get("get_if_exists")),
             "res": resources,
+            "st": strategy,
             "meta": meta,
             "job": core.job_id,
             "kw": spec.kwnames,

@@ -30,9 +30,10 @@ from typing import Any, Protocol
 
 from . import _actor_directory as ad
 from . import _placement
+from . import _placement_groups as pgs
 from ._object_store import FreeCopies, LostObject, ObjectEntry, ObjectStore, ReplyObjects
 from ._protocol import Message, MsgType
-from ._resources import as_floats, describe, fits
+from ._resources import as_floats, describe, fits, subtract
 
 log = logging.getLogger("shoal.control")
 
@@ -105,6 +106,8 @@ class ControlStore:
         # cancel from the owner reaches it.
         self.lease_routes: dict[tuple[bytes, int], bytes] = {}
         self.spread_index = -1
+        self.groups: dict[bytes, pgs.GroupRecord] = {}
+        self.group_names: dict[tuple[str, str], bytes] = {}
         self.on_exit_request: Callable[[], None] | None = None
 
     # -- membership --------------------------------------------------------------------
@@ -161,6 +164,9 @@ class ControlStore:
             self._act_actors(self.actors.worker_exited(wid, reason))
         for key in [k for k in self.lease_routes if k[0] == wid]:
             del self.lease_routes[key]
+        for rec in list(self.groups.values()):
+            if rec.owner == wid and not rec.detached and rec.state != pgs.REMOVED:
+                self._remove_group(rec, "its creator exited")
         origin = proc.node if proc is not None else b""
         for node in self.nodes.values():
             if node.alive and node.node_id != origin:
@@ -245,12 +251,20 @@ class ControlStore:
     def _n_spill_lease(self, node: NodeInfo, body: Any, frames: Any) -> None:
         owner, req = body["w"], int(body["r"])
         res = {str(k): int(v) for k, v in body["res"].items()}
+        if "avail" in body:
+            # The asking node's own view is the freshest there is.
+            node.available = {str(k): int(v) for k, v in body["avail"].items()}
         target, error = self._choose_node(res, body.get("st"), node.node_id)
         if target is None:
-            self.send_to_process(owner, Message(M.LEASE_FAILED, {"r": req, "e": error}))
+            error = self._park(res, error, ("lease", node.node_id, body))
+            if error:
+                self.send_to_process(owner, Message(M.LEASE_FAILED, {"r": req, "e": error}))
             return
         if target != node.node_id:
             self.lease_routes[(owner, req)] = target
+            # Count it as taken until the node reports again, so that a burst of
+            # requests spreads over the nodes instead of piling onto the first.
+            subtract(self.nodes[target].available, res)
         self.nodes[target].link.send(
             Message(
                 M.TO_NODE,
@@ -287,7 +301,31 @@ class ControlStore:
     def _n_object_copied(self, node: NodeInfo, body: Any, frames: Any) -> None:
         self._act_directory(self.directory.add_copy(body["o"], node.node_id))
 
+    def _n_bundle_result(self, node: NodeInfo, body: Any, frames: Any) -> None:
+        rec = self.groups.get(body["pg"])
+        i = int(body["i"])
+        if rec is None or rec.reserving.get(i) != node.node_id:
+            if body.get("ok"):  # an answer nobody waits for: give the bundle back
+                bundle = body.get("b") or {}
+                node.link.send(Message(M.BUNDLE_RELEASE, {"pg": body["pg"], "i": i, "b": bundle}))
+            return
+        del rec.reserving[i]
+        if body.get("ok"):
+            rec.placement[i] = node.node_id
+        else:
+            rec.failed = True
+        if rec.reserving:
+            return
+        if rec.state == pgs.REMOVED or rec.failed:
+            self._release_bundles(rec)  # all or nothing: tried again at the next tick
+            return
+        rec.state = pgs.CREATED
+        parked, rec.parked = rec.parked, []
+        for item in parked:
+            self._unpark(item)
+
     _node_handlers: dict[MsgType, Callable[[Any, NodeInfo, Any, Any], None]] = {
+        M.BUNDLE_RESULT: _n_bundle_result,
         M.NODE_UPDATE: _n_update,
         M.PROC_JOINED: _n_proc_joined,
         M.PROC_GONE: _n_proc_gone,
@@ -331,7 +369,7 @@ class ControlStore:
                     f"{strategy['node'][:12]}, which has {describe(node.total)} in all"
                 )
             strategy = None
-        if strategy == "SPREAD":
+        if isinstance(strategy, dict) and strategy.get("kind") == "spread":
             picked = _placement.pick_spread_node(res, views, self.spread_index)
             if picked is not None:
                 target, self.spread_index = picked
@@ -348,6 +386,115 @@ class ControlStore:
             return f"it asks for {describe(res)} but this cluster has {describe(alive[0].total)} in all"
         largest = "; ".join(f"{n.node_id.hex()[:8]}: {describe(n.total)}" for n in alive)
         return f"it asks for {describe(res)} but no node has that much ({largest})"
+
+    # -- placement groups --------------------------------------------------------------
+    def _park(self, res: dict[str, int], error: str, item: Any) -> str:
+        """Work for a placement group that is not placed yet waits for it; returns the
+        error to give when it cannot wait (no such group, or the request cannot fit it)."""
+        gid = pgs.group_of(res)
+        if gid is None:
+            return error
+        rec = self.groups.get(gid)
+        if rec is None or rec.state == pgs.REMOVED:
+            return f"its placement group {gid.hex()} was removed (or never existed)"
+        if rec.state == pgs.PENDING:
+            rec.parked.append(item)
+            return ""
+        return f"{error}; its placement group {gid.hex()} does not have room for it"
+
+    def _unpark(self, item: Any) -> None:
+        if item[0] == "lease":
+            node = self.nodes.get(item[1])
+            if node is not None and node.alive:
+                self._n_spill_lease(node, item[2], ())
+        else:
+            self._place_actor(item[1])
+
+    def retry_groups(self) -> None:
+        """Called every second: pending groups try again (resources may have freed up)."""
+        for rec in list(self.groups.values()):
+            if rec.state == pgs.PENDING and not rec.reserving:
+                self._try_place(rec)
+
+    def _try_place(self, rec: pgs.GroupRecord) -> None:
+        placement = _placement.place_bundles(
+            rec.bundles,
+            rec.strategy,
+            self._alive_views(),
+            max_cpu_fraction=rec.max_cpu_fraction,
+        )
+        if placement is None:
+            return
+        rec.failed = False
+        rec.reserving = dict(placement)
+        for i, nid in placement.items():
+            node = self.nodes[nid]
+            subtract(node.available, rec.bundles[i])
+            node.link.send(
+                Message(M.BUNDLE_RESERVE, {"pg": rec.pg_id, "i": i, "b": rec.bundles[i]})
+            )
+
+    def _release_bundles(self, rec: pgs.GroupRecord) -> None:
+        for i, nid in rec.placement.items():
+            node = self.nodes.get(nid)
+            if node is not None and node.alive:
+                node.link.send(
+                    Message(M.BUNDLE_RELEASE, {"pg": rec.pg_id, "i": i, "b": rec.bundles[i]})
+                )
+        rec.placement = {}
+
+    def _remove_group(self, rec: pgs.GroupRecord, reason: str) -> None:
+        rec.state = pgs.REMOVED
+        self._release_bundles(rec)
+        if rec.name and self.group_names.get((rec.namespace, rec.name)) == rec.pg_id:
+            del self.group_names[(rec.namespace, rec.name)]
+        parked, rec.parked = rec.parked, []
+        for item in parked:
+            self._unpark(item)  # fails now: the group is gone
+
+    def _h_create_pg(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        pg_id = body["pg"]
+        bundles = [{str(k): int(v) for k, v in b.items()} for b in body["b"]]
+        strategy = str(body["st"])
+        name, ns = str(body.get("name") or ""), str(body.get("ns") or "")
+        fraction = float(body.get("frac", 1.0))
+        error = None
+        if name and (ns, name) in self.group_names:
+            error = f"a placement group named {name!r} already exists in namespace {ns!r}"
+        else:
+            reason = _placement.feasible_ever(
+                bundles, strategy, self._alive_views(), max_cpu_fraction=fraction
+            )
+            if reason:
+                error = f"the placement group can never be placed on this cluster: {reason}"
+        if error:
+            self.send_to_process(proc.wid, Message(M.REPLY, {"r": body["r"], "e": error}))
+            return
+        rec = pgs.GroupRecord(
+            pg_id, bundles, strategy, name, ns, proc.wid, bool(body.get("detached")), fraction
+        )
+        self.groups[pg_id] = rec
+        if name:
+            self.group_names[(ns, name)] = pg_id
+        self.send_to_process(proc.wid, Message(M.REPLY, {"r": body["r"]}))
+        self._try_place(rec)
+
+    def _h_remove_pg(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        rec = self.groups.get(body["pg"])
+        if rec is not None and rec.state != pgs.REMOVED:
+            self._remove_group(rec, "it was removed")
+
+    def _h_pg_info(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        info: Any
+        if body.get("pg") is not None:
+            rec = self.groups.get(body["pg"])
+            info = rec.info() if rec is not None else None
+        elif body.get("name") is not None:
+            gid = self.group_names.get((str(body.get("ns") or ""), str(body["name"])))
+            info = self.groups[gid].info() if gid is not None else None
+        else:
+            info = {rec.pg_id.hex(): rec.info() for rec in self.groups.values()}
+        self.send_to_process(proc.wid, Message(M.REPLY, {"r": body["r"], "info": info}))
 
     # -- messages from processes -------------------------------------------------------
     def _h_create_actor(self, proc: ProcInfo, body: Any, frames: Any) -> None:
@@ -528,6 +675,9 @@ class ControlStore:
         M.LIST_OBJECTS: _h_list_objects,
         M.LOG_LINES: _h_log_lines,
         M.EXIT: _h_exit,
+        M.CREATE_PG: _h_create_pg,
+        M.REMOVE_PG: _h_remove_pg,
+        M.PG_INFO: _h_pg_info,
     }
 
     # -- actions -----------------------------------------------------------------------
@@ -552,10 +702,13 @@ class ControlStore:
         origin = self.procs[rec.owner].node if rec and rec.owner in self.procs else self.head_node
         target, error = self._choose_node(a.resources, strategy, origin)
         if target is None:
-            self._act_actors(
-                self.actors.lease_rejected(a.actor_id, "it cannot be scheduled: " + error)
-            )
+            error = self._park(a.resources, error, ("actor", a))
+            if error:
+                self._act_actors(
+                    self.actors.lease_rejected(a.actor_id, "it cannot be scheduled: " + error)
+                )
             return
+        subtract(self.nodes[target].available, a.resources)
         self.nodes[target].link.send(
             Message(M.ACTOR_LEASE, {"aid": a.actor_id, "res": a.resources})
         )

@@ -251,6 +251,7 @@ class Machine:
     def _tick(self) -> None:
         if self.control is not None:
             self.control.check_nodes()
+            self.control.retry_groups()
         self.loop.call_later(1.0, self._tick)
 
 

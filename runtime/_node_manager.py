@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from . import _placement
 from . import _scheduler as sch
 from ._ioloop import IOLoop
 from ._object_store import (
@@ -35,7 +36,7 @@ from ._object_store import (
     UnlinkSegment,
 )
 from ._protocol import Message, MsgType, ProtocolError, Signer
-from ._resources import as_floats
+from ._resources import as_floats, fits
 from ._session import Session
 from ._shm import copy_file, free_bytes, unlink
 from ._transfer import ChunkServer, Pull
@@ -328,7 +329,13 @@ class NodeManager:
                 self.up.send(
                     Message(
                         M.SPILL_LEASE,
-                        {"w": r.owner, "r": r.req_id, "res": r.resources, "st": r.strategy},
+                        {
+                            "w": r.owner,
+                            "r": r.req_id,
+                            "res": r.resources,
+                            "st": r.strategy,
+                            "avail": self.scheduler.available,
+                        },
                     )
                 )
             elif isinstance(a, sch.Reject):
@@ -677,6 +684,10 @@ class NodeManager:
                         sch.RequestLeaseEvent(b"", 0, res, body["aid"], nospill=True)
                     )
                 )
+            elif msg.type == M.BUNDLE_RESERVE:
+                self._reserve_bundle(body)
+            elif msg.type == M.BUNDLE_RELEASE:
+                self._release_bundle(body)
             elif msg.type == M.KILL_WORKER:
                 self.workers.kill(body["w"])
             elif msg.type == M.OWNER_GONE:
@@ -685,6 +696,25 @@ class NodeManager:
                 log.warning("unexpected %s from the control store", msg.type.name)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             log.warning("bad %s from the control store: %r", msg.type.name, exc)
+
+    def _reserve_bundle(self, body: Any) -> None:
+        bundle = {str(k): int(v) for k, v in body["b"].items()}
+        s = self.scheduler
+        ok = fits(s.available, bundle)
+        if ok:
+            _placement.commit_bundle(s.total, s.available, body["pg"], int(body["i"]), bundle)
+        self.up.send(
+            Message(M.BUNDLE_RESULT, {"pg": body["pg"], "i": body["i"], "ok": ok, "b": bundle})
+        )
+        self._act_sched(s.handle(sch.TickEvent()))  # work waiting for the group may go now
+        self._resources_changed()
+
+    def _release_bundle(self, body: Any) -> None:
+        bundle = {str(k): int(v) for k, v in body["b"].items()}
+        s = self.scheduler
+        self._act_sched(s.remove_group(body["pg"].hex()))
+        _placement.release_bundle(s.total, s.available, body["pg"], int(body["i"]), bundle)
+        self._resources_changed()
 
     def cluster_status(self) -> dict[str, Any]:
         return {"Resources": as_floats(self.scheduler.total)}

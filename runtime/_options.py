@@ -142,3 +142,26 @@ def resource_request(options: dict[str, Any], default_cpus: float) -> dict[str, 
         options.get("resources"),
         default_cpus,
     )
+
+
+def scheduling(options: dict[str, Any], resources: dict[str, int]) -> tuple[dict[str, int], Any]:
+    """The resources to ask for and the strategy to send, from ``scheduling_strategy``.
+
+    A placement group strategy becomes a request for the group's bundle resources (as in
+    Ray, a bundle is a set of resources named after its group), so that the ordinary
+    resource scheduling places the work on the bundle's node. The others travel to the
+    node manager as a small dict (None for the default).
+    """
+    from . import _placement
+    from .util.scheduling_strategies import PlacementGroupSchedulingStrategy, strategy_to_wire
+
+    strategy = options.get("scheduling_strategy")
+    if isinstance(strategy, PlacementGroupSchedulingStrategy):
+        pg = strategy.placement_group
+        return _placement.translate_request(
+            resources, pg.id, strategy.placement_group_bundle_index
+        ), None
+    wire = strategy_to_wire(strategy)
+    if wire is None or wire.get("kind") == "default":
+        return resources, None
+    return resources, wire

@@ -112,6 +112,13 @@ class MsgType(enum.IntEnum):
     # node manager <-> node manager: object transfer
     PULL = 78
     CHUNK = 79
+    # placement groups (process <-> control store <-> node managers)
+    CREATE_PG = 80
+    REMOVE_PG = 81
+    PG_INFO = 82
+    BUNDLE_RESERVE = 83
+    BUNDLE_RESULT = 84
+    BUNDLE_RELEASE = 85
 
 
 class ProtocolError(Exception):

@@ -6,7 +6,7 @@ from typing import Any
 
 from . import _config, _worker_context
 from ._ids import return_id
-from ._options import TASK_OPTIONS, resource_request, validate
+from ._options import TASK_OPTIONS, resource_request, scheduling, validate
 from ._refs import ObjectRef, ObjectRefGenerator
 from ._serialization import check_picklable, pickle_definition
 from ._task_submitter import STREAMING, TaskSpec
@@ -101,6 +101,7 @@ class RemoteFunction:
         self._options = validate(dict(options), TASK_OPTIONS, f"@remote on {fn.__qualname__}")
         self._pickled = _pickled if _pickled is not None else [None]  # shared by .options() copies
         self._resources = resource_request(self._options, default_cpus=1)
+        self._scheduling = scheduling(self._options, self._resources)
         self.__name__ = getattr(fn, "__name__", "task")
         self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
         self.__doc__ = fn.__doc__
@@ -141,8 +142,8 @@ class RemoteFunction:
         spec.fn_hash, spec.fn_bytes = self._definition()
         nr = opts.get("num_returns", 1)
         spec.num_returns = STREAMING if nr == "streaming" else nr
-        spec.resources = self._resources
-        spec.key = tuple(sorted(self._resources.items()))
+        spec.resources, spec.strategy = self._scheduling
+        spec.key = (tuple(sorted(spec.resources.items())), _strategy_key(spec.strategy))
         spec.max_retries = opts.get("max_retries", _config.DEFAULT_MAX_RETRIES)
         re = opts.get("retry_exceptions", False)
         spec.retry_exceptions = tuple(re) if isinstance(re, (list, tuple)) else bool(re)
@@ -155,3 +156,8 @@ class RemoteFunction:
 
     def __repr__(self) -> str:
         return f"RemoteFunction({self.__qualname__})"
+
+
+def _strategy_key(strategy: Any) -> Any:
+    """Tasks share leases only when their strategies are the same."""
+    return None if strategy is None else tuple(sorted(strategy.items()))

@@ -281,6 +281,23 @@ class NodeScheduler:
         self._schedule(actions)
         return actions
 
+    def remove_group(self, pg_hex: str) -> list[Action]:
+        """A placement group's bundles are released here: the work in them is killed (its
+        owners hear of it when the workers exit) and requests for them fail."""
+        actions: list[Action] = []
+        for w in self.workers.values():
+            if w.state == "leased" and any(pg_hex in name for name in w.resources):
+                actions.append(KillWorker(w.worker_id))
+        keep = []
+        for r in self.pending:
+            if any(pg_hex in name for name in r.resources):
+                reason = f"its placement group {pg_hex} was removed"
+                actions.append(Reject(r.owner, r.req_id, reason, r.actor_id))
+            else:
+                keep.append(r)
+        self.pending = keep
+        return actions
+
     def gpus_infeasible(self, amount: int) -> bool:
         return amount >= 10_000 and amount // 10_000 > len(self.gpus.free)
 
@@ -294,7 +311,8 @@ class NodeScheduler:
         return StartWorker(wid)
 
     def _release(self, w: _Worker) -> None:
-        res = dict(w.resources)
+        # Resources of a placement group bundle released meanwhile are gone: skip them.
+        res = {k: v for k, v in w.resources.items() if k in self.total}
         if w.blocked:
             res.pop("CPU", None)
         add(self.available, res)

@@ -72,6 +72,7 @@ class TaskSpec:
         "parent",
         "pins",
         "resources",
+        "strategy",
         "retry_exceptions",
         "return_ids",
         "task_id",
@@ -87,6 +88,7 @@ class TaskSpec:
         self.kwnames: list[str] = []
         self.num_returns = 1
         self.resources: dict[str, int] = {}
+        self.strategy: Any = None  # None (default), or what _options.scheduling sends
         self.key: tuple[Any, ...] = ()
         self.max_retries = _config.DEFAULT_MAX_RETRIES
         self.retry_exceptions: bool | tuple[type, ...] = False
@@ -167,10 +169,11 @@ class _Lease:
 class _Key:
     """The queue and leases of one resource shape."""
 
-    __slots__ = ("leases", "queue", "queued_at_head", "requests", "resources")
+    __slots__ = ("leases", "queue", "queued_at_head", "requests", "resources", "strategy")
 
-    def __init__(self, resources: dict[str, int]) -> None:
+    def __init__(self, resources: dict[str, int], strategy: Any = None) -> None:
         self.resources = resources
+        self.strategy = strategy
         self.queue: collections.deque[TaskSpec] = collections.deque()
         self.leases: dict[bytes, _Lease] = {}
         self.requests = 0
@@ -353,7 +356,7 @@ class TaskSubmitter:
             return
         key = self.keys.get(spec.key)
         if key is None:
-            key = self.keys[spec.key] = _Key(spec.resources)
+            key = self.keys[spec.key] = _Key(spec.resources, spec.strategy)
         key.queue.append(spec)
         self._pump(key)
 
@@ -380,7 +383,10 @@ class TaskSubmitter:
             rid = next(self._req_ids)
             self.lease_requests[rid] = key
             key.requests += 1
-            self.core.head.send(Message(M.REQUEST_LEASE, {"r": rid, "res": key.resources}))
+            body: dict[str, Any] = {"r": rid, "res": key.resources}
+            if key.strategy is not None:
+                body["st"] = key.strategy
+            self.core.head.send(Message(M.REQUEST_LEASE, body))
         if not queue:
             for lease in list(key.leases.values()):
                 if lease.in_flight:

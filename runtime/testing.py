@@ -49,7 +49,13 @@ def wait_for(
 
 
 def shoal_processes() -> list[psutil.Process]:
-    """Live Shoal head and worker processes on this machine (any session)."""
+    """Live Shoal head and worker processes on this machine.
+
+    When ``SHOAL_TEST_SESSION`` is set (Shoal's own test suite sets it, and the processes
+    it starts inherit it), only that session's processes count, so that test runs of
+    other checkouts on the same machine do not look like leaks of this one.
+    """
+    session = os.environ.get("SHOAL_TEST_SESSION")
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
@@ -58,8 +64,15 @@ def shoal_processes() -> list[psutil.Process]:
                 continue
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if any(marker in cmdline for marker in PROCESS_MARKERS):
-            found.append(proc)
+        if not any(marker in cmdline for marker in PROCESS_MARKERS):
+            continue
+        if session is not None:
+            try:
+                if proc.environ().get("SHOAL_TEST_SESSION") != session:
+                    continue
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        found.append(proc)
     return found
 
 

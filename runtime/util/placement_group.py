@@ -66,13 +66,14 @@ class PlacementGroup:
             ray.get(pg.ready(), timeout=10)
             ready, _ = ray.wait([pg.ready()], timeout=0)
         """
-        # -- cluster call: to be implemented with the scheduler wiring. --
-        raise NotImplementedError("PlacementGroup.ready() is not implemented yet")
+        return _ready(self)
 
     def wait(self, timeout_seconds: float | int = 30) -> bool:
         """Wait up to ``timeout_seconds`` for the group to be placed; True if it was."""
-        # -- cluster call: to be implemented with the scheduler wiring. --
-        raise NotImplementedError("PlacementGroup.wait() is not implemented yet")
+        from .._api import wait
+
+        done, _ = wait([self.ready()], timeout=timeout_seconds)
+        return bool(done)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PlacementGroup) and other.id == self.id
@@ -192,7 +193,13 @@ def _fixed(name: str, value: float) -> int:
 
 
 # -- cluster calls -------------------------------------------------------------------------
-# Stubs: the scheduler wiring replaces these with calls to the head. Signatures are Ray's.
+# -- cluster calls -------------------------------------------------------------------
+
+
+def _core() -> Any:
+    from .._api import _auto_init
+
+    return _auto_init()
 
 
 def placement_group(
@@ -218,42 +225,135 @@ def placement_group(
         _max_cpu_fraction_per_node: (experimental) at most this fraction of each node's
             CPUs may be held by bundles of all groups; below 1, one CPU is always left out.
 
-    Use ``pg.ready()`` or ``pg.wait()`` to know when the bundles are reserved.
+    Use ``pg.ready()`` or ``pg.wait()`` to know when the bundles are reserved. A group
+    that no set of nodes of the cluster could ever hold raises ValueError at once.
     """
-    validate_placement_group_args(bundles, strategy, name, lifetime, _max_cpu_fraction_per_node)
-    # -- cluster call: to be implemented with the scheduler wiring. --
-    raise NotImplementedError("placement_group() is not implemented yet")
+    import os
+
+    from .._protocol import Message, MsgType
+
+    fixed, strategy, name, lifetime = validate_placement_group_args(
+        bundles, strategy, name, lifetime, _max_cpu_fraction_per_node
+    )
+    core = _core()
+    pg_id = os.urandom(PLACEMENT_GROUP_ID_SIZE)
+    reply = core.request(
+        Message(
+            MsgType.CREATE_PG,
+            {
+                "pg": pg_id,
+                "b": fixed,
+                "st": strategy,
+                "name": name,
+                "ns": core.namespace,
+                "detached": lifetime == "detached",
+                "frac": float(_max_cpu_fraction_per_node),
+            },
+        )
+    )
+    if reply.body.get("e"):
+        raise ValueError(reply.body["e"])
+    return PlacementGroup(pg_id, [dict(b) for b in bundles], strategy, name)
+
+
+def _ready_task() -> Any:
+    from .._remote_function import RemoteFunction
+
+    global _READY
+    if _READY is None:
+        _READY = RemoteFunction(_group_is_ready, {"num_cpus": 0, "max_retries": 0})
+    return _READY
+
+
+_READY: Any = None
+
+
+def _group_is_ready(pg: PlacementGroup) -> PlacementGroup:
+    return pg
+
+
+def _ready(pg: PlacementGroup) -> Any:
+    """An ObjectRef that resolves to ``pg`` once all its bundles are reserved: a task
+    that asks for nothing but a place in the group, as in Ray."""
+    from .scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = PlacementGroupSchedulingStrategy(pg)
+    return _ready_task().options(scheduling_strategy=strategy).remote(pg)
 
 
 def remove_placement_group(placement_group: PlacementGroup) -> None:
     """Remove a placement group, asynchronously: its bundles are released and the tasks
     and actors running in it are killed."""
-    # -- cluster call: to be implemented with the scheduler wiring. --
-    raise NotImplementedError("remove_placement_group() is not implemented yet")
+    from .._protocol import Message, MsgType
+
+    if not isinstance(placement_group, PlacementGroup):
+        raise TypeError(
+            f"remove_placement_group() takes a PlacementGroup, got {type(placement_group).__name__}"
+        )
+    _core().send_head(Message(MsgType.REMOVE_PG, {"pg": placement_group.id}))
+
+
+def _info(body: dict[str, Any]) -> Any:
+    from .._protocol import Message, MsgType
+
+    return _core().request(Message(MsgType.PG_INFO, body)).body.get("info")
 
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:
     """The handle of the placement group with this name; ValueError if there is none."""
-    # -- cluster call: to be implemented with the scheduler wiring. --
-    raise NotImplementedError("get_placement_group() is not implemented yet")
+    core = _core()
+    info = _info({"name": placement_group_name, "ns": core.namespace})
+    if info is None:
+        raise ValueError(
+            f"no placement group named {placement_group_name!r} in namespace {core.namespace!r}"
+        )
+    return _from_info(info)
+
+
+def _from_info(info: dict[str, Any]) -> PlacementGroup:
+    bundles = [
+        {k: v / UNIT for k, v in b.items()}
+        for _, b in sorted(info["bundles"].items(), key=lambda kv: int(kv[0]))
+    ]
+    return PlacementGroup(
+        bytes.fromhex(info["placement_group_id"]), bundles, info["strategy"], info["name"]
+    )
 
 
 def placement_group_table(placement_group: PlacementGroup | None = None) -> dict[str, Any]:
     """The state of one placement group, or of all of them keyed by hex id.
 
     One group's entry has ``placement_group_id``, ``name``, ``bundles`` (index -> dict),
-    ``bundles_to_node_id``, ``strategy`` and ``state`` ("PENDING", "CREATED", "REMOVED",
-    "RESCHEDULING").
+    ``bundles_to_node_id``, ``strategy`` and ``state`` ("PENDING", "CREATED", "REMOVED").
     """
-    # -- cluster call: to be implemented with the scheduler wiring. --
-    raise NotImplementedError("placement_group_table() is not implemented yet")
+    if placement_group is not None:
+        info = _info({"pg": placement_group.id})
+        return _readable(info) if info is not None else {}
+    table = _info({})
+    return {k: _readable(v) for k, v in table.items()}
+
+
+def _readable(info: dict[str, Any]) -> dict[str, Any]:
+    out = dict(info)
+    out["bundles"] = {
+        int(i): {k: v / UNIT for k, v in b.items()} for i, b in info["bundles"].items()
+    }
+    out["bundles_to_node_id"] = {int(i): n for i, n in info["bundles_to_node_id"].items()}
+    return out
 
 
 def get_current_placement_group() -> PlacementGroup | None:
     """The placement group the calling task or actor runs in, or None.
 
-    None in a driver, and in a task that was not scheduled in a placement group (nor
-    captured one from a parent with ``placement_group_capture_child_tasks``).
+    None in a driver, and in a task that was not scheduled in a placement group.
     """
-    # -- cluster call: to be implemented with the scheduler wiring. --
-    raise NotImplementedError("get_current_placement_group() is not implemented yet")
+    from .. import _worker_context
+    from .._placement import parse_group_resource
+
+    resources = _worker_context.current.fixed_resources or {}
+    for name in resources:
+        parsed = parse_group_resource(name)
+        if parsed is not None:
+            info = _info({"pg": bytes.fromhex(parsed[2])})
+            return _from_info(info) if info is not None else None
+    return None
