@@ -308,7 +308,7 @@ def start_head_process(
 
 def _wait_ready(fd: int, proc: subprocess.Popen[bytes], session: _session.Session) -> None:
     readable, _, _ = select.select([fd], [], [], _config.START_TIMEOUT_SECONDS)
-    data = os.read(fd, 64) if readable else b""
+    data = os.read(fd, 4096) if readable else b""
     if data.startswith(b"ready"):
         return
     if data.startswith(b"error:"):

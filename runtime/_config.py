@@ -37,3 +37,7 @@ KILL_GRACE_SECONDS = 2.0
 
 # How long `init()` waits for a head it started to be ready.
 START_TIMEOUT_SECONDS = float(os.environ.get("SHOAL_START_TIMEOUT", 30))
+
+# A lease request that waited this long on a full node asks the control store again for a
+# node with room (the cluster may have freed some elsewhere since it was placed).
+RESPILL_SECONDS = 0.2

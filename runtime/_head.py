@@ -28,6 +28,7 @@ from typing import Any
 
 import zmq
 
+from . import _config
 from ._control_store import ControlStore
 from ._ioloop import IOLoop
 from ._node_manager import NodeManager
@@ -155,13 +156,18 @@ class Machine:
             refused.append,
             linger_ms=1000,
         )
-        deadline = time.monotonic() + float(os.environ.get("SHOAL_START_TIMEOUT", 30))
+        # Shorter than what `shoal start` waits for us, so that it gets our reason.
+        deadline = time.monotonic() + 0.8 * _config.START_TIMEOUT_SECONDS
         poller = zmq.Poller()
         poller.register(self.head_conn.sock, zmq.POLLIN)
         while self.head_conn.welcome is None and not refused:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ConnectionError(f"no answer from the head at {address}")
+                raise ConnectionError(
+                    f"no answer from the head at {address}: is a head listening there, and is "
+                    "the key file the one the head printed? (a message signed with another key "
+                    "is dropped unread)"
+                )
             if poller.poll(int(min(left, 0.5) * 1000)):
                 self.head_conn.handle_readable()
         if refused:
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConnectionError, zmq.ZMQError, ValueError) as exc:
         log.error("could not start: %s", exc)
         if args.ready_fd is not None:
-            os.write(args.ready_fd, f"error: {exc}\n".encode()[:512])
+            os.write(args.ready_fd, f"error: {exc}\n".encode()[:4000])
         unlink(session.socket_address("h").removeprefix("ipc://"))
         raise SystemExit(1) from None
     machine.run()

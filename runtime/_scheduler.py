@@ -35,6 +35,7 @@ class RequestLeaseEvent:
     # In a cluster: True when the control store already chose this node (no spillback).
     nospill: bool = False
     strategy: object = None  # "SPREAD" or a node-affinity dict: the control store decides
+    queued_at: float = 0.0
 
 
 @dataclass
@@ -236,6 +237,7 @@ class NodeScheduler:
                     )
                 )
                 return actions
+            event.queued_at = self.clock()
             self.pending.append(event)
         elif isinstance(event, CancelLeaseRequestEvent):
             self.pending = [
@@ -278,6 +280,8 @@ class NodeScheduler:
                     actions.append(KillWorker(w.worker_id))
         elif isinstance(event, TickEvent):
             actions.extend(self._reap_idle())
+            if self.cluster:
+                actions.extend(self._respill())
         self._schedule(actions)
         return actions
 
@@ -378,6 +382,27 @@ class NodeScheduler:
         room = self.max_workers - len(self.workers)
         for _ in range(max(0, min(want, room))):
             actions.append(self._new_worker())
+
+    def _respill(self) -> list[Action]:
+        """Requests that have waited here a while for resources ask the control store again:
+        another node may have room by now (it chose this one when none had)."""
+        actions: list[Action] = []
+        now = self.clock()
+        keep = []
+        for r in self.pending:
+            if (
+                r.actor_id is None
+                and now - r.queued_at > _config.RESPILL_SECONDS
+                # A placement group bundle's work has nowhere else to go.
+                and not any("_group_" in name for name in r.resources)
+                and not fits(self.available, r.resources)
+            ):
+                self._told_queued.discard(id(r))
+                actions.append(Spill(r))
+            else:
+                keep.append(r)
+        self.pending = keep
+        return actions
 
     def _reap_idle(self) -> list[Action]:
         actions: list[Action] = []

@@ -1,0 +1,336 @@
+"""A Shoal cluster over separate hosts: a head and two nodes, each in its own network
+namespace with its own /dev/shm and session directory (see netns.py).
+
+    head (1 CPU)  <--tcp-->  a (1 CPU, {"at_a": 1})
+                  <--tcp-->  b (1 CPU, {"at_b": 1})
+
+Drivers are Python scripts run on one of the hosts with ``shoal.init(address="auto")``;
+each prints one JSON line with what the test checks.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import netns
+import pytest
+from conftest import require_netns
+
+pytestmark = pytest.mark.timeout(120)
+
+STORE = str(1536 << 20)
+
+
+class Cluster:
+    def __init__(self, network: netns.Network, key_file: str, address: str) -> None:
+        self.network = network
+        self.key_file = key_file
+        self.address = address
+        self.head = network["head"]
+        self.a = network["a"]
+        self.b = network["b"]
+
+    def drive(self, host: netns.Host, body: str, timeout: float = 60, **names: Any) -> Any:
+        """Run ``body`` as a driver on ``host``; it sets ``result``, which comes back.
+        ``names`` become variables of the script."""
+        code = (
+            "import json, os, time\nimport numpy as np\nimport shoal\nimport shoal.state\n"
+            'shoal.init(address="auto", log_to_driver=False)\n'
+            "def node_of():\n    return shoal.get_runtime_context().get_node_id()\n"
+            + "".join(f"{k} = {v!r}\n" for k, v in names.items())
+            + textwrap.dedent(body)
+            + '\nprint("RESULT " + json.dumps(result))\n'
+        )
+        out = host.python(code, timeout=timeout).stdout
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        assert lines, f"the driver printed no result:\n{out}"
+        return json.loads(lines[-1][len("RESULT ") :])
+
+    def node_ids(self) -> dict[str, str]:
+        """Host name -> node id, from the nodes' session files."""
+        out = {}
+        for host in (self.head, self.a, self.b):
+            text = host.run(["sh", "-c", "cat $SHOAL_TMPDIR/session_2*/head.json"]).stdout
+            out[host.name] = json.loads(text)["node_id"]
+        return out
+
+    def segments(self, host: netns.Host) -> list[str]:
+        listing = host.run(["ls", "/dev/shm"]).stdout.split()
+        return [name for name in listing if name.startswith("shoal-")]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    require_netns()
+    with netns.Network(["head", "a", "b"], shm_size="3G") as network:
+        key_file = str(network.dir / "cluster.key")
+        head = network["head"]
+        out = head.run(
+            [
+                "shoal",
+                "start",
+                "--head",
+                "--port",
+                "6380",
+                "--bind",
+                head.ip,
+                "--key-file",
+                key_file,
+                "--num-cpus",
+                "1",
+                "--object-store-memory",
+                STORE,
+            ],
+            timeout=60,
+        ).stdout
+        assert f"{head.ip}:6380" in out and key_file in out
+        address = f"{head.ip}:6380"
+        for name in ("a", "b"):
+            network[name].run(
+                [
+                    "shoal",
+                    "start",
+                    "--address",
+                    address,
+                    "--key-file",
+                    key_file,
+                    "--num-cpus",
+                    "1",
+                    "--resources",
+                    json.dumps({f"at_{name}": 1}),
+                    "--object-store-memory",
+                    STORE,
+                ],
+                timeout=60,
+            )
+        yield Cluster(network, key_file, address)
+
+
+def test_nodes_join_and_show_in_status(cluster: Cluster) -> None:
+    ids = cluster.node_ids()
+    nodes = cluster.drive(cluster.a, "result = shoal.nodes()")
+    assert {n["NodeID"] for n in nodes} == set(ids.values())
+    assert all(n["Alive"] for n in nodes)
+    by_id = {n["NodeID"]: n for n in nodes}
+    assert by_id[ids["a"]]["NodeManagerAddress"] == cluster.a.ip
+    assert by_id[ids["b"]]["Resources"]["at_b"] == 1
+    status = cluster.head.run(["shoal", "status"]).stdout
+    for node_id in ids.values():
+        assert node_id[:12] in status
+
+
+def test_tasks_go_where_their_resources_are_and_spill_over(cluster: Cluster) -> None:
+    ids = cluster.node_ids()
+    rendezvous = cluster.network.dir / "rendezvous"
+    rendezvous.mkdir()
+    result = cluster.drive(
+        cluster.head,
+        """
+        @shoal.remote
+        def where():
+            return node_of()
+        at_a = shoal.get([where.options(resources={"at_a": 1}).remote() for _ in range(3)])
+        at_b = shoal.get(where.options(resources={"at_b": 0.5}).remote())
+
+        # Three tasks that wait for each other (through files, without blocking in Shoal,
+        # which would lend their CPU) can only finish if they run at once, one per node
+        # (1 CPU each): two of them must go to other nodes.
+        @shoal.remote
+        def meet(rendezvous):
+            open(os.path.join(rendezvous, str(os.getpid())), "w").close()
+            deadline = time.monotonic() + 30
+            while len(os.listdir(rendezvous)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return node_of()
+        met = shoal.get([meet.remote(RENDEZVOUS) for _ in range(3)], timeout=60)
+        result = [at_a, at_b, met]
+        """,
+        RENDEZVOUS=str(rendezvous),
+    )
+    at_a, at_b, met = result
+    assert at_a == [ids["a"]] * 3
+    assert at_b == ids["b"]
+    assert sorted(met) == sorted(ids.values())
+
+
+def test_a_large_object_crosses_nodes_and_every_copy_is_freed(cluster: Cluster) -> None:
+    ids = cluster.node_ids()
+    result = cluster.drive(
+        cluster.head,
+        """
+        big = np.arange(128 * 1024 * 1024 // 8, dtype=np.int64)   # 128 MiB
+        ref = shoal.put(big)
+        @shoal.remote
+        def total(x):
+            return node_of(), int(x.sum()), bool(x.flags.writeable)
+        @shoal.remote
+        def make(n):
+            return np.full(n, 7, dtype=np.uint8)
+        on_a = shoal.get(total.options(resources={"at_a": 1}).remote(ref))
+        on_b = shoal.get(total.options(resources={"at_b": 1}).remote(ref))
+        made = shoal.get(make.options(resources={"at_b": 1}).remote(64 << 20))
+        copies = [o for o in shoal.state.list_objects() if len(o["nodes"]) > 1]
+        result = [on_a, on_b, int(made.sum()), made.nbytes, len(copies)]
+        del made, ref, big
+        """,
+    )
+    on_a, on_b, made_sum, made_bytes, with_copies = result
+    expected = (128 * 1024 * 1024 // 8) * (128 * 1024 * 1024 // 8 - 1) // 2
+    assert on_a == [ids["a"], expected, False]
+    assert on_b == [ids["b"], expected, False]
+    assert (made_sum, made_bytes) == (7 * (64 << 20), 64 << 20)
+    assert with_copies >= 1  # the array was copied to a and b
+    # The driver exited: its objects, and every copy of them on every host, are gone.
+    for host in (cluster.head, cluster.a, cluster.b):
+        netns_wait(lambda h=host: not cluster.segments(h), f"segments left on {host.name}")
+
+
+def test_a_gigabyte_array_crosses(cluster: Cluster) -> None:
+    ids = cluster.node_ids()
+    result = cluster.drive(
+        cluster.a,
+        """
+        ref = shoal.put(np.ones(1 << 30, dtype=np.uint8))
+        @shoal.remote(resources={"at_b": 1})
+        def total(x):
+            return node_of(), int(x.sum(dtype=np.int64))
+        t = time.perf_counter()
+        result = list(shoal.get(total.remote(ref))) + [time.perf_counter() - t]
+        """,
+        timeout=90,
+    )
+    assert result[:2] == [ids["b"], 1 << 30]
+
+
+def test_named_detached_actor_is_found_from_another_host(cluster: Cluster) -> None:
+    ids = cluster.node_ids()
+    created = cluster.drive(
+        cluster.head,
+        """
+        @shoal.remote(resources={"at_b": 0.1})
+        class Store:
+            def __init__(self): self.items = {}
+            def put(self, k, v): self.items[k] = v
+            def get(self, k): return self.items.get(k)
+            def node(self): return node_of()
+        s = Store.options(name="kv", namespace="hosts", lifetime="detached").remote()
+        shoal.get(s.put.remote("x", 41))
+        result = shoal.get(s.node.remote())
+        """,
+    )
+    assert created == ids["b"]
+    found = cluster.drive(
+        cluster.a,
+        """
+        s = shoal.get_actor("kv", namespace="hosts")
+        value = shoal.get(s.get.remote("x"))
+        shoal.kill(s)
+        result = value
+        """,
+    )
+    assert found == 41
+
+
+def test_placement_group_strict_spread_over_the_hosts(cluster: Cluster) -> None:
+    ids = cluster.node_ids()
+    result = cluster.drive(
+        cluster.head,
+        """
+        from shoal.util import placement_group, remove_placement_group, placement_group_table
+        from shoal.util.scheduling_strategies import PlacementGroupSchedulingStrategy as InGroup
+        pg = placement_group([{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
+        shoal.get(pg.ready(), timeout=30)
+        table = placement_group_table(pg)
+        @shoal.remote
+        def where():
+            return node_of()
+        placed = shoal.get([where.options(scheduling_strategy=InGroup(pg, i)).remote() for i in range(3)])
+        try:
+            placement_group([{"CPU": 1}] * 4, strategy="STRICT_SPREAD")
+            too_many = None
+        except ValueError as exc:
+            too_many = str(exc)
+        remove_placement_group(pg)
+        result = [table["bundles_to_node_id"], placed, too_many]
+        """,
+    )
+    bundles, placed, too_many = result
+    assert sorted(bundles.values()) == sorted(ids.values())
+    assert placed == [bundles[str(i)] for i in range(3)]
+    assert too_many is not None and "never be placed" in too_many
+
+
+def test_node_affinity(cluster: Cluster) -> None:
+    ids = cluster.node_ids()
+    result = cluster.drive(
+        cluster.head,
+        f"""
+        from shoal.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        from shoal.exceptions import TaskUnschedulableError
+        @shoal.remote
+        def where():
+            return node_of()
+        hard = shoal.get([where.options(scheduling_strategy=On("{ids["a"]}", soft=False)).remote() for _ in range(2)])
+        soft = shoal.get(where.options(scheduling_strategy=On("ab" * 16, soft=True)).remote())
+        try:
+            shoal.get(where.options(scheduling_strategy=On("ab" * 16, soft=False)).remote())
+            missing = None
+        except TaskUnschedulableError as exc:
+            missing = str(exc)
+        result = [hard, soft, missing]
+        """,
+    )
+    hard, soft, missing = result
+    assert hard == [ids["a"], ids["a"]]
+    assert soft in ids.values()
+    assert missing is not None and "not alive" in missing
+
+
+def netns_wait(predicate: Any, message: str, timeout: float = 15) -> None:
+    from shoal.testing import wait_for
+
+    wait_for(predicate, timeout=timeout, interval=0.05, message=message)
+
+
+def test_a_node_with_the_wrong_key_cannot_join(cluster: Cluster, tmp_path: Any) -> None:
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("00" * 32)
+    host = cluster.network.add_host("intruder")
+    run = host.run(
+        ["shoal", "start", "--address", cluster.address, "--key-file", str(wrong)],
+        check=False,
+        timeout=60,
+        env={"SHOAL_START_TIMEOUT": "3"},
+    )
+    assert run.returncode != 0
+    assert "no answer from the head" in run.stderr and "key" in run.stderr
+    nodes = cluster.drive(cluster.head, "result = len(shoal.nodes())")
+    assert nodes == 3
+
+
+def test_a_node_that_stops_leaves_the_cluster(cluster: Cluster) -> None:
+    # Last in this module: it takes node b away.
+    ids = cluster.node_ids()
+    cluster.b.run(["shoal", "stop"])
+    result = cluster.drive(
+        cluster.head,
+        f"""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            b = [n for n in shoal.nodes() if n["NodeID"] == "{ids["b"]}"]
+            if b and not b[0]["Alive"]:
+                break
+            time.sleep(0.05)
+        @shoal.remote
+        def where():
+            return node_of()
+        result = [b[0]["Alive"], b[0]["DeathReason"], shoal.get(where.remote())]
+        """,
+    )
+    alive, reason, ran_on = result
+    assert alive is False and "left" in reason
+    assert ran_on in (ids["head"], ids["a"])
+    assert not cluster.segments(cluster.b)
