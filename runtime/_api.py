@@ -85,6 +85,7 @@ _INIT_ARGS = {
     "local_mode",
     "_system_config",
     "object_spilling_directory",
+    "key_file",
 }
 
 
@@ -117,7 +118,7 @@ def init(address: str | None = None, **kwargs: Any) -> ClusterContext:
                     raise ValueError(
                         f"{key} cannot be set when joining an existing cluster (address={address!r})"
                     )
-            _cluster = _connect(address, namespace)
+            _cluster = _connect(address, namespace, kwargs.get("key_file"))
         core = _cluster.core
         _worker_context.set_core(core)
         if kwargs.get("log_to_driver", True):
@@ -326,7 +327,12 @@ def _wait_ready(fd: int, proc: subprocess.Popen[bytes], session: _session.Sessio
     raise RuntimeError(f"the head process {state}. Its log ({session.logs}/head.log):\n{tail}")
 
 
-def _connect(address: str, namespace: str) -> _Cluster:
+def _connect(address: str, namespace: str, key_file: str | None = None) -> _Cluster:
+    if address != "auto" and not os.path.isdir(address):
+        tcp = address if address.startswith("tcp://") else "tcp://" + address
+        if key_file is not None or not _local_session_at(tcp):
+            return _connect_client(tcp, namespace, key_file)
+        address = tcp
     if address == "auto":
         session = _session.find_running_session()
         if session is None:
@@ -347,6 +353,38 @@ def _connect(address: str, namespace: str) -> _Cluster:
         head_pid=int(info["pid"]),
     )
     return _Cluster(core, info["address"], session.path, None, None)
+
+
+def _local_session_at(address: str) -> bool:
+    try:
+        _find_session_by_address(address)
+    except ConnectionError:
+        return False
+    return True
+
+
+def _connect_client(address: str, namespace: str, key_file: str | None) -> _Cluster:
+    """Client-server mode: drive a cluster this machine is not part of, over one
+    connection to its head (see _client.py)."""
+    host_port = address.removeprefix("tcp://")
+    if ":" not in host_port or not host_port.rsplit(":", 1)[1].isdigit():
+        raise ValueError(f"a cluster address is HOST:PORT or tcp://HOST:PORT, got {address!r}")
+    if key_file is not None:
+        key = _session.read_key_file(os.path.expanduser(key_file))
+    elif os.environ.get("SHOAL_CLUSTER_KEY"):
+        try:
+            key = bytes.fromhex(os.environ["SHOAL_CLUSTER_KEY"].strip())
+        except ValueError:
+            raise ValueError("SHOAL_CLUSTER_KEY does not hold a hex key") from None
+    else:
+        raise ValueError(
+            f"connecting to the cluster at {host_port} needs its key: pass key_file= (the path "
+            "`shoal start --head` printed) or set SHOAL_CLUSTER_KEY to the key's hex text"
+        )
+    core = CoreWorker(
+        role="driver", head_address=address, key=key, namespace=namespace, client=True
+    )
+    return _Cluster(core, address, "", None, None)
 
 
 def _find_session_by_address(address: str) -> _session.Session:

@@ -83,11 +83,15 @@ class CoreWorker:
         worker_address: str = "",
         head_pid: int | None = None,
         worker_hooks: Callable[[Message], None] | None = None,
+        client: bool = False,
     ) -> None:
         from ._actor_caller import ActorCaller
         from ._task_submitter import TaskSubmitter
 
         self.role = role
+        # A driver outside the cluster (client-server mode): everything goes through the
+        # head connection, and large objects are streamed instead of mapped (_client.py).
+        self.client = client
         self.worker_id = worker_id or os.urandom(8)
         self.ids = IdFactory(self.worker_id)
         self.namespace = namespace
@@ -132,6 +136,7 @@ class CoreWorker:
                 "pid": self.pid,
                 "addr": worker_address,
                 "ns": namespace,
+                "client": client,
             },
             self._on_head_message,
             self._on_refused,
@@ -141,6 +146,13 @@ class CoreWorker:
         self.loop.add_reader(self.head.sock, self._head_readable)
         self.tasks = TaskSubmitter(self)
         self.actors = ActorCaller(self)
+        self.client_objects: Any = None
+        self._last_heard = time.monotonic()
+        if client:
+            from ._client import ClientObjects
+
+            self.client_objects = ClientObjects(self)
+            self.loop.call_later(0.0, self._ping)
         if head_pid is not None:
             try:
                 fd = os.pidfd_open(head_pid)
@@ -181,9 +193,33 @@ class CoreWorker:
                 os.close(self._head_pidfd)
 
     def _head_readable(self) -> None:
+        self._last_heard = time.monotonic()
         self.head.handle_readable()
         if not self._welcomed.is_set() and self.head.welcome is not None:
             self._welcomed.set()
+
+    def _ping(self) -> None:
+        """Client mode: tell the head we are here, and notice when it no longer answers."""
+        from ._client import HEAD_SILENCE_SECONDS, PING_SECONDS
+
+        if self.closed or self.lost_reason:
+            return
+        silent = time.monotonic() - self._last_heard
+        if silent > HEAD_SILENCE_SECONDS:
+            self._lose_cluster(
+                f"disconnected: nothing was heard from the cluster at {self.head.address} "
+                f"for {silent:.0f} s"
+            )
+            return
+        self.head.send(Message(M.PING, {}))
+        self.loop.call_later(PING_SECONDS, self._ping)
+
+    def _wait_event_sem(self, sem: threading.Semaphore) -> bool:
+        """Acquire ``sem`` in short slices; False when this core closed meanwhile."""
+        while not sem.acquire(timeout=0.2):
+            if self.closed or self.lost_reason:
+                return False
+        return True
 
     def _on_refused(self, reason: str) -> None:
         self.lost_reason = f"the cluster refused this connection: {reason}"
@@ -255,6 +291,14 @@ class CoreWorker:
         elif t == M.LOG_LINES:
             if self.on_log is not None:
                 self.on_log(body)
+        elif t == M.RELAYED:
+            self.tasks.on_worker_message(Message(MsgType(body["t"]), body["b"], msg.frames))
+        elif t == M.CHUNK:
+            self.client_objects.on_chunk(body, msg.frames)
+        elif t == M.CHUNK_ACK:
+            self.client_objects.on_ack(body)
+        elif t == M.PONG:
+            pass
         elif self.worker_hooks is not None:
             self.worker_hooks(msg)
 
@@ -275,6 +319,8 @@ class CoreWorker:
                 cb(oid, ("x", err))
         self.tasks.fail_all(err)
         self.actors.fail_all(err)
+        if self.client_objects is not None:
+            self.client_objects.fail_all(reason)
         if self.worker_hooks is not None:
             self.worker_hooks(Message(M.EXIT, {"reason": reason}))
 
@@ -465,6 +511,8 @@ class CoreWorker:
         self, oid: bytes, sv: SerializedValue, holder: bytes, call_site: str = ""
     ) -> str:
         """Write a value into the node's shared-memory store; returns the segment path."""
+        if self.client:
+            return str(self.client_objects.upload(oid, sv, holder, call_site))
         size = _shm.layout_size(sv)
         reply = self.request(Message(M.CREATE_OBJECT, {"o": oid, "s": size, "cs": call_site}))
         if "e" in reply.body:
@@ -642,6 +690,9 @@ class CoreWorker:
             sv = value[1]
             obj = deserialize(sv.data, sv.buffers)
             flags = sv.flags
+        elif kind == "s" and self.client:
+            data, buffers, flags = _shm.parse(self.client_objects.download(oid or b""))
+            obj = deserialize(data, buffers)
         elif kind == "s":
             try:
                 data, buffers, flags = _shm.read(value[1], self._keepalive(oid))

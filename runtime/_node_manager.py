@@ -39,7 +39,8 @@ from ._protocol import Message, MsgType, ProtocolError, Signer
 from ._resources import as_floats, fits
 from ._session import Session
 from ._shm import copy_file, free_bytes, unlink
-from ._transfer import ChunkServer, Pull
+from ._task_submitter import pick_address
+from ._transfer import ChunkServer, Pull, open_segment
 from ._transport import Connection, Listener
 from ._worker_processes import WorkerProcesses
 from ._zygote import Zygote
@@ -63,8 +64,17 @@ NODE_LEVEL = frozenset(
         M.CREATE_OBJECT,
         M.SEAL_OBJECT,
         M.GET_OBJECTS,
+        M.RELAY,
+        M.RELAY_CLOSE,
+        M.PUSH_CHUNK,
+        M.PULL,
+        M.PING,
     }
 )
+
+# A client silent for this long (it pings every CLIENT_PING_SECONDS) is gone: its work is
+# cancelled and its objects released, as for a driver that exited.
+CLIENT_TIMEOUT_SECONDS = 30.0
 
 # How often a node reports its resources when nothing changes (a heartbeat), and the
 # shortest gap between two reports when they do change.
@@ -73,7 +83,18 @@ UPDATE_MIN_GAP = 0.02
 
 
 class _Peer:
-    __slots__ = ("addr", "ident", "job", "namespace", "pid", "pidfd", "role", "wid")
+    __slots__ = (
+        "addr",
+        "client",
+        "ident",
+        "job",
+        "last_seen",
+        "namespace",
+        "pid",
+        "pidfd",
+        "role",
+        "wid",
+    )
 
     def __init__(
         self, ident: bytes, wid: bytes, role: str, pid: int, addr: str, namespace: str
@@ -86,6 +107,8 @@ class _Peer:
         self.namespace = namespace
         self.job = 0
         self.pidfd: int | None = None
+        self.client = False  # a driver on another machine (client-server mode)
+        self.last_seen = 0.0
 
 
 class NodeManager:
@@ -147,6 +170,10 @@ class NodeManager:
         self.node_conns: dict[str, Connection] = {}  # other nodes' addresses -> connection
         self._update_due = False
         self._last_update = 0.0
+        # Client-server mode: connections to workers on behalf of clients, and objects
+        # clients are streaming in.
+        self.relays: dict[tuple[bytes, str], Connection] = {}
+        self.uploads: dict[bytes, tuple[int, bytes]] = {}  # oid -> (fd, client)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -160,8 +187,10 @@ class NodeManager:
         for entry in self.store.objects.values():
             if entry.path:
                 unlink(entry.path)
-        for conn in self.node_conns.values():
+        for conn in [*self.node_conns.values(), *self.relays.values()]:
             conn.close()
+        for fd, _ in self.uploads.values():
+            os.close(fd)
         self.chunks.close()
         self.listener.close()
 
@@ -172,6 +201,14 @@ class NodeManager:
         now = time.monotonic()
         if now - self._last_update >= UPDATE_SECONDS:
             self._send_update()
+        for peer in [p for p in self.by_wid.values() if p.client]:
+            if now - peer.last_seen > CLIENT_TIMEOUT_SECONDS:
+                log.warning(
+                    "client %s sent nothing for %.0f s: dropped",
+                    peer.wid.hex(),
+                    now - peer.last_seen,
+                )
+                self._process_gone(peer.wid, "its connection was lost", False)
         self.loop.call_later(0.25, self._tick)
 
     def status(self) -> dict[str, Any]:
@@ -236,7 +273,12 @@ class NodeManager:
             peer.job = (self.number << 16) | self.next_job
             self.next_job += 1
             welcome["job"] = peer.job
-            self._watch_pid(peer)
+            if body.get("client"):
+                # Its pid is on another machine: it is watched through its pings.
+                peer.client = True
+                peer.last_seen = time.monotonic()
+            else:
+                self._watch_pid(peer)
         else:
             # After the transport has accepted the peer, so that a grant made at once can
             # already send to it.
@@ -274,6 +316,10 @@ class NodeManager:
             if peer.pidfd is not None:
                 self.loop.remove_reader(peer.pidfd)
                 os.close(peer.pidfd)
+        for key in [k for k in self.relays if k[0] == wid]:
+            self._close_relay(*key)
+        for oid in [o for o, (_, c) in self.uploads.items() if c == wid]:
+            os.close(self.uploads.pop(oid)[0])
         self._act_store(self.store.process_gone(wid))
         self._act_sched(self.scheduler.handle(sch.OwnerGoneEvent(wid)))
         if peer is not None or worker:
@@ -363,8 +409,10 @@ class NodeManager:
             if isinstance(a, ReplyObjects):
                 pass  # local reads are answered by this class, not by the store's waiters
             elif isinstance(a, UnlinkSegment):
+                self.chunks.forget(a.path)
                 unlink(a.path)
             elif isinstance(a, RenameSegment):
+                self.chunks.forget(a.src)
                 try:
                     os.rename(a.src, a.dst)
                 except OSError as exc:
@@ -382,6 +430,8 @@ class NodeManager:
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s from %s: %.200r", msg.type.name, peer.wid.hex(), msg.body)
+        if peer.client:
+            peer.last_seen = time.monotonic()
         if msg.type not in NODE_LEVEL:
             self.up.send(
                 Message(M.UP, {"w": peer.wid, "t": int(msg.type), "b": msg.body}, msg.frames)
@@ -469,10 +519,22 @@ class NodeManager:
             return
         self._act_store(actions)
         reuse = any(isinstance(a, RenameSegment) and a.dst == path for a in actions)
+        if body.get("stream"):
+            # A client streams the bytes in (PUSH_CHUNK): it cannot map our memory.
+            try:
+                fd = open_segment(path, int(body["s"]), reuse)
+            except OSError as exc:
+                self._act_store(self.store.abort(body["o"]))
+                self.send(wid, Message(M.OBJECT_CREATED, {"r": body["r"], "e": str(exc)}))
+                return
+            self.uploads[body["o"]] = (fd, wid)
         self.send(wid, Message(M.OBJECT_CREATED, {"r": body["r"], "p": path, "reuse": reuse}))
 
     def _h_seal_object(self, wid: bytes, body: Any, frames: Any) -> None:
         oid = body["o"]
+        upload = self.uploads.pop(oid, None)
+        if upload is not None:
+            os.close(upload[0])
         if body.get("abort"):
             self._act_store(self.store.abort(oid))
             if body.get("r") is not None:
@@ -510,7 +572,7 @@ class NodeManager:
             entry = self.store.objects.get(oid)
             if entry is not None and entry.sealed:
                 self.store._touch(entry)
-                ready.append([oid, "s", entry.flags, entry.path])
+                ready.append([oid, "s", entry.flags, entry.path, entry.size])
                 continue
             waiters = self.get_waiters.setdefault(oid, [])
             if wid not in waiters:
@@ -523,7 +585,65 @@ class NodeManager:
         if wanted:
             self.up.send(Message(M.LOCATE, {"o": wanted}))
 
+    # -- clients (client-server mode) ---------------------------------------------------
+    def _h_relay(self, wid: bytes, body: Any, frames: Any) -> None:
+        """A client's message for a worker: sent on its behalf, the answers sent back."""
+        address = str(body["a"])
+        conn = self.relays.get((wid, address))
+        if conn is None:
+            conn = Connection(
+                self.ctx,
+                self.signer,
+                pick_address(address, self.session.path),
+                {"role": "driver", "wid": wid, "pid": 0},
+                functools.partial(self._relayed_back, wid, address),
+            )
+            self.loop.add_reader(conn.sock, conn.handle_readable)
+            self.relays[(wid, address)] = conn
+        conn.send(Message(MsgType(body["t"]), body["b"], frames))
+
+    def _relayed_back(self, wid: bytes, address: str, msg: Message) -> None:
+        self.send(
+            wid, Message(M.RELAYED, {"a": address, "t": int(msg.type), "b": msg.body}, msg.frames)
+        )
+
+    def _h_relay_close(self, wid: bytes, body: Any, frames: Any) -> None:
+        self._close_relay(wid, str(body["a"]))
+
+    def _close_relay(self, wid: bytes, address: str) -> None:
+        conn = self.relays.pop((wid, address), None)
+        if conn is not None:
+            self.loop.remove_reader(conn.sock)
+            conn.close()
+
+    def _h_push_chunk(self, wid: bytes, body: Any, frames: Any) -> None:
+        oid, off = body["o"], int(body["off"])
+        upload = self.uploads.get(oid)
+        error = None
+        if upload is None or upload[1] != wid or len(frames) != 1 or off < 0:
+            error = "no such upload"
+        else:
+            try:
+                os.pwrite(upload[0], frames[0], off)
+            except OSError as exc:
+                error = str(exc)
+        ack: dict[str, Any] = {"o": oid, "off": off}
+        if error:
+            ack["e"] = error
+        self.send(wid, Message(M.CHUNK_ACK, ack))
+
+    def _h_pull(self, wid: bytes, body: Any, frames: Any) -> None:
+        self.send(wid, self.chunks.serve(body))
+
+    def _h_ping(self, wid: bytes, body: Any, frames: Any) -> None:
+        self.send(wid, Message(M.PONG, {}))
+
     _handlers: dict[MsgType, Callable[[Any, bytes, Any, Any], None]] = {
+        M.RELAY: _h_relay,
+        M.RELAY_CLOSE: _h_relay_close,
+        M.PUSH_CHUNK: _h_push_chunk,
+        M.PULL: _h_pull,
+        M.PING: _h_ping,
         M.REQUEST_LEASE: _h_request_lease,
         M.CANCEL_LEASE_REQUEST: _h_cancel_lease_request,
         M.RETURN_LEASE: _h_return_lease,

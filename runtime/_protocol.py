@@ -119,6 +119,14 @@ class MsgType(enum.IntEnum):
     BUNDLE_RESERVE = 83
     BUNDLE_RESULT = 84
     BUNDLE_RELEASE = 85
+    # a client (a driver off the cluster) <-> the head's node manager, over one connection
+    RELAY = 86
+    RELAYED = 87
+    RELAY_CLOSE = 88
+    PUSH_CHUNK = 89
+    CHUNK_ACK = 90
+    PING = 91
+    PONG = 92
 
 
 class ProtocolError(Exception):

@@ -197,15 +197,45 @@ def read(path: str, keepalive: Any = None) -> tuple[memoryview, list[memoryview]
     finally:
         os.close(fd)
     mm.keepalive = keepalive
-    view = memoryview(mm)
+    return parse(memoryview(mm), path)
+
+
+def parse(view: memoryview, where: str = "the data") -> tuple[memoryview, list[memoryview], int]:
+    """(pickle stream, buffers, flags) of an object laid out as above, as views into it."""
     magic, flags, count, data_off, data_len = _HEAD.unpack_from(view, 0)
     if magic != MAGIC:
-        raise ValueError(f"{path} is not a Shoal object")
+        raise ValueError(f"{where} is not a Shoal object")
     buffers = []
     for i in range(count):
         off, length = _ENTRY.unpack_from(view, _HEAD.size + i * _ENTRY.size)
         buffers.append(view[off : off + length])
     return view[data_off : data_off + data_len], buffers, flags
+
+
+def layout_chunks(sv: SerializedValue, chunk_size: int) -> list[tuple[int, memoryview]]:
+    """The file of ``sv`` as (offset, bytes) pieces of at most ``chunk_size``, without
+    copying its buffers: what a client streams to the store instead of mapping a file.
+    The gaps (alignment) are zeros in a fresh segment."""
+    parts: list[tuple[int, memoryview]] = []
+    entries = []
+    pos = _align(_HEAD.size + _ENTRY.size * len(sv.buffers))
+    data_off = pos
+    parts.append((pos, memoryview(sv.data).cast("B")))
+    pos = _align(pos + len(sv.data))
+    for buf in sv.buffers:
+        view = memoryview(buf).cast("B")
+        parts.append((pos, view))
+        entries.append((pos, view.nbytes))
+        pos = _align(pos + view.nbytes)
+    head = bytearray(_HEAD.size + _ENTRY.size * len(entries))
+    _HEAD.pack_into(head, 0, MAGIC, sv.flags, len(entries), data_off, len(sv.data))
+    for i, (off, length) in enumerate(entries):
+        _ENTRY.pack_into(head, _HEAD.size + i * _ENTRY.size, off, length)
+    out: list[tuple[int, memoryview]] = [(0, memoryview(head))]
+    for off, view in parts:
+        for start in range(0, view.nbytes, chunk_size):
+            out.append((off + start, view[start : start + chunk_size]))
+    return out
 
 
 def copy_file(src: str, dst: str) -> None:

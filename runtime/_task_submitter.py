@@ -131,8 +131,8 @@ def encode_args(core: CoreWorker, spec: TaskSpec, frames: list[Any]) -> list[Any
 class _WorkerConn:
     __slots__ = ("conn", "fns")
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn  # a Connection, or a _client.RelayConnection
         self.fns: set[bytes] = set()
 
 
@@ -206,7 +206,7 @@ class TaskSubmitter:
         self._req_ids = itertools.count(1)
 
     def sockets(self) -> list[Any]:
-        return [c.conn.sock for c in self.conns.values()]
+        return [c.conn.sock for c in self.conns.values() if c.conn.sock is not None]
 
     # -- user thread -------------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
@@ -428,6 +428,10 @@ class TaskSubmitter:
     def connection(self, address: str) -> _WorkerConn:
         """The connection to a worker; ``address`` lists its ipc and tcp addresses."""
         wc = self.conns.get(address)
+        if wc is None and self.core.client:
+            from ._client import RelayConnection
+
+            wc = self.conns[address] = _WorkerConn(RelayConnection(self.core, address))
         if wc is None:
             conn = Connection(
                 self.core.ctx,
@@ -442,7 +446,9 @@ class TaskSubmitter:
 
     def close_connection(self, address: str) -> None:
         wc = self.conns.pop(address, None)
-        if wc is not None:
+        if wc is not None and wc.conn.sock is None:
+            wc.conn.close()  # a relayed connection: the head closes its end
+        elif wc is not None:
             self.core.loop.remove_reader(wc.conn.sock)
             wc.conn.sock.close(linger=0)
 

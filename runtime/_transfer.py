@@ -12,6 +12,8 @@ sits whole in a message or in memory: the only limit is the stores' capacity.
 
 from __future__ import annotations
 
+import collections
+import mmap
 import os
 import stat
 from typing import Any
@@ -25,10 +27,35 @@ WINDOW = 4
 
 
 class ChunkServer:
-    """Serves chunks of the sealed objects of one node's store."""
+    """Serves chunks of the sealed objects of one node's store.
+
+    Chunks are views of a read-only mapping of the object's file, sent without a copy (zmq
+    keeps the view, and so the mapping, until the bytes are on the wire). The mappings of
+    the last few objects served are kept, since a pull asks for many chunks of one object.
+    A file that was unlinked meanwhile (freed, spilled) stays readable through its mapping,
+    and its bytes are the same: objects never change.
+    """
+
+    KEEP = 4
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
+        self._maps: collections.OrderedDict[str, memoryview] = collections.OrderedDict()
+
+    def _view(self, path: str, size: int) -> memoryview:
+        view = self._maps.get(path)
+        if view is not None and view.nbytes >= size:
+            self._maps.move_to_end(path)
+            return view
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            view = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+        finally:
+            os.close(fd)
+        self._maps[path] = view
+        while len(self._maps) > self.KEEP:
+            self._maps.popitem(last=False)  # in-flight chunks keep their mapping alive
+        return view
 
     def serve(self, body: Any) -> Message:
         oid, off, n = body.get("o"), body.get("off"), body.get("n")
@@ -37,20 +64,24 @@ class ChunkServer:
         entry = self.store.objects.get(oid)
         if entry is None or not entry.sealed or entry.path is None:
             return Message(MsgType.CHUNK, {"o": oid, "off": off, "e": "not on this node"})
+        if body.get("clamp") and 0 <= off < entry.size:
+            n = min(n, entry.size - off)  # a client learns the size from the first answer
         if off < 0 or n <= 0 or n > CHUNK_SIZE or off + n > entry.size:
             return Message(MsgType.CHUNK, {"o": oid, "off": off, "e": "bad range"})
         try:
-            fd = os.open(entry.path, os.O_RDONLY)
-            try:
-                data = os.pread(fd, n, off)
-            finally:
-                os.close(fd)
-        except OSError as exc:
+            data = self._view(entry.path, entry.size)[off : off + n]
+        except (OSError, ValueError) as exc:
             return Message(MsgType.CHUNK, {"o": oid, "off": off, "e": str(exc)})
-        return Message(MsgType.CHUNK, {"o": oid, "off": off}, [data])
+        return Message(
+            MsgType.CHUNK, {"o": oid, "off": off, "size": entry.size, "t": body.get("t")}, [data]
+        )
+
+    def forget(self, path: str) -> None:
+        """The file was unlinked or renamed (freed, spilled, pooled): let its pages go."""
+        self._maps.pop(path, None)
 
     def close(self) -> None:
-        pass
+        self._maps.clear()
 
 
 class Pull:
@@ -74,7 +105,7 @@ class Pull:
         self.missing = list(range(0, max(size, 1), CHUNK_SIZE))[::-1]  # offsets, next last
         self.inflight: set[int] = set()
         self.received = 0
-        self.fd = _open_segment(path, size, reuse)
+        self.fd = open_segment(path, size, reuse)
 
     @property
     def source(self) -> str:
@@ -126,7 +157,7 @@ class Pull:
         self.close()
 
 
-def _open_segment(path: str, size: int, reuse: bool) -> int:
+def open_segment(path: str, size: int, reuse: bool) -> int:
     """The file to write: new (exclusive: /dev/shm is world-writable), or a reused segment
     of ours that the store renamed to ``path``."""
     if reuse:

@@ -1,0 +1,179 @@
+"""Client-server mode: a driver on a machine outside the cluster, over one connection.
+
+    client core --(tcp, one Connection)--> the head's node manager
+        RELAY {a: worker address, t, b}     a task push or actor call, sent on to the worker
+        RELAYED {a, t, b} <--               the worker's answer, sent back
+        CREATE_OBJECT {stream} + PUSH_CHUNK a large put streamed into the head's store
+        GET_OBJECTS, then PULL {clamp}      a large get: the head's node fetches the object
+                                            if needed, then serves it in chunks
+        PING / PONG                         liveness both ways
+
+Nothing on the client needs shared memory with the cluster, nor a route to its workers.
+Chunks move in a window (a few in flight), so a large object is never buffered whole in a
+queue: the sender waits for acknowledgements, the receiver asks for the next chunks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import TYPE_CHECKING, Any
+
+from . import _shm
+from ._protocol import Message, MsgType
+from ._serialization import SerializedValue
+from .exceptions import ObjectLostError, ObjectStoreFullError
+
+if TYPE_CHECKING:
+    from ._core import CoreWorker
+
+M = MsgType
+
+CHUNK_SIZE = 8 << 20
+WINDOW = 6
+# The client pings this often; the head drops a client silent for 30 s (node manager).
+PING_SECONDS = 2.0
+# A client that heard nothing from the head for this long gives up on the cluster.
+HEAD_SILENCE_SECONDS = 30.0
+
+
+class RelayConnection:
+    """Stands in for a connection to a worker: messages go through the head."""
+
+    sock = None  # nothing to poll: answers arrive on the head connection
+
+    def __init__(self, core: CoreWorker, address: str) -> None:
+        self.core = core
+        self.address = address
+
+    def send(self, msg: Message) -> None:
+        self.core.head.send(
+            Message(M.RELAY, {"a": self.address, "t": int(msg.type), "b": msg.body}, msg.frames)
+        )
+
+    def close(self) -> None:
+        self.core.head.send(Message(M.RELAY_CLOSE, {"a": self.address}))
+
+
+class _Upload:
+    def __init__(self) -> None:
+        self.window = threading.Semaphore(WINDOW)
+        self.error: str | None = None
+
+
+class _Download:
+    def __init__(self, oid: bytes) -> None:
+        self.oid = oid
+        self.buf: bytearray | None = None
+        self.size = 0
+        self.next_off = 0
+        self.pending = 0
+        self.error: str | None = None
+        self.done = threading.Event()
+
+
+class ClientObjects:
+    """Streams large objects to and from the head's store for a client core."""
+
+    def __init__(self, core: CoreWorker) -> None:
+        self.core = core
+        self.uploads: dict[bytes, _Upload] = {}
+        self.downloads: dict[int, _Download] = {}
+        self.tokens = itertools.count(1)
+
+    # -- put (user thread) -------------------------------------------------------------
+    def upload(self, oid: bytes, sv: SerializedValue, holder: bytes, call_site: str) -> str:
+        core = self.core
+        size = _shm.layout_size(sv)
+        reply = core.request(
+            Message(M.CREATE_OBJECT, {"o": oid, "s": size, "cs": call_site, "stream": True})
+        )
+        if "e" in reply.body:
+            raise ObjectStoreFullError(reply.body["e"])
+        up = self.uploads[oid] = _Upload()
+        try:
+            for off, piece in _shm.layout_chunks(sv, CHUNK_SIZE):
+                if not core._wait_event_sem(up.window) or up.error:
+                    break
+                core.post(core.head.send, Message(M.PUSH_CHUNK, {"o": oid, "off": off}, [piece]))
+            for _ in range(WINDOW):  # every chunk acknowledged
+                core._wait_event_sem(up.window)
+        finally:
+            self.uploads.pop(oid, None)
+        if up.error or core.closed:
+            core.send_head(Message(M.SEAL_OBJECT, {"o": oid, "abort": True}))
+            raise ObjectStoreFullError(
+                f"could not send an object of {size:,} bytes to the cluster: "
+                f"{up.error or core.lost_reason or 'disconnected'}"
+            )
+        core.request(
+            Message(M.SEAL_OBJECT, {"o": oid, "f": sv.flags, "c": sv.contained, "h": holder})
+        )
+        return str(reply.body["p"])
+
+    def on_ack(self, body: Any) -> None:  # IO thread
+        up = self.uploads.get(body.get("o"))
+        if up is not None:
+            if body.get("e"):
+                up.error = str(body["e"])
+            up.window.release()
+
+    # -- get (user thread) -------------------------------------------------------------
+    def download(self, oid: bytes) -> memoryview:
+        """The bytes of a stored object, fetched in chunks from the head's node (which
+        pulls it from the node that has it first, if needed)."""
+        core = self.core
+        core.relocate(oid, "")  # GET_OBJECTS: answered once the head's node has it
+        token = next(self.tokens)
+        dl = self.downloads[token] = _Download(oid)
+        core.post(self._request, token, 0, CHUNK_SIZE)
+        try:
+            core._wait_event(dl.done, None)
+        finally:
+            self.downloads.pop(token, None)
+        if dl.error or dl.buf is None:
+            raise ObjectLostError(
+                f"could not fetch object {oid.hex()} from the cluster: "
+                f"{dl.error or core.lost_reason or 'disconnected'}"
+            )
+        return memoryview(dl.buf)
+
+    def _request(self, token: int, off: int, n: int) -> None:  # IO thread
+        dl = self.downloads.get(token)
+        if dl is None:
+            return
+        dl.pending += 1
+        body = {"o": dl.oid, "off": off, "n": n, "clamp": True, "t": token}
+        self.core.head.send(Message(M.PULL, body))
+
+    def on_chunk(self, body: Any, frames: Any) -> None:  # IO thread
+        dl = self.downloads.get(body.get("t"))
+        if dl is None:
+            return
+        dl.pending -= 1
+        if body.get("e") or len(frames) != 1:
+            dl.error = str(body.get("e") or "an empty chunk")
+            dl.done.set()
+            return
+        data = memoryview(frames[0])
+        off = int(body["off"])
+        if dl.buf is None:
+            dl.size = int(body["size"])
+            dl.buf = bytearray(dl.size)
+            dl.next_off = data.nbytes
+        dl.buf[off : off + data.nbytes] = data
+        while dl.next_off < dl.size and dl.pending < WINDOW:
+            n = min(CHUNK_SIZE, dl.size - dl.next_off)
+            self._request(body["t"], dl.next_off, n)
+            dl.next_off += n
+        if dl.pending == 0 and dl.next_off >= dl.size:
+            dl.done.set()
+
+    def fail_all(self, reason: str) -> None:  # IO thread, when the cluster is lost
+        for up in self.uploads.values():
+            up.error = reason
+            for _ in range(WINDOW):
+                up.window.release()
+        for dl in self.downloads.values():
+            dl.error = reason
+            dl.done.set()
