@@ -170,7 +170,14 @@ class CoreWorker:
         if not self._welcomed.wait(_config.START_TIMEOUT_SECONDS) or self.head.welcome is None:
             self.close()
             raise ConnectionError(
-                self.lost_reason or f"no answer from the cluster at {head_address}"
+                self.lost_reason
+                or f"no answer from the cluster at {head_address}"
+                + (
+                    ": is a head listening there, and is the key the one the head printed? "
+                    "(a message signed with another key is dropped unread)"
+                    if client
+                    else ""
+                )
             )
         welcome = self.head.welcome
         self.node_id: bytes = welcome["node"]

@@ -3,6 +3,7 @@ namespace with its own /dev/shm and session directory (see netns.py).
 
     head (1 CPU)  <--tcp-->  a (1 CPU, {"at_a": 1})
                   <--tcp-->  b (1 CPU, {"at_b": 1})
+                  <--tcp-->  client (no Shoal processes: client-server mode)
 
 Drivers are Python scripts run on one of the hosts with ``shoal.init(address="auto")``;
 each prints one JSON line with what the test checks.
@@ -11,11 +12,13 @@ each prints one JSON line with what the test checks.
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections.abc import Iterator
 from typing import Any
 
 import netns
+import numpy as np
 import pytest
 from conftest import require_netns
 
@@ -32,13 +35,21 @@ class Cluster:
         self.head = network["head"]
         self.a = network["a"]
         self.b = network["b"]
+        self.client = network["client"]
 
-    def drive(self, host: netns.Host, body: str, timeout: float = 60, **names: Any) -> Any:
+    def drive(
+        self,
+        host: netns.Host,
+        body: str,
+        timeout: float = 60,
+        init: str = 'address="auto", log_to_driver=False',
+        **names: Any,
+    ) -> Any:
         """Run ``body`` as a driver on ``host``; it sets ``result``, which comes back.
         ``names`` become variables of the script."""
         code = (
             "import json, os, time\nimport numpy as np\nimport shoal\nimport shoal.state\n"
-            'shoal.init(address="auto", log_to_driver=False)\n'
+            f"shoal.init({init})\n"
             "def node_of():\n    return shoal.get_runtime_context().get_node_id()\n"
             + "".join(f"{k} = {v!r}\n" for k, v in names.items())
             + textwrap.dedent(body)
@@ -47,7 +58,11 @@ class Cluster:
         out = host.python(code, timeout=timeout).stdout
         lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
         assert lines, f"the driver printed no result:\n{out}"
+        self.last_output = out
         return json.loads(lines[-1][len("RESULT ") :])
+
+    def client_init(self) -> str:
+        return f"{self.address!r}, key_file={self.key_file!r}"
 
     def node_ids(self) -> dict[str, str]:
         """Host name -> node id, from the nodes' session files."""
@@ -65,7 +80,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     require_netns()
-    with netns.Network(["head", "a", "b"], shm_size="3G") as network:
+    with netns.Network(["head", "a", "b", "client"], shm_size="3G") as network:
         key_file = str(network.dir / "cluster.key")
         head = network["head"]
         out = head.run(
@@ -309,6 +324,114 @@ def test_a_node_with_the_wrong_key_cannot_join(cluster: Cluster, tmp_path: Any) 
     assert "no answer from the head" in run.stderr and "key" in run.stderr
     nodes = cluster.drive(cluster.head, "result = len(shoal.nodes())")
     assert nodes == 3
+
+
+def test_a_client_outside_the_cluster_does_everything_over_one_connection(
+    cluster: Cluster,
+) -> None:
+    ids = cluster.node_ids()
+    # The client host runs no Shoal process and shares no memory with the cluster.
+    assert not cluster.segments(cluster.client)
+    result = cluster.drive(
+        cluster.client,
+        """
+        @shoal.remote
+        def square(x):
+            print("squaring", x)
+            return x * x
+        squares = shoal.get([square.remote(i) for i in range(4)])
+        @shoal.remote(resources={"at_a": 0.1})
+        class Counter:
+            def __init__(self): self.n = 0
+            def add(self, k): self.n += k; return self.n
+            def node(self): return node_of()
+        c = Counter.remote()
+        counts = shoal.get([c.add.remote(1) for _ in range(3)])
+        actor_node = shoal.get(c.node.remote())
+        big = np.arange(48 << 20, dtype=np.uint8)              # 48 MiB up and down
+        ref = shoal.put(big)
+        @shoal.remote(resources={"at_b": 1})
+        def checksum(x):
+            return node_of(), int(x[::4096].sum())
+        remote_sum = shoal.get(checksum.remote(ref))
+        back = shoal.get(ref)
+        @shoal.remote(resources={"at_b": 1})
+        def make():
+            return np.full(40 << 20, 3, dtype=np.uint8)
+        made = shoal.get(make.remote())
+        ready, not_ready = shoal.wait([square.remote(9)], num_returns=1, timeout=30)
+        @shoal.remote
+        def boom():
+            return 1 / 0
+        try:
+            shoal.get(boom.remote())
+            error = None
+        except ZeroDivisionError as exc:
+            error = str(exc)
+        result = {
+            "squares": squares, "counts": counts, "actor_node": actor_node,
+            "remote_sum": remote_sum, "same": bool((back == big).all()),
+            "made": [int(made.sum()), made.nbytes], "waited": len(ready),
+            "error": error,
+        }
+        """,
+        init=cluster.client_init(),
+    )
+    assert result["squares"] == [0, 1, 4, 9]
+    assert result["counts"] == [1, 2, 3] and result["actor_node"] == ids["a"]
+    expected = int(np.arange(48 << 20, dtype=np.uint8)[::4096].sum())
+    assert result["remote_sum"] == [ids["b"], expected]
+    assert result["same"] is True
+    assert result["made"] == [3 * (40 << 20), 40 << 20]
+    assert result["waited"] == 1
+    assert "ZeroDivisionError" in result["error"] and "boom" in result["error"]
+    assert "line 36, in boom" in result["error"]  # the remote frame (python -c: no source)
+    assert "squaring 3" in cluster.last_output  # task output reached the client
+    assert not cluster.segments(cluster.client)
+
+
+def test_two_clients_have_their_own_namespaces(cluster: Cluster) -> None:
+    cluster.drive(
+        cluster.client,
+        """
+        @shoal.remote
+        class Box:
+            def get(self): return "mine"
+        box = Box.options(name="box", lifetime="detached").remote()
+        shoal.get(box.get.remote())
+        result = shoal.get_runtime_context().namespace
+        """,
+        init=cluster.client_init(),
+    )
+    result = cluster.drive(
+        cluster.client,
+        """
+        try:
+            shoal.get_actor("box")
+            visible = True
+        except ValueError:
+            visible = False
+        result = visible
+        """,
+        init=cluster.client_init(),
+    )
+    assert result is False
+
+
+def test_a_client_needs_the_key(cluster: Cluster) -> None:
+    no_key = cluster.client.python(
+        f"import shoal\nshoal.init({cluster.address!r})", check=False, timeout=30
+    )
+    assert no_key.returncode != 0 and "needs its key" in no_key.stderr
+    wrong = cluster.network.dir / "wrong-client.key"
+    wrong.write_text("11" * 32)
+    refused = cluster.client.python(
+        f"import shoal\nshoal.init({cluster.address!r}, key_file={str(wrong)!r})",
+        check=False,
+        timeout=30,
+        env={"SHOAL_START_TIMEOUT": "2"},
+    )
+    assert refused.returncode != 0 and "key" in refused.stderr
 
 
 def test_a_node_that_stops_leaves_the_cluster(cluster: Cluster) -> None:
