@@ -385,7 +385,7 @@ def test_a_client_outside_the_cluster_does_everything_over_one_connection(
     assert result["made"] == [3 * (40 << 20), 40 << 20]
     assert result["waited"] == 1
     assert "ZeroDivisionError" in result["error"] and "boom" in result["error"]
-    assert "line 36, in boom" in result["error"]  # the remote frame (python -c: no source)
+    assert re.search(r"line \d+, in boom", result["error"])  # the remote frame
     assert "squaring 3" in cluster.last_output  # task output reached the client
     assert not cluster.segments(cluster.client)
 
