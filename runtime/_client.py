@@ -6,7 +6,7 @@
         CREATE_OBJECT {stream} + PUSH_CHUNK a large put streamed into the head's store
         GET_OBJECTS, then PULL {clamp}      a large get: the head's node fetches the object
                                             if needed, then serves it in chunks
-        PING / PONG                         liveness both ways
+        PING / PONG                         liveness both ways (_config.CLIENT_TIMEOUT_SECONDS)
 
 Nothing on the client needs shared memory with the cluster, nor a route to its workers.
 Chunks move in a window (a few in flight), so a large object is never buffered whole in a
@@ -31,10 +31,6 @@ M = MsgType
 
 CHUNK_SIZE = 8 << 20
 WINDOW = 6
-# The client pings this often; the head drops a client silent for 30 s (node manager).
-PING_SECONDS = 2.0
-# A client that heard nothing from the head for this long gives up on the cluster.
-HEAD_SILENCE_SECONDS = 30.0
 
 
 class RelayConnection:

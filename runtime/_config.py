@@ -41,3 +41,10 @@ START_TIMEOUT_SECONDS = float(os.environ.get("SHOAL_START_TIMEOUT", 30))
 # A lease request that waited this long on a full node asks the control store again for a
 # node with room (the cluster may have freed some elsewhere since it was placed).
 RESPILL_SECONDS = 0.2
+
+# Client-server mode: a client pings the head every CLIENT_TIMEOUT_SECONDS / 5 (at most
+# every 2 s); the head drops a client it has not heard from for this long, and a client
+# that has not heard from the head for this long fails what it waits for (disconnected).
+# Shorter losses are ridden out: TCP keeps the connection and delivers what was queued.
+CLIENT_TIMEOUT_SECONDS = float(os.environ.get("SHOAL_CLIENT_TIMEOUT", 30))
+CLIENT_PING_SECONDS = min(2.0, CLIENT_TIMEOUT_SECONDS / 5)

@@ -207,19 +207,17 @@ class CoreWorker:
 
     def _ping(self) -> None:
         """Client mode: tell the head we are here, and notice when it no longer answers."""
-        from ._client import HEAD_SILENCE_SECONDS, PING_SECONDS
-
         if self.closed or self.lost_reason:
             return
         silent = time.monotonic() - self._last_heard
-        if silent > HEAD_SILENCE_SECONDS:
+        if silent > _config.CLIENT_TIMEOUT_SECONDS:
             self._lose_cluster(
                 f"disconnected: nothing was heard from the cluster at {self.head.address} "
                 f"for {silent:.0f} s"
             )
             return
         self.head.send(Message(M.PING, {}))
-        self.loop.call_later(PING_SECONDS, self._ping)
+        self.loop.call_later(_config.CLIENT_PING_SECONDS, self._ping)
 
     def _wait_event_sem(self, sem: threading.Semaphore) -> bool:
         """Acquire ``sem`` in short slices; False when this core closed meanwhile."""

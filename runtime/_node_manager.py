@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from . import _placement
+from . import _config, _placement
 from . import _scheduler as sch
 from ._ioloop import IOLoop
 from ._object_store import (
@@ -72,9 +72,6 @@ NODE_LEVEL = frozenset(
     }
 )
 
-# A client silent for this long (it pings every CLIENT_PING_SECONDS) is gone: its work is
-# cancelled and its objects released, as for a driver that exited.
-CLIENT_TIMEOUT_SECONDS = 30.0
 
 # How often a node reports its resources when nothing changes (a heartbeat), and the
 # shortest gap between two reports when they do change.
@@ -202,7 +199,8 @@ class NodeManager:
         if now - self._last_update >= UPDATE_SECONDS:
             self._send_update()
         for peer in [p for p in self.by_wid.values() if p.client]:
-            if now - peer.last_seen > CLIENT_TIMEOUT_SECONDS:
+            # Silent too long: gone, as a driver that exited (its work and objects go).
+            if now - peer.last_seen > _config.CLIENT_TIMEOUT_SECONDS:
                 log.warning(
                     "client %s sent nothing for %.0f s: dropped",
                     peer.wid.hex(),

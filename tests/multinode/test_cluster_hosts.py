@@ -434,6 +434,77 @@ def test_a_client_needs_the_key(cluster: Cluster) -> None:
     assert refused.returncode != 0 and "key" in refused.stderr
 
 
+GATED_CLIENT = """
+import os, sys, time
+import shoal
+from shoal.exceptions import ShoalError
+shoal.init(sys.argv[1], key_file=sys.argv[2])
+gate, submitted = sys.argv[3], sys.argv[4]
+@shoal.remote
+def wait_for_gate(path):
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return 42
+ref = wait_for_gate.remote(gate)
+open(submitted, "w").close()
+try:
+    print("RESULT", shoal.get(ref, timeout=60), flush=True)
+except ShoalError as exc:
+    print("ERROR", type(exc).__name__, exc, flush=True)
+"""
+
+
+def _gated_client(cluster: Cluster, tag: str, env: dict[str, str] | None = None) -> Any:
+    import subprocess
+    import sys
+
+    gate = cluster.network.dir / f"gate-{tag}"
+    submitted = cluster.network.dir / f"submitted-{tag}"
+    argv = [sys.executable, "-c", GATED_CLIENT, cluster.address, cluster.key_file]
+    proc = cluster.client.popen(
+        [*argv, str(gate), str(submitted)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    netns_wait(lambda: submitted.exists() or proc.poll() is not None, "the client submitted")
+    assert proc.poll() is None, proc.communicate()[0]
+    return proc, gate
+
+
+def _link(host: netns.Host, state: str) -> None:
+    import subprocess
+
+    subprocess.run(["ip", "link", "set", host.veth, state], check=True)
+
+
+def test_a_client_rides_out_a_short_network_loss(cluster: Cluster) -> None:
+    import time
+
+    proc, gate = _gated_client(cluster, "short")
+    _link(cluster.client, "down")
+    try:
+        gate.touch()  # the result is ready while the client is cut off
+        time.sleep(3)  # the length of the outage, not a wait for a condition
+    finally:
+        _link(cluster.client, "up")
+    out, _ = proc.communicate(timeout=60)
+    assert "RESULT 42" in out, out
+
+
+def test_a_client_cut_off_for_longer_gets_a_clear_error(cluster: Cluster) -> None:
+    proc, gate = _gated_client(cluster, "long", env={"SHOAL_CLIENT_TIMEOUT": "3"})
+    _link(cluster.client, "down")
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        _link(cluster.client, "up")
+        gate.touch()
+    assert "ERROR" in out and "disconnected" in out, out
+    assert "3 s" in out or "for 3" in out or "nothing was heard" in out, out
+
+
 def test_a_node_that_stops_leaves_the_cluster(cluster: Cluster) -> None:
     # Last in this module: it takes node b away.
     ids = cluster.node_ids()
