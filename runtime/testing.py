@@ -48,14 +48,14 @@ def wait_for(
         time.sleep(interval)
 
 
-def shoal_processes() -> list[psutil.Process]:
+def shoal_processes(all_sessions: bool = False) -> list[psutil.Process]:
     """Live Shoal head and worker processes on this machine.
 
     When ``SHOAL_TEST_SESSION`` is set (Shoal's own test suite sets it, and the processes
-    it starts inherit it), only that session's processes count, so that test runs of
-    other checkouts on the same machine do not look like leaks of this one.
+    it starts inherit it), only that session's processes count unless ``all_sessions``,
+    so that test runs of other checkouts on the same machine do not look like leaks.
     """
-    session = os.environ.get("SHOAL_TEST_SESSION")
+    session = None if all_sessions else os.environ.get("SHOAL_TEST_SESSION")
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:

@@ -97,11 +97,15 @@ class LeakGuard:
 
     @staticmethod
     def _foreign_processes() -> list[psutil.Process]:
-        return [p for p in testing.shoal_processes() if not _started_by_this_session(p)]
+        return [
+            p for p in testing.shoal_processes(all_sessions=True) if not _started_by_this_session(p)
+        ]
 
     @staticmethod
     def _our_processes() -> list[psutil.Process]:
-        return [p for p in testing.shoal_processes() if _started_by_this_session(p)]
+        return [
+            p for p in testing.shoal_processes(all_sessions=True) if _started_by_this_session(p)
+        ]
 
     def _our_segments(self) -> list[str]:
         tags = set()
@@ -156,7 +160,7 @@ class LeakGuard:
 
     def remove_orphan_segments(self) -> None:
         """Remove segments this session leaked, once no Shoal process at all could own them."""
-        if testing.shoal_processes():
+        if testing.shoal_processes(all_sessions=True):
             return
         for name in self.reported_segments | set(self._our_segments()):
             try:
