@@ -225,9 +225,13 @@ def _status(args: argparse.Namespace) -> None:
         shoal.shutdown()
     console = Console()
     table = Table(title="Shoal cluster")
-    for col in ("node", "alive", "resource", "used / total", "workers", "object store"):
+    for col in ("node", "address", "alive", "resource", "used / total", "workers", "object store"):
         table.add_column(col)
     for node in nodes:
+        where = str(node.get("NodeManagerAddress", "")) + (" (head)" if node.get("IsHead") else "")
+        if not node["Alive"]:
+            table.add_row(node["NodeID"][:12], where, "no: " + str(node.get("DeathReason", "")))
+            continue
         store = node.get("ObjectStore", {})
         first = True
         for name, total in sorted(node["Resources"].items()):
@@ -236,6 +240,7 @@ def _status(args: argparse.Namespace) -> None:
             used = total - node["Available"].get(name, 0.0)
             table.add_row(
                 node["NodeID"][:12] if first else "",
+                where if first else "",
                 "yes" if node["Alive"] and first else "",
                 name,
                 f"{used:g} / {total:g}",
