@@ -223,7 +223,7 @@ def _status(args: argparse.Namespace) -> None:
         nodes = shoal.nodes()
     finally:
         shoal.shutdown()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title="Shoal cluster")
     for col in ("node", "address", "alive", "resource", "used / total", "workers", "object store"):
         table.add_column(col)
@@ -266,7 +266,7 @@ def _memory(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"objects": objects, "stats": stats}, indent=2))
         return
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(
         title=f"Object store: {_store_text(stats)}, {stats.get('spilled', 0) / 2**20:.1f} MiB spilled"
     )
