@@ -712,7 +712,14 @@ class CoreWorker:
         else:
             raise _fresh(value[1])
         if flags & FLAG_ERROR:
-            raise obj
+            # Not a local while it propagates: the traceback holds this frame, and a frame
+            # holding its own exception is a cycle that keeps the caller's frames (and the
+            # refs in them) alive until the garbage collector happens to run.
+            error, obj = obj, None
+            try:
+                raise error
+            finally:
+                del error
         return obj
 
     # -- submitting --------------------------------------------------------------------
