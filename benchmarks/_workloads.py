@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/_workloads.py --system shoal|ray|none --bench NAME --duration SECONDS
+    python benchmarks/_workloads.py --zmq-chunk-server PORT plain|hmac   (internal helper)
 
 Prints exactly one line starting with ``BENCH_RESULT `` followed by a JSON
 object: ``{"bench": ..., "system": ..., "value": <float>, "unit": ..., ...}``
@@ -27,9 +28,13 @@ import argparse
 import importlib
 import json
 import os
+import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -61,6 +66,8 @@ class Bench:
     unit: str
     higher_is_better: bool = True
     systems: tuple[str, ...] = ("shoal", "ray")
+    # For references (systems == ("none",)): what the "Reference: ..." line says.
+    description: str = ""
 
 
 # Names of Ray's workloads are exactly those printed by `ray microbenchmark`.
@@ -82,9 +89,39 @@ BENCHMARKS: list[Bench] = [
     Bench("1:1 async-actor calls async", "calls/s"),
     Bench("cold start", "s", higher_is_better=False),
     Bench("idle cluster memory", "GB", higher_is_better=False),
+    Bench("object transfer between two nodes", "GB/s"),
 ]
-MEMCPY = Bench("memcpy bandwidth", "GB/s", systems=("none",))
-ALL_BENCHES = {b.name: b for b in [*BENCHMARKS, MEMCPY]}
+# References: no system under test, printed as "Reference: ..." lines under the table.
+MEMCPY = Bench(
+    "memcpy bandwidth",
+    "GB/s",
+    systems=("none",),
+    description="machine memcpy bandwidth (numpy copy of a 1 GB array)",
+)
+ZMQ_RAW = Bench(
+    "raw zmq transfer (tcp loopback)",
+    "GB/s",
+    systems=("none",),
+    description="raw pyzmq stream between two processes over tcp loopback "
+    "(512 MiB in 8 MiB messages, 4 in flight)",
+)
+ZMQ_HMAC = Bench(
+    "raw zmq transfer + HMAC-SHA256",
+    "GB/s",
+    systems=("none",),
+    description="the same stream with HMAC-SHA256 of every chunk (signed by the sender, "
+    "verified by the receiver)",
+)
+REFERENCES: list[Bench] = [MEMCPY, ZMQ_RAW, ZMQ_HMAC]
+ALL_BENCHES = {b.name: b for b in [*BENCHMARKS, *REFERENCES]}
+
+# Object transfer between two nodes (and its raw zmq references).
+TRANSFER_BYTES = 512 << 20  # one object: a 64 Mi x int64 numpy array
+TRANSFER_CHUNK = 8 << 20  # shoal._transfer.CHUNK_SIZE
+TRANSFER_WINDOW = 4  # shoal._transfer.WINDOW: chunks in flight per pull
+TRANSFER_STORE = 2 << 30  # object store of each node (bytes)
+TRANSFER_STRIDE = (1 << 20) // 8  # the reader checks one int64 per MiB
+RAW_TRIALS = 5  # timed pulls of the raw zmq references
 
 
 # --------------------------------------------------------------------------
@@ -429,11 +466,356 @@ def memcpy_bandwidth(duration: float) -> dict:
 
 
 # --------------------------------------------------------------------------
+# object transfer between two nodes on this machine
+
+
+def _transfer_trials(deadline: float) -> dict:
+    """With ``ray`` connected to a cluster of two nodes (one with the custom resource
+    "node_b", the driver's node without it): puts a fresh TRANSFER_BYTES object on the
+    driver's node and times a task pinned to node B that reads it, minus the same task
+    on the same object once it is on node B. One warm-up round, then TRIALS rounds.
+
+    The ref goes to the task inside a list, and the task calls ``get`` itself: a
+    top-level ref argument is resolved by the caller, and Shoal's caller hands a worker
+    the object's shared-memory path, which on a single machine the worker on node B can
+    open directly, so no transfer would happen at all."""
+    import numpy as np
+
+    node_b = [n["NodeID"] for n in ray.nodes() if n.get("Resources", {}).get("node_b")]
+    if len(node_b) != 1:
+        raise WorkloadError(f"expected one node with resource node_b, found {len(node_b)}")
+
+    @ray.remote(num_cpus=0, resources={"node_b": 1})
+    def read(refs):
+        x = ray.get(refs[0])
+        return x.nbytes, int(x[::TRANSFER_STRIDE].sum()), ray.get_runtime_context().get_node_id()
+
+    arr = np.arange(TRANSFER_BYTES // 8, dtype=np.int64)
+    expected = (arr.nbytes, int(arr[::TRANSFER_STRIDE].sum()))
+
+    def timed_read(ref) -> float:
+        left = deadline - time.monotonic()
+        if left <= 1:
+            raise WorkloadError("object transfer: out of time")
+        t0 = time.perf_counter()
+        nbytes, check, node = ray.get(read.remote([ref]), timeout=left)
+        elapsed = time.perf_counter() - t0
+        if (nbytes, check) != expected:
+            raise WorkloadError("object transfer: node B read different data")
+        if node != node_b[0]:
+            raise WorkloadError(f"object transfer: the reader ran on node {node}, not node B")
+        return elapsed
+
+    rates, fresh_s, baseline_s, put_s = [], [], [], []
+    for i in range(1 + TRIALS):  # round 0 warms up: worker start, node connections
+        t0 = time.perf_counter()
+        ref = ray.put(arr)
+        put = time.perf_counter() - t0
+        fresh = timed_read(ref)  # pulls the object to node B
+        baseline = min(timed_read(ref) for _ in range(2))  # already on node B
+        del ref
+        if i == 0:
+            continue
+        rates.append(arr.nbytes / 1e9 / max(fresh - baseline, 1e-9))
+        fresh_s.append(fresh)
+        baseline_s.append(baseline)
+        put_s.append(put)
+    return {
+        "value": statistics.fmean(rates),
+        "sd": statistics.pstdev(rates),
+        "trials": rates,
+        "fresh_s": fresh_s,
+        "baseline_s": baseline_s,
+        "put_s": put_s,
+        "object_bytes": arr.nbytes,
+    }
+
+
+def _shoal_cli(args: list[str], tmpdir: str, log_path: str, timeout: float) -> str:
+    """Runs ``shoal ARGS`` with SHOAL_TMPDIR=tmpdir; returns its stdout. Output goes to
+    files, not pipes: `shoal start` leaves daemons behind that would inherit a pipe."""
+    env = dict(os.environ, SHOAL_TMPDIR=tmpdir)
+    with open(log_path, "w+b") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "shoal", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=timeout,
+        )
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if proc.returncode != 0:
+        last = (text.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise WorkloadError(f"`shoal {args[0]}` failed: {last}")
+    return text
+
+
+def _cleanup_shoal_dir(tmpdir: str) -> None:
+    """Kill any head still running from a session under ``tmpdir`` (by pid, and only if
+    that pid's command line names the session) and remove its shared-memory segments."""
+    import glob
+
+    for info_path in glob.glob(os.path.join(tmpdir, "session_2*", "head.json")):
+        session = os.path.dirname(info_path)
+        try:
+            with open(info_path) as f:
+                info = json.load(f)
+            pid = int(info["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                ours = session.encode() in f.read()
+        except OSError:
+            ours = False
+        if ours:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                print(f"killed a head left in {session}: pid {pid}", file=sys.stderr)
+            except OSError:
+                pass
+        tag = str(info.get("tag") or "")
+        if tag:
+            for seg in glob.glob(f"/dev/shm/shoal-{glob.escape(tag)}-*"):
+                try:
+                    os.unlink(seg)
+                except OSError:
+                    pass
+
+
+def _stop_shoal_dir(tmpdir: str, log_path: str) -> None:
+    """`shoal stop` for the clusters under ``tmpdir`` only (never anyone else's), then
+    whatever it left (see _cleanup_shoal_dir)."""
+    try:
+        _shoal_cli(["stop", "--timeout", "5"], tmpdir, log_path, 12)
+    except (WorkloadError, subprocess.TimeoutExpired, OSError) as exc:
+        print(f"shoal stop in {tmpdir}: {exc}", file=sys.stderr)
+    _cleanup_shoal_dir(tmpdir)
+
+
+def _transfer_root_prefix(tag: str) -> str:
+    # Short: a worker's ipc socket is <root>/b/session_<date>_<time>_<pid>_<tag>/w-<id>.sock,
+    # and a unix socket path has at most 107 bytes (a longer one makes every worker of
+    # the node fail at start, and the node restarts them forever).
+    return os.path.join(tempfile.gettempdir(), f"sbx-{tag[:8]}-")
+
+
+def cleanup_transfer_leftovers(tag: str) -> int:
+    """For the runner, after it killed a run's processes: remove what a transfer workload
+    killed mid-way left behind (shared-memory segments, its temporary directory).
+    Returns how many directories it removed."""
+    import glob
+
+    roots = glob.glob(glob.escape(_transfer_root_prefix(tag)) + "*")
+    for root in roots:
+        for sub in ("b", "a"):
+            _cleanup_shoal_dir(os.path.join(root, sub))
+        shutil.rmtree(root, ignore_errors=True)
+    return len(roots)
+
+
+def transfer_shoal(timeout: float) -> dict:
+    """A head and a node started with the CLI (own SHOAL_TMPDIR each, so they behave
+    as two machines) joined over tcp loopback; the driver connects to the head."""
+    # Leave time to stop both nodes before the runner's own timeout kills us.
+    deadline = time.monotonic() + max(10.0, timeout - 30)
+    prefix = _transfer_root_prefix(os.environ.get(TAG_ENV) or "manual")
+    root = tempfile.mkdtemp(prefix=os.path.basename(prefix), dir=os.path.dirname(prefix))
+    head_dir, node_dir = os.path.join(root, "a"), os.path.join(root, "b")
+    longest = len(f"{node_dir}/session_20261122_144339_4194304_01234567/w-0123456789abcdef.sock")
+    if longest > 107:
+        shutil.rmtree(root, ignore_errors=True)
+        raise WorkloadError(f"temporary directory {root} is too long for unix socket paths")
+    key = os.path.join(root, "cluster.key")
+    common = ["--num-cpus", "1", "--object-store-memory", str(TRANSFER_STORE)]
+    started: list[str] = []
+    connected = False
+    try:
+        started.append(head_dir)
+        out = _shoal_cli(
+            ["start", "--head", "--bind", "127.0.0.1", "--key-file", key, *common,
+             "--resources", json.dumps({"node_a": 1})],
+            head_dir, os.path.join(root, "head-start.log"), 60,
+        )  # fmt: skip
+        match = re.search(r"address:\s+(\S+)", out)
+        if match is None:
+            raise WorkloadError("`shoal start --head` printed no address")
+        started.append(node_dir)
+        _shoal_cli(
+            ["start", "--address", match.group(1), "--key-file", key, *common,
+             "--resources", json.dumps({"node_b": 1})],
+            node_dir, os.path.join(root, "node-start.log"), 60,
+        )  # fmt: skip
+        os.environ["SHOAL_TMPDIR"] = head_dir  # the driver joins the head's session
+        _import_system("shoal")
+        ray.init(address="auto")
+        connected = True
+        for _ in range(100):  # the node has joined once the head lists it
+            if len(ray.nodes()) >= 2:
+                break
+            time.sleep(0.1)
+        result = _transfer_trials(deadline)
+        result["address"] = match.group(1)
+        return result
+    except BaseException:
+        keep = os.environ.get("SHOAL_BENCH_KEEP_LOGS")
+        if keep:  # the nodes' logs, for debugging a failed run
+            dest = os.path.join(keep, os.path.basename(root))
+            shutil.copytree(root, dest, ignore=shutil.ignore_patterns("*.sock"), symlinks=True)
+            print(f"logs of the failed run kept in {dest}", file=sys.stderr)
+        raise
+    finally:
+        if connected:
+            ray.shutdown()
+        for d in reversed(started):
+            _stop_shoal_dir(d, os.path.join(root, f"stop-{os.path.basename(d)}.log"))
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def transfer_ray(timeout: float) -> dict:
+    """Two Ray nodes on this machine with ray.cluster_utils.Cluster: the same processes
+    as `ray start --head` plus `ray start --address` (a second raylet and object store
+    joined to the head's GCS), stopped by pid; `ray stop` would kill every Ray process
+    on the machine."""
+    from ray.cluster_utils import Cluster
+
+    deadline = time.monotonic() + max(10.0, timeout - 30)
+    cluster = None
+    connected = False
+    try:
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 1,
+                "resources": {"node_a": 1},
+                "object_store_memory": TRANSFER_STORE,
+                "include_dashboard": False,
+            },
+        )
+        cluster.add_node(num_cpus=1, resources={"node_b": 1}, object_store_memory=TRANSFER_STORE)
+        _import_system("ray")
+        ray.init(address=cluster.address)
+        connected = True
+        cluster.wait_for_nodes(timeout=60)
+        return _transfer_trials(deadline)
+    finally:
+        if connected:
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def _zmq_chunk_server(port: int, mode: str) -> None:
+    """The sending end of the raw zmq stream: a ROUTER that answers each request with one
+    TRANSFER_CHUNK message (zero-copy from one buffer), preceded by its HMAC-SHA256 in
+    "hmac" mode. Exits on b"stop", when its parent dies, or after 5 idle minutes."""
+    import hashlib
+    import hmac
+
+    import zmq
+
+    parent = os.getppid()
+    data = os.urandom(TRANSFER_CHUNK)
+    keyed = hmac.new(b"k" * 32, digestmod=hashlib.sha256)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    idle_since = time.monotonic()
+    try:
+        while time.monotonic() - idle_since < 300 and os.getppid() == parent:
+            if not sock.poll(1000):
+                continue
+            idle_since = time.monotonic()
+            ident, request = sock.recv_multipart()
+            if request == b"stop":
+                break
+            if mode == "hmac":
+                h = keyed.copy()
+                h.update(data)
+                sock.send_multipart([ident, h.digest(), data], copy=False)
+            else:
+                sock.send_multipart([ident, data], copy=False)
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def raw_zmq_transfer(mode: str, timeout: float) -> dict:
+    """Pulls TRANSFER_BYTES from a server process in TRANSFER_CHUNK messages with
+    TRANSFER_WINDOW requests in flight (the shape of Shoal's pull), over tcp loopback;
+    in "hmac" mode the receiver verifies each chunk's HMAC-SHA256. One warm-up pull,
+    then RAW_TRIALS timed pulls (each well under a second, so more than TRIALS)."""
+    import hashlib
+    import hmac
+
+    import zmq
+
+    deadline = time.monotonic() + max(10.0, timeout - 10)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    server = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--zmq-chunk-server", str(port), mode],
+        stdin=subprocess.DEVNULL,
+    )
+    keyed = hmac.new(b"k" * 32, digestmod=hashlib.sha256)
+    n = TRANSFER_BYTES // TRANSFER_CHUNK
+
+    def pull() -> float:
+        t0 = time.perf_counter()
+        sent = received = 0
+        while sent < min(TRANSFER_WINDOW, n):
+            sock.send(b"r")
+            sent += 1
+        while received < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000)):
+                raise WorkloadError("raw zmq transfer: out of time")
+            frames = sock.recv_multipart(copy=False)
+            if mode == "hmac":
+                h = keyed.copy()
+                h.update(frames[1].buffer)
+                if not hmac.compare_digest(h.digest(), frames[0].bytes):
+                    raise WorkloadError("raw zmq transfer: bad signature")
+            if frames[-1].buffer.nbytes != TRANSFER_CHUNK:
+                raise WorkloadError("raw zmq transfer: short chunk")
+            received += 1
+            if sent < n:
+                sock.send(b"r")
+                sent += 1
+        return time.perf_counter() - t0
+
+    try:
+        pull()  # warm-up (and waits for the server to connect)
+        rates = [TRANSFER_BYTES / 1e9 / pull() for _ in range(RAW_TRIALS)]
+        return {"value": statistics.fmean(rates), "sd": statistics.pstdev(rates), "trials": rates}
+    finally:
+        try:
+            sock.send(b"stop", zmq.NOBLOCK)
+            server.wait(5)
+        except (zmq.ZMQError, subprocess.TimeoutExpired):
+            server.kill()
+            server.wait()
+        sock.close(0)
+        ctx.term()
+
+
+# --------------------------------------------------------------------------
 
 
 def run(system: str, bench: str, duration: float, timeout: float) -> dict:
     if bench == MEMCPY.name:
         return memcpy_bandwidth(duration)
+    if bench == ZMQ_RAW.name:
+        return raw_zmq_transfer("plain", timeout)
+    if bench == ZMQ_HMAC.name:
+        return raw_zmq_transfer("hmac", timeout)
+    if bench == "object transfer between two nodes":
+        return transfer_shoal(timeout) if system == "shoal" else transfer_ray(timeout)
     if bench == "cold start":
         return cold_start(system, timeout)
     _import_system(system)
@@ -459,7 +841,10 @@ def main(argv=None) -> int:
     parser.add_argument("--bench", required=True, choices=sorted(ALL_BENCHES))
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument(
-        "--timeout", type=float, default=120.0, help="per cold-start child (seconds)"
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="per cold-start child; the whole budget of a transfer workload (seconds)",
     )
     args = parser.parse_args(argv)
     bench = ALL_BENCHES[args.bench]
@@ -479,4 +864,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--zmq-chunk-server"]:
+        _zmq_chunk_server(int(sys.argv[2]), sys.argv[3])
+        sys.exit(0)
     sys.exit(main())

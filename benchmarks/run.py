@@ -94,6 +94,7 @@ def _cleanup_all() -> None:
     cur = _current
     for tag in _tags:
         _kill_tree(tag, cur[1] if cur is not None and cur[0] == tag else None)
+        wl.cleanup_transfer_leftovers(tag)
 
 
 def run_one(system: str, bench: str, duration: float, timeout: float) -> dict:
@@ -128,6 +129,7 @@ def run_one(system: str, bench: str, duration: float, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         _kill_tree(tag, proc.pid)
         proc.communicate()
+        wl.cleanup_transfer_leftovers(tag)
         return {"error": f"timeout after {timeout:.0f}s", "wall_s": time.monotonic() - t0}
     except BaseException:
         _kill_tree(tag, proc.pid)
@@ -136,6 +138,7 @@ def run_one(system: str, bench: str, duration: float, timeout: float) -> dict:
         _current = None
     # The workload shuts its cluster down itself; anything left is a leak.
     leaked = _kill_tree(tag, proc.pid)
+    wl.cleanup_transfer_leftovers(tag)  # no-op unless a transfer run was cut short
     result = None
     for line in out.splitlines():
         if line.startswith(wl.RESULT_PREFIX):
@@ -168,6 +171,8 @@ def fmt_value(v: float) -> str:
 def fmt_cell(res: dict | None) -> str:
     if res is None:
         return "-"
+    if res.get("na"):
+        return "n/a"
     if "error" in res:
         reason = " ".join(str(res["error"]).split())
         if len(reason) > 60:
@@ -285,15 +290,23 @@ def main(argv=None) -> int:
     with_ray = not args.no_ray and importlib.util.find_spec("ray") is not None
     if not args.no_ray and not with_ray:
         print("ray is not importable: reporting shoal only", file=sys.stderr)
-    benches = [b for b in wl.BENCHMARKS if not args.only or args.only.lower() in b.name.lower()]
-    want_memcpy = not args.only or args.only.lower() in wl.MEMCPY.name.lower()
-    if not benches and not want_memcpy:
+
+    def wanted(b: wl.Bench) -> bool:
+        return not args.only or args.only.lower() in b.name.lower()
+
+    benches = [b for b in wl.BENCHMARKS if wanted(b)]
+    references = [r for r in wl.REFERENCES if wanted(r)]
+    if not benches and not references:
         parser.error(f"no benchmark matches {args.only!r}")
     systems = ["shoal"] + (["ray"] if with_ray else [])
 
     started = time.monotonic()
     results: dict[str, dict[str, dict]] = {}
-    jobs = [(b, s) for b in benches for s in systems]
+    for b in benches:  # a system the benchmark does not apply to shows "n/a"
+        for s in systems:
+            if s not in b.systems:
+                results.setdefault(b.name, {})[s] = {"na": True}
+    jobs = [(b, s) for b in benches for s in systems if s in b.systems]
     for i, (b, system) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {b.name} / {system} ...", end=" ", file=sys.stderr, flush=True)
         res = run_one(system, b.name, args.duration, args.timeout)
@@ -307,25 +320,23 @@ def main(argv=None) -> int:
             f"{fmt_cell(res)} {b.unit}  [{res['wall_s']:.1f}s]{extra}", file=sys.stderr, flush=True
         )
 
-    memcpy = None
-    if want_memcpy:
-        print("[ref] memcpy bandwidth ...", end=" ", file=sys.stderr, flush=True)
-        memcpy = run_one("none", wl.MEMCPY.name, args.duration, args.timeout)
-        print(f"{fmt_cell(memcpy)} GB/s  [{memcpy['wall_s']:.1f}s]", file=sys.stderr, flush=True)
+    ref_results: dict[str, dict] = {}
+    for r in references:
+        print(f"[ref] {r.name} ...", end=" ", file=sys.stderr, flush=True)
+        res = ref_results[r.name] = run_one("none", r.name, args.duration, args.timeout)
+        print(f"{fmt_cell(res)} {r.unit}  [{res['wall_s']:.1f}s]", file=sys.stderr, flush=True)
     total = time.monotonic() - started
 
     header, rows = build_rows(benches, results, with_ray)
-    memcpy_line = (
-        f"Reference: machine memcpy bandwidth (numpy copy of a 1 GB array): {fmt_cell(memcpy)} GB/s"
-        if memcpy is not None
-        else None
-    )
+    ref_lines = [
+        f"Reference: {r.description}: {fmt_cell(ref_results[r.name])} {r.unit}" for r in references
+    ]
     print()
     if rows:
         print(text_table(header, rows))
         print()
-    if memcpy_line:
-        print(memcpy_line)
+    for line in ref_lines:
+        print(line)
     print(f"Total benchmark time: {total:.0f} s (--duration {args.duration:g})")
 
     if args.markdown:
@@ -339,8 +350,8 @@ def main(argv=None) -> int:
         ]
         if rows:
             md += [markdown_table(header, rows), ""]
-        if memcpy_line:
-            md += [memcpy_line, ""]
+        for line in ref_lines:
+            md += [line, ""]
         Path(args.markdown).write_text("\n".join(md))
         print(f"Markdown written to {args.markdown}")
     if args.json:
@@ -348,7 +359,8 @@ def main(argv=None) -> int:
             "duration": args.duration,
             "total_s": total,
             "results": results,
-            "memcpy": memcpy,
+            "references": ref_results,
+            "memcpy": ref_results.get(wl.MEMCPY.name),  # also in "references"
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0
