@@ -123,7 +123,8 @@ class ActorClass:
             "job": core.job_id,
             "kw": spec.kwnames,
         }
-        body["a"] = encode_args(core, spec, frames)
+        # The actor may be placed on any node: its worker reads stored arguments by id.
+        body["a"] = encode_args(core, spec, frames, local=False)
         handle_meta = {"cls": self._display_name, **meta}
         core.actors.created(aid, spec)
         if name:

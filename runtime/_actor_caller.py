@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._protocol import Message, MsgType
 from ._serialization import deserialize
-from ._task_submitter import STREAMING, TaskSpec, encode_args
+from ._task_submitter import STREAMING, TaskSpec, encode_args, is_local
 from .exceptions import ActorDiedError
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class ActorCaller:
             "j": spec.job,
             "kw": spec.kwnames,
         }
-        body["a"] = encode_args(self.core, spec, frames)
+        body["a"] = encode_args(self.core, spec, frames, is_local(st.conn.conn))
         st.conn.conn.send(Message(M.ACTOR_CALL, body, frames))
 
     def on_call_done(self, spec: TaskSpec, body: dict[str, Any], frames: Sequence[Any]) -> None:

@@ -40,7 +40,7 @@ from ._resources import as_floats, fits
 from ._session import Session
 from ._shm import copy_file, free_bytes, unlink
 from ._task_submitter import pick_address
-from ._transfer import ChunkServer, Pull, open_segment
+from ._transfer import STALL_SECONDS, ChunkServer, Pull, open_segment
 from ._transport import Connection, Listener
 from ._worker_processes import WorkerProcesses
 from ._zygote import Zygote
@@ -198,6 +198,13 @@ class NodeManager:
         now = time.monotonic()
         if now - self._last_update >= UPDATE_SECONDS:
             self._send_update()
+        for pull in list(self.pulls.values()):
+            if now - pull.last_progress > STALL_SECONDS:
+                # A source that stopped answering (died, or dropped our messages).
+                if pull.next_source():
+                    self._pull_next(pull)
+                else:
+                    self._finish_pull(pull, f"no chunk arrived for {STALL_SECONDS:.0f} s")
         for peer in [p for p in self.by_wid.values() if p.client]:
             # Silent too long: gone, as a driver that exited (its work and objects go).
             if now - peer.last_seen > _config.CLIENT_TIMEOUT_SECONDS:
@@ -719,6 +726,10 @@ class NodeManager:
             return
         self.pulls[oid] = pull
         self._pull_next(pull)
+        try:
+            pull.allocate()
+        except OSError as exc:
+            self._finish_pull(pull, f"no room for it in this node's shared memory: {exc}")
 
     def _node_conn(self, address: str) -> Connection:
         conn = self.node_conns.get(address)

@@ -25,6 +25,7 @@ KEY_FILE = "cluster.key"
 HEAD_FILE = "head.json"
 LATEST = "session_latest"
 SHM_DIR = "/dev/shm"
+MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
 def base_dir() -> str:
@@ -70,10 +71,19 @@ class Session:
 def create_session(key: bytes | None = None) -> Session:
     """A new session directory; ``key`` is the cluster's (a node joining a head), or fresh."""
     base = base_dir()
-    os.makedirs(base, mode=0o700, exist_ok=True)
     tag = secrets.token_hex(4)
     name = f"session_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}_{tag}"
     path = os.path.join(base, name)
+    # ipc sockets live in the session directory, and a Unix socket path has at most 107
+    # bytes: a worker's is the longest. Fail here, clearly, rather than in every worker.
+    longest = len(os.fsencode(os.path.join(path, "w-" + "0" * 16 + ".sock")))
+    if longest > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"the session directory {base!r} (SHOAL_TMPDIR or --temp-dir) is too long: socket "
+            f"paths in it would have {longest} bytes, and the limit is {MAX_SOCKET_PATH}; "
+            f"use a directory of at most {len(base) - (longest - MAX_SOCKET_PATH)} characters"
+        )
+    os.makedirs(base, mode=0o700, exist_ok=True)
     os.mkdir(path, 0o700)
     os.mkdir(os.path.join(path, "logs"), 0o700)
     write_key_file(os.path.join(path, KEY_FILE), key or secrets.token_bytes(32))

@@ -104,8 +104,13 @@ class TaskSpec:
         self.worker: bytes | None = None
 
 
-def encode_args(core: CoreWorker, spec: TaskSpec, frames: list[Any]) -> list[Any]:
-    """Argument descriptors for a push; dependency values are inlined when small."""
+def encode_args(
+    core: CoreWorker, spec: TaskSpec, frames: list[Any], local: bool = True
+) -> list[Any]:
+    """Argument descriptors for a push; dependency values are inlined when small.
+
+    A stored value's file is named only to a worker of this node (``local``); a worker
+    elsewhere gets the id and reads the object through its own node, which fetches it."""
     out = []
     for kind, x in spec.args:
         if kind == 0:
@@ -121,7 +126,7 @@ def encode_args(core: CoreWorker, spec: TaskSpec, frames: list[Any]) -> list[Any
             out.append([0, 1 + len(sv.buffers), sv.flags])
             frames.append(sv.data)
             frames.extend(sv.buffers)
-        elif value is not None and value[0] == "s":
+        elif value is not None and value[0] == "s" and local:
             out.append([2, value[1], value[2], oid])
         else:
             out.append([1, oid])
@@ -422,7 +427,7 @@ class TaskSubmitter:
             lease.conn.fns.add(spec.fn_hash)
             body["fb"] = 1
             frames.append(spec.fn_bytes)
-        body["a"] = encode_args(self.core, spec, frames)
+        body["a"] = encode_args(self.core, spec, frames, is_local(lease.conn.conn))
         lease.conn.conn.send(Message(M.PUSH_TASK, body, frames))
 
     def connection(self, address: str) -> _WorkerConn:
@@ -707,6 +712,11 @@ class TaskSubmitter:
                 if stream.done is None:
                     stream.done = len(stream.items)
                 stream.cond.notify_all()
+
+
+def is_local(conn: Any) -> bool:
+    """Whether a worker connection reaches a worker of this node (over ipc)."""
+    return conn.sock is not None and str(conn.address).startswith("ipc://")
 
 
 def pick_address(addresses: str, session_path: str) -> str:

@@ -16,6 +16,7 @@ import collections
 import mmap
 import os
 import stat
+import time
 from typing import Any
 
 from ._object_store import ObjectStore
@@ -24,6 +25,8 @@ from ._protocol import Message, MsgType
 CHUNK_SIZE = 8 << 20
 # Chunks in flight per pull: enough to keep a 10 Gb/s link busy across a round trip.
 WINDOW = 4
+# A pull that received nothing for this long goes on from another copy, or fails.
+STALL_SECONDS = 30.0
 
 
 class ChunkServer:
@@ -105,7 +108,9 @@ class Pull:
         self.missing = list(range(0, max(size, 1), CHUNK_SIZE))[::-1]  # offsets, next last
         self.inflight: set[int] = set()
         self.received = 0
-        self.fd = open_segment(path, size, reuse)
+        self.fd = open_segment(path, size, reuse, allocate=False)
+        self.reused = reuse
+        self.last_progress = time.monotonic()
 
     @property
     def source(self) -> str:
@@ -114,6 +119,12 @@ class Pull:
     @property
     def done(self) -> bool:
         return not self.missing and not self.inflight
+
+    def allocate(self) -> None:
+        """Reserve the pages (after the first requests went out, so the source works
+        meanwhile): a full /dev/shm fails here, not with SIGBUS in a reader later."""
+        if not self.reused:
+            os.posix_fallocate(self.fd, 0, max(self.size, 1))
 
     def requests(self) -> list[dict[str, Any]]:
         out = []
@@ -136,6 +147,7 @@ class Pull:
             return f"a chunk of {memoryview(data).nbytes} bytes where {expected} were due"
         os.pwrite(self.fd, data, off)
         self.inflight.discard(off)
+        self.last_progress = time.monotonic()
         self.received += expected
         return None
 
@@ -146,6 +158,7 @@ class Pull:
         self.source_index += 1
         self.missing.extend(sorted(self.inflight, reverse=True))
         self.inflight.clear()
+        self.last_progress = time.monotonic()
         return True
 
     def close(self) -> None:
@@ -157,7 +170,7 @@ class Pull:
         self.close()
 
 
-def open_segment(path: str, size: int, reuse: bool) -> int:
+def open_segment(path: str, size: int, reuse: bool, allocate: bool = True) -> int:
     """The file to write: new (exclusive: /dev/shm is world-writable), or a reused segment
     of ours that the store renamed to ``path``."""
     if reuse:
@@ -168,6 +181,8 @@ def open_segment(path: str, size: int, reuse: bool) -> int:
             raise PermissionError(f"{path} is not a private segment of this user")
         return fd
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    if not allocate:
+        return fd
     try:
         # Reserve the pages now: a full /dev/shm fails here, not with SIGBUS in a reader.
         os.posix_fallocate(fd, 0, max(size, 1))

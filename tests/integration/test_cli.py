@@ -195,3 +195,13 @@ class TestHeadStartedByCli:
         """
         assert _result(run_driver(create)) == "pong"
         assert _result(run_driver(check)) in ("gone", "dead")
+
+
+def test_start_refuses_a_session_directory_too_long_for_sockets(shoal_cli, tmp_path):
+    # Unix socket paths are limited to 107 bytes; the workers' sockets live in the session
+    # directory. This used to "start" and then crash-loop workers forever.
+    long_dir = tmp_path / ("x" * 80)
+    done = shoal_cli("start", "--head", "--num-cpus", "1", "--temp-dir", str(long_dir))
+    assert done.returncode == 1
+    assert "too long" in done.stderr and "107" in done.stderr
+    assert not long_dir.exists()
