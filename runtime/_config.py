@@ -48,3 +48,8 @@ RESPILL_SECONDS = 0.2
 # Shorter losses are ridden out: TCP keeps the connection and delivers what was queued.
 CLIENT_TIMEOUT_SECONDS = float(os.environ.get("SHOAL_CLIENT_TIMEOUT", 30))
 CLIENT_PING_SECONDS = min(2.0, CLIENT_TIMEOUT_SECONDS / 5)
+
+# A node that reported nothing for this long is declared dead by the head; a node that
+# heard nothing from the head for this long (the head answers each report, sent every
+# second) stops, with its workers. Issue 7 adds finer health checks.
+NODE_TIMEOUT_SECONDS = float(os.environ.get("SHOAL_NODE_TIMEOUT", 30))

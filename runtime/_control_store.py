@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _actor_directory as ad
-from . import _placement
+from . import _config, _placement
 from . import _placement_groups as pgs
 from ._object_store import FreeCopies, LostObject, ObjectEntry, ObjectStore, ReplyObjects
 from ._protocol import Message, MsgType
@@ -39,8 +39,7 @@ log = logging.getLogger("shoal.control")
 
 M = MsgType
 
-# A node that sent nothing for this long is considered dead (issue 7 makes it tunable).
-NODE_TIMEOUT_SECONDS = 30.0
+NODE_TIMEOUT_SECONDS = _config.NODE_TIMEOUT_SECONDS
 
 
 class NodeLink(Protocol):
@@ -211,6 +210,8 @@ class ControlStore:
             node.total = {str(k): int(v) for k, v in body["res"].items()}
         node.stats = dict(body.get("store") or {})
         node.workers = int(body.get("workers", 0))
+        if node.node_id != self.head_node:
+            node.link.send(Message(M.PONG, {}))  # so that a node notices a dead head
 
     def _n_proc_joined(self, node: NodeInfo, body: Any, frames: Any) -> None:
         proc = ProcInfo(

@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 from . import _config
-from ._control_store import ControlStore
+from ._control_store import NODE_TIMEOUT_SECONDS, ControlStore
 from ._ioloop import IOLoop
 from ._node_manager import NodeManager
 from ._protocol import Message, MsgType, ProtocolError, Signer
@@ -102,6 +102,7 @@ class Machine:
         self.head_conn: Connection | None = None
         self.cluster_address = ""
         self.node_idents: dict[bytes, bytes] = {}  # head: routing identity -> node id
+        self.heard_from_head = time.monotonic()
         if args.address:
             self.nm.tcp_address = self._bind_tcp(node_ip, args.port or 0)
             self._join(args.address)
@@ -178,9 +179,12 @@ class Machine:
         self.loop.add_reader(self.head_conn.sock, self.head_conn.handle_readable)
 
     def _from_head(self, msg: Message) -> None:
+        self.heard_from_head = time.monotonic()
         if msg.type == M.NODE_LEAVE:
             log.warning("the head is shutting down; this node stops too")
             self.shutdown()
+            return
+        if msg.type == M.PONG:
             return
         self.nm.on_control(msg)
 
@@ -258,6 +262,16 @@ class Machine:
         if self.control is not None:
             self.control.check_nodes()
             self.control.retry_groups()
+        elif time.monotonic() - self.heard_from_head > NODE_TIMEOUT_SECONDS:
+            # The head answers every report (once a second): it is gone. Stop, so that no
+            # node and no worker is left running for a cluster that no longer exists.
+            log.error(
+                "nothing heard from the head at %s for %.0f s: stopping this node",
+                self.cluster_address,
+                NODE_TIMEOUT_SECONDS,
+            )
+            self.shutdown()
+            return
         self.loop.call_later(1.0, self._tick)
 
 
