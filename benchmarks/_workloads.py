@@ -68,6 +68,8 @@ class Bench:
     systems: tuple[str, ...] = ("shoal", "ray")
     # For references (systems == ("none",)): what the "Reference: ..." line says.
     description: str = ""
+    # In the default full run; if not, only run when `--only` names it.
+    default: bool = True
 
 
 # Names of Ray's workloads are exactly those printed by `ray microbenchmark`.
@@ -90,7 +92,16 @@ BENCHMARKS: list[Bench] = [
     Bench("cold start", "s", higher_is_better=False),
     Bench("idle cluster memory", "GB", higher_is_better=False),
     Bench("object transfer between two nodes", "GB/s"),
+    # Client-server mode (not in the default run: `--only client-server`): the driver is
+    # outside the cluster and talks to it over one connection to the head; Ray's column
+    # is Ray Client (ray://). See client_server() below.
+    Bench("client-server tasks sync", "tasks/s", default=False),
+    Bench("client-server get calls", "calls/s", default=False),
+    Bench("client-server 1:1 actor calls sync", "calls/s", default=False),
+    Bench("client-server put gigabytes", "GB/s", default=False),
+    Bench("client-server get gigabytes", "GB/s", default=False),
 ]
+CLIENT_PREFIX = "client-server "
 # References: no system under test, printed as "Reference: ..." lines under the table.
 MEMCPY = Bench(
     "memcpy bandwidth",
@@ -122,6 +133,13 @@ TRANSFER_WINDOW = 4  # shoal._transfer.WINDOW: chunks in flight per pull
 TRANSFER_STORE = 2 << 30  # object store of each node (bytes)
 TRANSFER_STRIDE = (1 << 20) // 8  # the reader checks one int64 per MiB
 RAW_TRIALS = 5  # timed pulls of the raw zmq references
+
+# Client-server mode.
+CLIENT_STORE = 2 << 30  # object store of the cluster (bytes), both systems
+CLIENT_OBJECT = 256 << 20  # put/get gigabytes: one 32 Mi x int64 numpy array
+CLIENT_MIN_ROUNDS = 2  # put/get gigabytes: rounds (best reported), at least this many,
+CLIENT_MAX_ROUNDS = 5  # at most this many,
+CLIENT_ROUNDS_BUDGET = 8.0  # and no new round once the rounds took this many seconds
 
 
 # --------------------------------------------------------------------------
@@ -603,8 +621,8 @@ def _transfer_root_prefix(tag: str) -> str:
 
 
 def cleanup_transfer_leftovers(tag: str) -> int:
-    """For the runner, after it killed a run's processes: remove what a transfer workload
-    killed mid-way left behind (shared-memory segments, its temporary directory).
+    """For the runner, after it killed a run's processes: remove what a transfer or
+    client-server workload killed mid-way left behind (shared-memory segments, its temporary directory).
     Returns how many directories it removed."""
     import glob
 
@@ -705,6 +723,237 @@ def transfer_ray(timeout: float) -> dict:
             ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
+
+
+# --------------------------------------------------------------------------
+# client-server mode: a driver outside the cluster, over one connection to the head
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log_path: str, timeout: float) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with open(log_path, errors="replace") as f:
+                tail = (f.read().strip().splitlines() or ["no output"])[-1]
+            state = "exited" if proc.poll() is not None else "did not listen in time"
+            raise WorkloadError(f"Ray Client server {state}: {tail}")
+        time.sleep(0.1)
+
+
+def _client_trials(bench: str, duration: float) -> dict:
+    """The client-server workloads, with ``ray`` connected as an outside client."""
+    import numpy as np
+
+    n = CLIENT_OBJECT // 8
+    stride = (1 << 20) // 8  # one int64 per MiB is checked
+
+    @ray.remote
+    def small_value():
+        return b"ok"
+
+    @ray.remote(num_cpus=0)
+    class Actor:
+        def small_value(self):
+            return b"ok"
+
+    @ray.remote
+    def make_array(i):
+        return np.arange(n, dtype=np.int64) + i
+
+    @ray.remote
+    def checksum(x):
+        return x.nbytes, int(x[::stride].sum())
+
+    def expected(i: int) -> tuple[int, int]:
+        return CLIENT_OBJECT, int(np.arange(0, n, stride, dtype=np.int64).sum()) + i * (
+            (n + stride - 1) // stride
+        )
+
+    def rounds(one_round) -> dict:
+        """Best of a few rounds (each timing one transfer of CLIENT_OBJECT bytes)."""
+        times: list[float] = []
+        start = time.monotonic()
+        while len(times) < CLIENT_MAX_ROUNDS and (
+            len(times) < CLIENT_MIN_ROUNDS or time.monotonic() - start < CLIENT_ROUNDS_BUDGET
+        ):
+            times.append(one_round(len(times)))
+        rates = [CLIENT_OBJECT / 1e9 / t for t in times]
+        return {
+            "value": max(rates),
+            "mean": statistics.fmean(rates),
+            "trials": rates,
+            "object_bytes": CLIENT_OBJECT,
+        }
+
+    if bench == "client-server tasks sync":
+        ray.get(small_value.remote())
+        return timeit(lambda: ray.get(small_value.remote()), 1, duration)
+    if bench == "client-server get calls":
+        value = ray.put(0)
+        return timeit(lambda: ray.get(value), 1, duration)
+    if bench == "client-server 1:1 actor calls sync":
+        a = Actor.remote()
+        ray.get(a.small_value.remote())
+        return timeit(lambda: ray.get(a.small_value.remote()), 1, duration)
+    if bench == "client-server put gigabytes":
+        ray.get(checksum.remote(np.zeros(1, dtype=np.int64)))  # start a worker
+
+        def put_round(i: int) -> float:
+            arr = np.arange(n, dtype=np.int64) + i
+            t0 = time.perf_counter()
+            ref = ray.put(arr)
+            elapsed = time.perf_counter() - t0
+            if ray.get(checksum.remote(ref)) != expected(i):  # the cluster has the data
+                raise WorkloadError("client put: the cluster read different data")
+            del ref
+            return elapsed
+
+        return rounds(put_round)
+    if bench == "client-server get gigabytes":
+
+        def get_round(i: int) -> float:
+            ref = make_array.remote(i)  # a fresh object in the cluster's store
+            ray.wait([ref], timeout=60)
+            t0 = time.perf_counter()
+            x = ray.get(ref)
+            elapsed = time.perf_counter() - t0
+            if (x.nbytes, int(x[::stride].sum())) != expected(i):
+                raise WorkloadError("client get: got different data")
+            del x, ref
+            return elapsed
+
+        return rounds(get_round)
+    raise WorkloadError(f"unknown client-server workload {bench!r}")
+
+
+def _out_of_time(signum, frame):
+    raise WorkloadError("client-server: out of time")
+
+
+def client_server(system: str, bench: str, duration: float, timeout: float) -> dict:
+    """One client-server workload: start a cluster, connect to it as an outside client,
+    run, and stop everything in a ``finally``. A SIGALRM (at the runner's ``--timeout``
+    minus 30 s) makes a stuck run end there too, leaving time to stop the cluster."""
+    signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(max(10, int(timeout - 30)))
+    try:
+        if system == "shoal":
+            return _client_shoal(bench, duration)
+        return _client_ray(bench, duration)
+    finally:
+        signal.alarm(0)
+
+
+def _client_shoal(bench: str, duration: float) -> dict:
+    """A head started with the CLI (its own SHOAL_TMPDIR); the driver runs with another,
+    empty SHOAL_TMPDIR, so it cannot find the head's session on this machine and connects
+    as an outside client: shoal.init("tcp://HOST:PORT", key_file=K)."""
+    prefix = _transfer_root_prefix(os.environ.get(TAG_ENV) or "manual")
+    root = tempfile.mkdtemp(prefix=os.path.basename(prefix), dir=os.path.dirname(prefix))
+    head_dir, client_dir = os.path.join(root, "a"), os.path.join(root, "c")
+    os.makedirs(client_dir)
+    key = os.path.join(root, "cluster.key")
+    connected = False
+    try:
+        out = _shoal_cli(
+            ["start", "--head", "--port", "0", "--bind", "127.0.0.1", "--key-file", key,
+             "--num-cpus", str(NUM_CPUS), "--object-store-memory", str(CLIENT_STORE)],
+            head_dir, os.path.join(root, "head-start.log"), 60,
+        )  # fmt: skip
+        match = re.search(r"address:\s+(\S+)", out)
+        if match is None:
+            raise WorkloadError("`shoal start --head` printed no address")
+        os.environ["SHOAL_TMPDIR"] = client_dir  # not the head's: an outside client
+        _import_system("shoal")
+        ray.init(f"tcp://{match.group(1)}", key_file=key)
+        connected = True
+        result = _client_trials(bench, duration)
+        result["address"] = match.group(1)
+        return result
+    finally:
+        if connected:
+            ray.shutdown()
+        _stop_shoal_dir(head_dir, os.path.join(root, "stop.log"))
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _client_ray(bench: str, duration: float) -> dict:
+    """A Ray head (ray.cluster_utils.Cluster: the processes of `ray start --head`, stopped
+    by pid; `ray stop` would kill every Ray process on the machine) and a Ray Client
+    server process in front of it (``python -m ray.util.client.server --mode=legacy``:
+    a driver of the cluster serving Ray Client connections on a tcp port); the workload
+    connects with ray.init("ray://127.0.0.1:PORT").
+
+    Not `ray start --ray-client-server-port` (proxy mode): its proxy forks a server per
+    client while gRPC threads run, and on this machine about half of the connections
+    failed after 30 s with a server that never started. The legacy server is the same
+    server without the proxy in front: one gRPC hop less per call."""
+    import psutil
+    from ray.cluster_utils import Cluster
+
+    prefix = _transfer_root_prefix(os.environ.get(TAG_ENV) or "manual")
+    log_dir = tempfile.mkdtemp(prefix=os.path.basename(prefix), dir=os.path.dirname(prefix))
+    log_path = os.path.join(log_dir, "ray_client_server.log")
+    cluster = server = None
+    connected = False
+    try:
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": NUM_CPUS,
+                "object_store_memory": CLIENT_STORE,
+                "include_dashboard": False,
+            },
+        )
+        port = _free_port()
+        with open(log_path, "wb") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "ray.util.client.server", f"--address={cluster.address}",
+                 "--host=127.0.0.1", f"--port={port}", "--mode=legacy"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        _wait_port(port, server, log_path, 60)
+        _import_system("ray")
+        ray.init(f"ray://127.0.0.1:{port}")
+        connected = True
+        return _client_trials(bench, duration)
+    finally:
+        left = psutil.Process().children(recursive=True)  # everything we started
+        if connected:
+            ray.shutdown()
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        if cluster is not None:
+            cluster.shutdown()
+        for p in left:  # anything the above did not stop, by pid
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    print(f"killing a leftover Ray process {p.pid}", file=sys.stderr)
+                    p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=5)
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def _zmq_chunk_server(port: int, mode: str) -> None:
@@ -818,6 +1067,8 @@ def run(system: str, bench: str, duration: float, timeout: float) -> dict:
         return transfer_shoal(timeout) if system == "shoal" else transfer_ray(timeout)
     if bench == "cold start":
         return cold_start(system, timeout)
+    if bench.startswith(CLIENT_PREFIX):
+        return client_server(system, bench, duration, timeout)
     _import_system(system)
     ray.init(**_init_kwargs(system))
     try:

@@ -271,7 +271,10 @@ def main(argv=None) -> int:
         description="Shoal vs Ray core microbenchmarks (ratio > 1 means Shoal is better)."
     )
     parser.add_argument(
-        "--only", metavar="NAME_SUBSTRING", help="run benchmarks whose name contains this"
+        "--only",
+        metavar="NAME_SUBSTRING",
+        help="run benchmarks whose name contains this, also those not in the default run "
+        "(e.g. --only client-server)",
     )
     parser.add_argument("--no-ray", action="store_true", help="run Shoal only")
     parser.add_argument(
@@ -291,8 +294,8 @@ def main(argv=None) -> int:
     if not args.no_ray and not with_ray:
         print("ray is not importable: reporting shoal only", file=sys.stderr)
 
-    def wanted(b: wl.Bench) -> bool:
-        return not args.only or args.only.lower() in b.name.lower()
+    def wanted(b: wl.Bench) -> bool:  # without --only: the default set
+        return args.only.lower() in b.name.lower() if args.only else b.default
 
     benches = [b for b in wl.BENCHMARKS if wanted(b)]
     references = [r for r in wl.REFERENCES if wanted(r)]
