@@ -16,6 +16,7 @@ queue: the sender waits for acknowledgements, the receiver asks for the next chu
 from __future__ import annotations
 
 import itertools
+import mmap
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,7 @@ class _Upload:
 class _Download:
     def __init__(self, oid: bytes) -> None:
         self.oid = oid
-        self.buf: bytearray | None = None
+        self.buf: mmap.mmap | None = None
         self.size = 0
         self.next_off = 0
         self.pending = 0
@@ -132,7 +133,7 @@ class ClientObjects:
                 f"could not fetch object {oid.hex()} from the cluster: "
                 f"{dl.error or core.lost_reason or 'disconnected'}"
             )
-        return memoryview(dl.buf)
+        return memoryview(dl.buf)[: dl.size]
 
     def _request(self, token: int, off: int, n: int) -> None:  # IO thread
         dl = self.downloads.get(token)
@@ -155,7 +156,9 @@ class ClientObjects:
         off = int(body["off"])
         if dl.buf is None:
             dl.size = int(body["size"])
-            dl.buf = bytearray(dl.size)
+            # Anonymous memory, zeroed by the kernel page by page as the chunks land: a
+            # bytearray would first write the whole size once more just to zero it.
+            dl.buf = mmap.mmap(-1, max(dl.size, 1))
             dl.next_off = data.nbytes
         dl.buf[off : off + data.nbytes] = data
         while dl.next_off < dl.size and dl.pending < WINDOW:
