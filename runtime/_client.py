@@ -160,11 +160,12 @@ class ClientObjects:
             # bytearray would first write the whole size once more just to zero it.
             dl.buf = mmap.mmap(-1, max(dl.size, 1))
             dl.next_off = data.nbytes
-        dl.buf[off : off + data.nbytes] = data
+        # Ask for the next chunks first, so that the head works while we copy.
         while dl.next_off < dl.size and dl.pending < WINDOW:
             n = min(CHUNK_SIZE, dl.size - dl.next_off)
             self._request(body["t"], dl.next_off, n)
             dl.next_off += n
+        dl.buf[off : off + data.nbytes] = data
         if dl.pending == 0 and dl.next_off >= dl.size:
             dl.done.set()
 
