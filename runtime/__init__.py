@@ -112,3 +112,9 @@ def load_ipython_extension(ipython: Any) -> None:
     from .jupyter_ext import load_ipython_extension as load
 
     load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .jupyter_ext import unload_ipython_extension as unload
+
+    unload(ipython)

@@ -126,6 +126,8 @@ class ActorClass:
         # The actor may be placed on any node: its worker reads stored arguments by id.
         body["a"] = encode_args(core, spec, frames, local=False)
         handle_meta = {"cls": self._display_name, **meta}
+        if name:
+            handle_meta["name"] = name
         core.actors.created(aid, spec)
         if name:
             reply = core.request(Message(M.CREATE_ACTOR, body, frames))
@@ -134,7 +136,9 @@ class ActorClass:
             info = reply.body["info"]
             if reply.body.get("existing"):
                 core.actors.pending_creation.pop(aid, None)
-                return ActorHandle(info["aid"], {"cls": info["cls"], **info["meta"]}, owned=False)
+                return ActorHandle(
+                    info["aid"], {"cls": info["cls"], "name": name, **info["meta"]}, owned=False
+                )
         else:
             core.send_head(Message(M.CREATE_ACTOR, body, frames))
         return ActorHandle(aid, handle_meta, owned=True)
@@ -196,6 +200,12 @@ class ActorHandle:
 
     def __repr__(self) -> str:
         return f"ActorHandle({self._meta.get('cls', '')}, {self._actor_id.hex()})"
+
+    def _repr_html_(self) -> str:
+        """For notebooks: class, name, state and node, from what this process knows."""
+        from .jupyter_ext._reprs import actor_html
+
+        return actor_html(self)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ActorHandle) and other._actor_id == self._actor_id

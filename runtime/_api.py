@@ -65,6 +65,12 @@ class ClusterContext(dict[str, Any]):
     def __exit__(self, *exc: Any) -> None:
         shutdown()
 
+    def _repr_html_(self) -> str:
+        """For notebooks: the cluster's nodes and resources while it is connected."""
+        from .jupyter_ext._reprs import context_html
+
+        return context_html(self)
+
 
 _INIT_ARGS = {
     "address",
@@ -124,6 +130,10 @@ def init(address: str | None = None, **kwargs: Any) -> ClusterContext:
         if kwargs.get("log_to_driver", True):
             core.on_log = print_log_lines
         atexit.register(shutdown)
+        if "IPython" in sys.modules:  # inside IPython: %cluster and %%remote (jupyter_ext)
+            from .jupyter_ext import register_if_in_ipython
+
+            register_if_in_ipython()
         return _context()
 
 
@@ -572,7 +582,7 @@ def get_actor(name: str, namespace: str | None = None) -> Any:
     info = reply.body.get("info")
     if info is None:
         raise ValueError(f"no live actor named {name!r} in namespace {ns!r}")
-    return ActorHandle(info["aid"], {"cls": info["cls"], **info["meta"]}, owned=False)
+    return ActorHandle(info["aid"], {"cls": info["cls"], "name": name, **info["meta"]}, owned=False)
 
 
 # -- the cluster -----------------------------------------------------------------------

@@ -67,6 +67,12 @@ class ObjectRef:
     def __repr__(self) -> str:
         return f"ObjectRef({self._id.hex()})"
 
+    def _repr_html_(self) -> str:
+        """For notebooks: state, size and place, from what this process knows (never waits)."""
+        from .jupyter_ext._reprs import ref_html
+
+        return ref_html(self)
+
     def future(self) -> concurrent.futures.Future[Any]:
         """A ``concurrent.futures.Future`` that completes with the value (or its error)."""
         import concurrent.futures

@@ -29,6 +29,14 @@ __all__ = [
 class ShoalError(Exception):
     """Base class of every error raised by Shoal itself."""
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows these lines instead of its own traceback: the original error of a
+        task with its remote frames and where it ran, and no runtime frames (see
+        shoal.jupyter_ext._tracebacks; only IPython calls this)."""
+        from .jupyter_ext._tracebacks import render
+
+        return render(self)
+
 
 class TaskError(ShoalError):
     """An exception raised by user code in a task or actor method.

@@ -1,0 +1,190 @@
+"""The magics: ``%cluster start | connect | stop | status`` and ``%%remote``.
+
+``register(shell)`` adds them to an IPython shell (``%load_ext shoal`` and ``shoal.init()``
+inside IPython both call it; a second call does nothing). It also makes the notebook's
+error output of a task error name the original exception (``ZeroDivisionError: division by
+zero``) rather than Shoal's wrapper; the traceback itself comes from the error's
+``_render_traceback_`` (_tracebacks.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import shoal
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+from IPython.display import display
+
+from ._args import HelpShown, parse_cluster
+from ._remote import RemoteCells
+from ._reprs import ClusterSummary, cluster_snapshot
+
+
+@magics_class
+class ShoalMagics(Magics):
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.remote_cells = RemoteCells(shell)
+
+    @no_var_expand
+    @line_magic
+    def cluster(self, line: str) -> None:
+        """Start, join, stop or show the cluster this kernel drives.
+
+        %cluster start [--cpus N] [--gpus N] [--resources JSON] [--object-store-memory SIZE] [--restart]
+        %cluster connect ADDRESS [--key-file FILE]
+        %cluster stop
+        %cluster status
+
+        `start` starts a local cluster with this kernel as its driver (it stops with the
+        kernel); SIZE is like 2GB, 512MiB or a number of bytes. `connect` joins a running
+        cluster: HOST:PORT (or tcp://HOST:PORT) in client-server mode, with the key from
+        --key-file or $SHOAL_CLUSTER_KEY; `auto` joins the one `shoal start --head` started
+        on this machine. Each subcommand takes -h.
+        """
+        try:
+            command, args = parse_cluster(line)
+        except HelpShown:
+            return
+        getattr(self, f"_cluster_{command}")(args)
+
+    @no_var_expand
+    @cell_magic
+    def remote(self, line: str, cell: str) -> Any:
+        """Run the cell on the cluster.
+
+        %%remote [--cpus N] [--gpus N] [--resources JSON] [--node ID] [--actor NAME] [--all]
+                 [--async [NAME]] [--push A,B] [--pull X,Y]
+
+        The notebook's variables that the cell reads are shipped (refs stay refs, large
+        values go through the object store, modules are imported again by name); the names
+        the cell assigns (and the functions and classes it defines) come back; the value of
+        its last expression is shown, and what it prints appears below it.
+
+        --actor NAME   run in a persistent session on the cluster (created on first use)
+                       whose variables live on from cell to cell
+        --all          run once on every alive node; outputs are labelled by node
+        --node ID      run on that node (an id, or a unique prefix of one)
+        --async [NAME] return at once; NAME (default _remote) holds the running cell, and
+                       NAME.get() waits, brings back its names and returns its value
+        --push / --pull   the names to ship / bring back, instead of the cell's analysis
+        """
+        try:
+            return self.remote_cells.run(line, cell)
+        except HelpShown:
+            return None
+
+    # -- %cluster subcommands ----------------------------------------------------------
+    def _cluster_start(self, args: argparse.Namespace) -> None:
+        if shoal.is_initialized():
+            if not args.restart:
+                print(
+                    "A Shoal cluster is already running in this kernel: `%cluster start "
+                    "--restart` restarts it, `%cluster stop` stops it."
+                )
+                display(ClusterSummary(cluster_snapshot()))
+                return
+            self._stop(quiet=True)
+        kwargs = {
+            key: getattr(args, key)
+            for key in ("object_store_memory", "resources")
+            if getattr(args, key) is not None
+        }
+        if args.cpus is not None:
+            kwargs["num_cpus"] = args.cpus
+        if args.gpus is not None:
+            kwargs["num_gpus"] = args.gpus
+        try:
+            shoal.init(**kwargs)
+        except (ValueError, TypeError, ConnectionError, RuntimeError, OSError) as exc:
+            raise UsageError(f"%cluster start: {exc}") from None
+        display(ClusterSummary(cluster_snapshot()))
+
+    def _cluster_connect(self, args: argparse.Namespace) -> None:
+        if shoal.is_initialized():
+            raise UsageError(
+                "%cluster connect: this kernel is already connected to a cluster; "
+                "`%cluster stop` first"
+            )
+        try:
+            shoal.init(args.address, key_file=args.key_file)
+        except (ValueError, TypeError, ConnectionError, RuntimeError, OSError) as exc:
+            raise UsageError(f"%cluster connect {args.address}: {exc}") from None
+        display(ClusterSummary(cluster_snapshot()))
+
+    def _cluster_stop(self, args: argparse.Namespace) -> None:
+        self._stop(quiet=False)
+
+    def _stop(self, quiet: bool) -> None:
+        from shoal import _api
+
+        cluster = _api._cluster
+        self.remote_cells.forget_sessions()
+        if cluster is None:
+            if not quiet:
+                print("No Shoal cluster is running in this kernel.")
+            return
+        started_here = cluster.head is not None
+        address = cluster.address
+        shoal.shutdown()
+        if not quiet:
+            if started_here:
+                print("Stopped the Shoal cluster that this kernel started.")
+            else:
+                print(f"Disconnected from the Shoal cluster at {address}.")
+
+    def _cluster_status(self, args: argparse.Namespace) -> None:
+        display(ClusterSummary(cluster_snapshot()))
+        sessions = sorted(name for _core, name in self.remote_cells.sessions)
+        if sessions and shoal.is_initialized():
+            print(f"%%remote sessions (--actor): {', '.join(sessions)}")
+
+
+_registered: dict[int, ShoalMagics] = {}
+
+
+def register(shell: Any) -> None:
+    """Add the magics to ``shell`` (once), and the task-error face of error outputs."""
+    if shell is None or id(shell) in _registered:
+        return
+    magics = ShoalMagics(shell)
+    shell.register_magics(magics)
+    _registered[id(shell)] = magics
+    _patch_error_output(shell)
+
+
+def _patch_error_output(shell: Any) -> None:
+    """ipykernel's error output carries ``ename``/``evalue`` (what a notebook shows in
+    summaries, and what nbclient reports): for a task error, those of the original error."""
+    original = getattr(shell, "_showtraceback", None)
+    if original is None or getattr(original, "_shoal", False):
+        return
+
+    def showtraceback(etype: Any, evalue: Any, stb: Any) -> Any:
+        try:
+            from ._tracebacks import local_face
+
+            face = local_face(evalue)
+            if face is not None:
+                etype, evalue = face
+        except Exception:
+            pass
+        return original(etype, evalue, stb)
+
+    showtraceback._shoal = True  # type: ignore[attr-defined]
+    shell._showtraceback = showtraceback
+
+
+def unregister(shell: Any) -> None:
+    magics = _registered.pop(id(shell), None)
+    if magics is None:
+        return
+    for kind, names in (("line", ["cluster"]), ("cell", ["remote"])):
+        table = shell.magics_manager.magics[kind]
+        for name in names:
+            table.pop(name, None)
+    patched = shell.__dict__.pop("_showtraceback", None)
+    if patched is not None and not getattr(patched, "_shoal", False):
+        shell._showtraceback = patched
