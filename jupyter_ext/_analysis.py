@@ -199,11 +199,11 @@ class _Walker:
             # The first iterable is evaluated in the enclosing scope; the rest in the
             # comprehension's own.
             self.expr(node.generators[0].iter, bound)
-            self._scope(node, _TABLE_NAMES[type(node)], bound)
             for sub in ast.walk(node):
                 if isinstance(sub, ast.NamedExpr) and isinstance(sub.target, ast.Name):
                     bound.add(sub.target.id)  # a walrus in a comprehension binds out here
                     self.outputs.setdefault(sub.target.id)
+            self._scope(node, _TABLE_NAMES[type(node)], bound)
             return
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.expr):

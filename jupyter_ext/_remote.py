@@ -332,6 +332,9 @@ class RemoteCell:
         return f"<code>%%remote In[{self.number}]</code> {_badge(state)}{hint}"
 
 
+_VALUE = "the cell's value"  # the runner's name for it in "failed"
+
+
 def _decode_names(result: dict[str, Any], label: str, explicit: bool) -> dict[str, Any]:
     where = f" from {label}" if label else ""
     names = {}
@@ -341,7 +344,8 @@ def _decode_names(result: dict[str, Any], label: str, explicit: bool) -> dict[st
         except _shipping.ShippingError as exc:
             _warn(f"could not bring back {name!r}{where}: {exc.reason}")
     for name, reason in result.get("failed", {}).items():
-        _warn(f"could not bring back {name}{where}: {reason}")
+        what = name if name == _VALUE else repr(name)
+        _warn(f"could not bring back {what}{where}: {reason}")
     if explicit:
         for name in result.get("missing", ()):
             _warn(f"--pull {name}: {name!r} is not defined on the cluster{where}")
@@ -353,7 +357,7 @@ def _decode_value(result: dict[str, Any], label: str) -> Any:
     if entry is None:
         return None
     try:
-        return _shipping.decode("the cell's value", entry)
+        return _shipping.decode(_VALUE, entry)
     except _shipping.ShippingError as exc:
         where = f" from {label}" if label else ""
         _warn(f"could not bring back the cell's value{where}: {exc.reason}")

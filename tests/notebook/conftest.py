@@ -1,0 +1,75 @@
+"""Fixtures for the notebook layer: an in-process IPython shell, and real kernels.
+
+- ``shell``: an ``InteractiveShell`` in this process with the extension loaded (magics run
+  in-process, as anywidget tests its magics: no kernel needed). Its cluster, if a test
+  starts one, is stopped at teardown.
+- ``kernel_name``: a kernelspec that runs *this* interpreter (the machine's ``python3``
+  kernelspec may name another ``python``), with a private IPYTHONDIR and no history file.
+- ``kernel_helpers.NotebookKernel``: a real kernel driven by nbclient, cell by cell.
+
+Kernels inherit this session's environment (SHOAL_TMPDIR, SHOAL_TEST_SESSION), so the
+clusters they start are this session's and the session's leak check covers them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("nbformat")
+pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+KERNEL_NAME = "shoal-test-python"
+
+
+@pytest.fixture(scope="session")
+def kernel_name(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("jupyter")
+    spec_dir = root / "kernels" / KERNEL_NAME
+    spec_dir.mkdir(parents=True)
+    ipython_dir = root / "ipython"
+    ipython_dir.mkdir()
+    spec = {
+        "argv": [
+            sys.executable,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            "{connection_file}",
+            "--HistoryManager.hist_file=:memory:",
+        ],
+        "display_name": "Python (shoal tests)",
+        "language": "python",
+        "env": {"IPYTHONDIR": str(ipython_dir), "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    previous = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(root) + (os.pathsep + previous if previous else "")
+    yield KERNEL_NAME
+    if previous is None:
+        os.environ.pop("JUPYTER_PATH", None)
+    else:
+        os.environ["JUPYTER_PATH"] = previous
+
+
+# -- an in-process shell ---------------------------------------------------------------
+@pytest.fixture
+def shell() -> Iterator[Any]:
+    """A fresh in-process IPython shell with Shoal's extension loaded."""
+    import shoal
+    from IPython.core.interactiveshell import InteractiveShell
+
+    InteractiveShell.clear_instance()
+    sh = InteractiveShell.instance(colors="NoColor")
+    sh.run_line_magic("load_ext", "shoal")
+    yield sh
+    if shoal.is_initialized():
+        shoal.shutdown()
+    sh.run_line_magic("unload_ext", "shoal")
+    InteractiveShell.clear_instance()
