@@ -74,27 +74,31 @@ class RemoteCells:
             "outputs": [] if args.all and args.pull is None else (args.pull or names.outputs),
             "display": not cell.rstrip().endswith(";"),
         }
-        router = _output.router_for(core)
-        token = None
-        if router is not None and args.async_name is None:
-            token, request["marker"] = _output.new_marker()
-        targets = self._submit(args, request, task_name, session_key)
-        run = RemoteCell(self, number, targets, args, session_key)
         if args.async_name is not None:
-            self.shell.user_ns[args.async_name] = run
+            targets = self._submit(args, request, task_name, session_key)
+            self.shell.user_ns[args.async_name] = RemoteCell(
+                self, number, targets, args, session_key
+            )
             what = ", ".join(request["outputs"]) or "nothing"
             print(
                 f"{task_name} is running on the cluster. {args.async_name}.get() waits for it, "
                 f"brings back its names ({what}) and returns its value."
             )
             return None
-        quiet = [] if args.all else [t[2] for t in targets]
-        event = router.expect(token, quiet, len(targets)) if router and token else None
+        router = _output.router_for(core)
+        if router is None:
+            targets = self._submit(args, request, task_name, session_key)
+            return RemoteCell(self, number, targets, args, session_key).finish(None)
+        # Expect the marker before submitting: the cell may finish before submit returns.
+        token, request["marker"] = _output.new_marker()
+        quiet = [] if args.all else [_task_name(args, task_name, session_key)]
+        nodes = _alive_nodes() if args.all else None
+        event = router.expect(token, quiet, len(nodes) if nodes else 1)
         try:
-            return run.finish(event)
+            targets = self._submit(args, request, task_name, session_key, nodes)
+            return RemoteCell(self, number, targets, args, session_key).finish(event)
         finally:
-            if router is not None and token is not None:
-                router.done(token, quiet)
+            router.done(token, quiet)
 
     def _cache_source(self, text: str, number: int) -> str:
         """Register the cell's text under a file name, as IPython does for every cell, so
@@ -137,7 +141,12 @@ class RemoteCells:
 
     # -- submitting --------------------------------------------------------------------
     def _submit(
-        self, args: argparse.Namespace, request: dict[str, Any], task_name: str, session_key: Any
+        self,
+        args: argparse.Namespace,
+        request: dict[str, Any],
+        task_name: str,
+        session_key: Any,
+        nodes: list[dict[str, Any]] | None = None,
     ) -> list[tuple[str, Any, str]]:
         """[(label, ref, task name)]: one per node with --all, else one."""
         options: dict[str, Any] = {}
@@ -151,13 +160,13 @@ class RemoteCells:
             options["scheduling_strategy"] = _affinity(_resolve_node(args.node))
         if session_key is not None:
             handle = self._session(session_key, options)
-            name = f"{task_name} @{session_key[1]}"
+            name = _task_name(args, task_name, session_key)
             return [("", handle.run.options(name=name).remote(request), name)]
         fn = self._cell_function()
         if not args.all:
             return [("", fn.options(name=task_name, **options).remote(request), task_name)]
         targets = []
-        for node in _alive_nodes():
+        for node in nodes if nodes is not None else _alive_nodes():
             node_id = node["NodeID"]
             label = f"node {node_id[:8]} ({node.get('NodeManagerAddress', '')})"
             name = f"{task_name} @{node_id[:8]}"
@@ -192,6 +201,11 @@ class RemoteCells:
             raise UsageError(f"%%remote --actor {key[1]}: {exc}") from None
         self.sessions[key] = [handle, set()]
         return handle
+
+
+def _task_name(args: argparse.Namespace, base: str, session_key: Any) -> str:
+    """The name the cell's task has (what prefixes its output lines)."""
+    return f"{base} @{session_key[1]}" if session_key is not None else base
 
 
 class RemoteCell:
