@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,15 +27,13 @@ pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 KERNEL_NAME = "shoal-test-python"
+KERNEL_NAME_WITH_EXTENSION = "shoal-test-python-ext"
 
 
-@pytest.fixture(scope="session")
-def kernel_name(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("jupyter")
-    spec_dir = root / "kernels" / KERNEL_NAME
+def _kernelspec(root: Path, name: str, ipython_dir: Path) -> None:
+    spec_dir = root / "kernels" / name
     spec_dir.mkdir(parents=True)
-    ipython_dir = root / "ipython"
-    ipython_dir.mkdir()
+    ipython_dir.mkdir(exist_ok=True)
     spec = {
         "argv": [
             sys.executable,
@@ -44,18 +43,44 @@ def kernel_name(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "{connection_file}",
             "--HistoryManager.hist_file=:memory:",
         ],
-        "display_name": "Python (shoal tests)",
+        "display_name": f"Python ({name})",
         "language": "python",
         "env": {"IPYTHONDIR": str(ipython_dir), "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+@pytest.fixture(scope="session")
+def _kernelspecs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("jupyter")
+    _kernelspec(root, KERNEL_NAME, root / "ipython")
+    # The documented way to have the magics in every kernel: the kernel's IPython config.
+    profile = root / "ipython-ext" / "profile_default"
+    profile.mkdir(parents=True)
+    (profile / "ipython_kernel_config.py").write_text(
+        'c.InteractiveShellApp.extensions = ["shoal"]\n'
+    )
+    _kernelspec(root, KERNEL_NAME_WITH_EXTENSION, root / "ipython-ext")
     previous = os.environ.get("JUPYTER_PATH")
     os.environ["JUPYTER_PATH"] = str(root) + (os.pathsep + previous if previous else "")
-    yield KERNEL_NAME
+    yield root
     if previous is None:
         os.environ.pop("JUPYTER_PATH", None)
     else:
         os.environ["JUPYTER_PATH"] = previous
+
+
+@pytest.fixture(scope="session")
+def kernel_name(_kernelspecs: Path) -> str:
+    """A kernel of this interpreter, with a private IPython directory."""
+    return KERNEL_NAME
+
+
+@pytest.fixture(scope="session")
+def kernel_name_with_extension(_kernelspecs: Path) -> str:
+    """The same, with ``c.InteractiveShellApp.extensions = ["shoal"]`` in its
+    ipython_kernel_config.py."""
+    return KERNEL_NAME_WITH_EXTENSION
 
 
 # -- an in-process shell ---------------------------------------------------------------

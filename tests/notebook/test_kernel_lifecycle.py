@@ -21,19 +21,23 @@ START = (
 )
 
 
-@pytest.fixture
-def kernel(kernel_name: str, tmp_path: Any) -> Iterator[Any]:
-    km = jupyter_client.KernelManager(kernel_name=kernel_name)
-    km.start_kernel(cwd=str(tmp_path))
+def start_kernel(name: str, directory: Any) -> Iterator[Any]:
+    km = jupyter_client.KernelManager(kernel_name=name)
+    km.start_kernel(cwd=str(directory))
     kc = km.client()
     kc.start_channels()
-    kc.wait_for_ready(timeout=60)
     try:
+        kc.wait_for_ready(timeout=60)
         yield km, kc
     finally:
         kc.stop_channels()
         if km.has_kernel:
             km.shutdown_kernel(now=True)
+
+
+@pytest.fixture
+def kernel(kernel_name: str, tmp_path: Any) -> Iterator[Any]:
+    yield from start_kernel(kernel_name, tmp_path)
 
 
 def execute(kc: Any, code: str) -> str:
@@ -88,3 +92,12 @@ def test_restart_then_shutdown_leave_nothing(kernel, leak_check):
     km.shutdown_kernel(now=True)  # SIGKILL: no atexit, no shutdown(); the head notices
     wait_gone([kernel_proc, *second])
     leak_check("after the kernel's restart and shutdown")
+
+
+def test_extension_from_the_kernel_config(kernel_name_with_extension, tmp_path):
+    """The documented ipython_kernel_config.py line gives every kernel the magics."""
+    for _km, kc in start_kernel(kernel_name_with_extension, tmp_path):
+        out = execute(kc, "print(sorted(get_ipython().magics_manager.magics['cell']))")
+        assert "'remote'" in out
+        out = execute(kc, "%cluster status")
+        assert out == ""  # displayed, not printed; and no error
