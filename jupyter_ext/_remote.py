@@ -275,17 +275,16 @@ class RemoteCell:
     ) -> Any:
         results: list[tuple[str, dict[str, Any]]] = []
         errors: list[tuple[str, BaseException]] = []
-        try:
-            for label, ref, _name in self._targets:
-                try:
-                    results.append((label, shoal.get(ref, timeout=timeout)))
-                except shoal.exceptions.GetTimeoutError:
-                    raise
-                except shoal.exceptions.ShoalError as exc:
-                    errors.append((label, exc))
-        finally:
-            if event is not None:
-                event.wait(OUTPUT_GRACE_SECONDS)
+        for label, ref, _name in self._targets:
+            try:
+                results.append((label, shoal.get(ref, timeout=timeout)))
+            except shoal.exceptions.GetTimeoutError:
+                raise
+            except shoal.exceptions.ShoalError as exc:
+                errors.append((label, exc))
+        if event is not None:
+            # The cell ended (well or not): let its last printed lines arrive first.
+            event.wait(OUTPUT_GRACE_SECONDS)
         self._finished = True
         self._value = self._bring_back(results, display_values)
         if errors:

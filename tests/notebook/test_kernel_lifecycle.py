@@ -4,6 +4,7 @@ a notebook server does."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,3 +102,27 @@ def test_extension_from_the_kernel_config(kernel_name_with_extension, tmp_path):
         assert "'remote'" in out
         out = execute(kc, "%cluster status")
         assert out == ""  # displayed, not printed; and no error
+
+
+def test_interrupt_cancels_the_remote_cell(kernel):
+    """The stop button (an interrupt) during a %%remote cell cancels the cell's task: on a
+    one-CPU cluster, the next cell runs at once."""
+    km, kc = kernel
+    execute(kc, "%load_ext shoal\n%cluster start --cpus 1")
+    msg_id = kc.execute(
+        "%%remote\nimport time\nprint('started', flush=True)\nwhile True:\n    time.sleep(0.01)"
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if msg["msg_type"] == "stream" and "started" in msg["content"]["text"]:
+            break
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=30)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert (reply["content"]["status"], reply["content"]["ename"]) == ("error", "KeyboardInterrupt")
+    # ipykernel aborts requests that reach it just after an error: ask until one runs.
+    testing.wait_for(
+        lambda: kc.execute_interactive("0", timeout=30)["content"]["status"] == "ok", timeout=30
+    )
+    assert "free" in execute(kc, "%%remote\nprint('free')")
