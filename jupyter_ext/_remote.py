@@ -91,7 +91,7 @@ class RemoteCells:
             return RemoteCell(self, number, targets, args, session_key).finish(None)
         # Expect the marker before submitting: the cell may finish before submit returns.
         token, request["marker"] = _output.new_marker()
-        quiet = [] if args.all else [_task_name(args, task_name, session_key)]
+        quiet = [] if args.all else [_task_name(task_name, session_key)]
         nodes = _alive_nodes() if args.all else None
         event = router.expect(token, quiet, len(nodes) if nodes else 1)
         try:
@@ -160,8 +160,16 @@ class RemoteCells:
             options["scheduling_strategy"] = _affinity(_resolve_node(args.node))
         if session_key is not None:
             handle = self._session(session_key, options)
-            name = _task_name(args, task_name, session_key)
-            return [("", handle.run.options(name=name).remote(request), name)]
+            name = _task_name(task_name, session_key)
+            try:
+                run = handle.run
+            except AttributeError:
+                self.sessions.pop(session_key, None)
+                raise UsageError(
+                    f"%%remote --actor {session_key[1]}: that name belongs to another actor "
+                    f"({handle._meta.get('cls', '?')}), not a %%remote session"
+                ) from None
+            return [("", run.options(name=name).remote(request), name)]
         fn = self._cell_function()
         if not args.all:
             return [("", fn.options(name=task_name, **options).remote(request), task_name)]
@@ -203,7 +211,7 @@ class RemoteCells:
         return handle
 
 
-def _task_name(args: argparse.Namespace, base: str, session_key: Any) -> str:
+def _task_name(base: str, session_key: Any) -> str:
     """The name the cell's task has (what prefixes its output lines)."""
     return f"{base} @{session_key[1]}" if session_key is not None else base
 
@@ -231,6 +239,7 @@ class RemoteCell:
         self._session_key = session_key
         self._finished = False
         self._value: Any = None
+        self._error: BaseException | None = None
 
     @property
     def refs(self) -> list[Any]:
@@ -255,6 +264,8 @@ class RemoteCell:
     def get(self, timeout: float | None = None) -> Any:
         """Wait for the cell; bring its names back; return its value."""
         if self._finished:
+            if self._error is not None:
+                raise self._error
             return self._value
         return self._collect(timeout, display_values=False)
 
@@ -292,7 +303,8 @@ class RemoteCell:
                 errors[0][1], shoal.exceptions.ActorDiedError
             ):
                 self._owner.sessions.pop(self._session_key, None)  # a new one next time
-            raise _first_error(errors, self._all, local_frames)
+            self._error = _first_error(errors, self._all, local_frames)
+            raise self._error
         return self._value
 
     def _bring_back(self, results: list[tuple[str, dict[str, Any]]], display_values: bool) -> Any:

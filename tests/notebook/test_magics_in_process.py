@@ -144,6 +144,13 @@ def test_async_binds_on_get(ip, gate, wait_path):
     assert ip.user_ns["answer"] == 41 and job.ready()
 
 
+def test_async_failure_raises_on_get(ip):
+    run(ip, "%%remote --async failing\nimport math\nmath.sqrt(-1)")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="math domain error"):
+            run(ip, "failing.get()")
+
+
 def test_actor_session_keeps_its_namespace(ip, capsys):
     run(ip, "%%remote --actor counter\ncount = 0\nstate = {'n': 0}")
     run(ip, "count = 100")  # the notebook's own value: the session keeps its count
@@ -155,6 +162,19 @@ def test_actor_session_keeps_its_namespace(ip, capsys):
     assert run(ip, "%%remote --actor counter --push count\ncount += 1\ncount") == 11
     run(ip, "%cluster status")
     assert "%%remote sessions (--actor): counter" in capsys.readouterr().out
+
+
+def test_actor_name_of_another_class(ip, track_actor):
+    @shoal.remote
+    class Other:
+        def ping(self):
+            return 1
+
+    track_actor(Other.options(name="taken").remote())
+    with pytest.raises(
+        UsageError, match=r"--actor taken: that name belongs to another actor \(Other\)"
+    ):
+        run(ip, "%%remote --actor taken\n1")
 
 
 def test_all_nodes(ip, capsys):
