@@ -28,7 +28,7 @@ _BADGE = (
 
 
 def _badge(state: str) -> str:
-    color = _STATE_COLORS.get(state.split()[0].lower(), "#6b6b6b")
+    color = _STATE_COLORS.get(state.split()[0].rstrip(":").lower(), "#6b6b6b")
     return f'<span style="{_BADGE.format(color=color)}">{html.escape(state)}</span>'
 
 
@@ -118,12 +118,13 @@ def _ref_html(ref: Any) -> str:
     state = info["state"]
     if state == "failed" and info["error"]:
         state = f"failed: {info['error']}"
-    parts = [f"<code>ObjectRef({html.escape(ref.hex()[:16])}…)</code>", _badge(state)]
+    # The whole id: refs of one owner share their leading half.
+    parts = [f"<code>ObjectRef({html.escape(ref.hex())})</code>", _badge(state)]
     if info["size"] is not None:
         parts.append(html.escape(format_bytes(info["size"])))
     if info["where"]:
         parts.append(html.escape(info["where"]))
-    return f'<span title="{html.escape(ref.hex())}">' + " · ".join(parts) + "</span>"
+    return "<span>" + " · ".join(parts) + "</span>"
 
 
 # -- ActorHandle -----------------------------------------------------------------------
