@@ -57,9 +57,6 @@ class ActorCaller:
         self.actors: dict[bytes, _ActorState] = {}
         self.pending_creation: dict[bytes, Any] = {}  # actor id -> creation spec (pins args)
 
-    def sockets(self) -> list[Any]:
-        return []  # connections are shared with the task submitter
-
     def state(self, actor_id: bytes) -> _ActorState:
         st = self.actors.get(actor_id)
         if st is None:

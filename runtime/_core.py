@@ -138,7 +138,7 @@ class CoreWorker:
             linger_ms=1000,
         )
         self._welcomed = threading.Event()
-        self.loop.add_reader(self.head.sock, self._head_readable)
+        self.head.attach(self.loop, self._head_readable)
         self.tasks = TaskSubmitter(self)
         self.actors = ActorCaller(self)
         if head_pid is not None:
@@ -171,9 +171,9 @@ class CoreWorker:
         try:
             self.loop.run()
         finally:
-            for sock in (self.head.sock, *self.tasks.sockets(), *self.actors.sockets()):
+            for conn in (self.head, *self.tasks.connections()):
                 try:
-                    sock.close(linger=1000 if sock is self.head.sock else 0)
+                    conn.close()  # the head's with its linger: last ref updates still go
                 except Exception:
                     pass
             self.loop.close()

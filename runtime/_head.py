@@ -86,7 +86,7 @@ class Head:
         self.tcp_address = ""
         if args.port is not None:
             self.tcp_address = self.listener.bind(f"tcp://127.0.0.1:{args.port}")
-        self.loop.add_reader(self.listener.sock, self.listener.handle_readable)
+        self.listener.attach(self.loop)
 
         total = {"CPU": to_fixed(args.num_cpus)}
         if args.num_gpus:

@@ -1,5 +1,9 @@
 """A small single-threaded event loop over zmq sockets, file descriptors and timers.
 
+Readers are called when a socket or fd is readable (or has an error or hang-up, so that the
+reader sees it in its next read); writers, registered only while a socket has queued output,
+when it is writable again.
+
 Every process role runs its IO in one of these: the head's loop is its main thread, a
 driver's or worker's loop is a background thread. Other threads hand it work only through
 ``call_soon_threadsafe`` (a deque plus an eventfd), so sockets are only ever touched by the
@@ -22,6 +26,9 @@ import zmq
 
 log = logging.getLogger(__name__)
 
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+
 Callback = Callable[..., Any]
 
 
@@ -43,6 +50,7 @@ class IOLoop:
         self.clock = clock
         self._poller = zmq.Poller()
         self._readers: dict[Any, Callback] = {}
+        self._writers: dict[Any, Callback] = {}
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._timer_seq = itertools.count()
         self._calls: collections.deque[tuple[Callback, tuple[Any, ...]]] = collections.deque()
@@ -56,11 +64,27 @@ class IOLoop:
     def add_reader(self, sock_or_fd: Any, callback: Callback) -> None:
         """Call ``callback()`` whenever ``sock_or_fd`` is readable."""
         self._readers[sock_or_fd] = callback
-        self._poller.register(sock_or_fd, zmq.POLLIN)
+        self._update(sock_or_fd)
 
     def remove_reader(self, sock_or_fd: Any) -> None:
         if self._readers.pop(sock_or_fd, None) is not None:
-            self._poller.unregister(sock_or_fd)
+            self._update(sock_or_fd)
+
+    def add_writer(self, sock_or_fd: Any, callback: Callback) -> None:
+        """Call ``callback()`` whenever ``sock_or_fd`` is writable (until removed)."""
+        self._writers[sock_or_fd] = callback
+        self._update(sock_or_fd)
+
+    def remove_writer(self, sock_or_fd: Any) -> None:
+        if self._writers.pop(sock_or_fd, None) is not None:
+            self._update(sock_or_fd)
+
+    def _update(self, sock_or_fd: Any) -> None:
+        # zmq.Poller.register with new flags replaces the old ones; flags 0 unregisters.
+        flags = (_POLLIN if sock_or_fd in self._readers else 0) | (
+            _POLLOUT if sock_or_fd in self._writers else 0
+        )
+        self._poller.register(sock_or_fd, flags)
 
     def call_later(self, delay: float, callback: Callback, *args: Any) -> TimerHandle:
         handle = TimerHandle(self.clock() + delay, callback, args)
@@ -98,28 +122,48 @@ class IOLoop:
 
     def run(self) -> None:
         self.thread = threading.current_thread()
-        poll = self._poller.poll
-        readers = self._readers
         while not self._stopped:
-            timeout = self._next_timeout()
-            try:
-                events = poll(timeout)
-            except zmq.ZMQError as exc:
-                if exc.errno == zmq.ETERM or self._stopped:
-                    break
-                raise
-            for sock, _ in events:
-                cb = readers.get(sock)
+            if not self.run_once(self._next_timeout()):
+                break
+
+    def run_once(self, timeout: int | None) -> bool:
+        """One iteration: poll (``timeout`` in ms, None for ever), then run what is due.
+
+        False when the loop cannot go on (its zmq context was terminated, or it was stopped
+        while polling failed). Tests drive a loop with this directly.
+        """
+        try:
+            events = self._poller.poll(timeout)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.ETERM or self._stopped:
+                return False
+            raise
+        readers = self._readers
+        for sock, ev in events:
+            if ev & _POLLOUT:
+                cb = self._writers.get(sock)
                 if cb is not None:
                     self._run_callback(cb, ())
-            if self._timers:
-                self._run_timers()
-            calls = self._calls
-            while calls:
-                cb, args = calls.popleft()
-                self._run_callback(cb, args)
+                if ev == _POLLOUT:
+                    continue
+            # POLLIN, or POLLERR (hang-up, error): the reader's next read reports it (or,
+            # for an fd watched for writing only, the writer's next write).
+            cb = readers.get(sock)
+            if cb is None and not ev & _POLLOUT:
+                cb = self._writers.get(sock)
+            if cb is not None:
+                self._run_callback(cb, ())
+        if self._timers:
+            self._run_timers()
+        calls = self._calls
+        while calls:
+            cb, args = calls.popleft()
+            self._run_callback(cb, args)
+        return True
 
     def close(self) -> None:
+        for sock in list(self._writers):
+            self.remove_writer(sock)
         for sock in list(self._readers):
             self.remove_reader(sock)
         try:

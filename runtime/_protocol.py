@@ -147,7 +147,7 @@ class Signer:
         return [MAGIC + self.signature(header, wire) + header, *wire]
 
     def decode(self, frames: Sequence[Any]) -> tuple[Message, int]:
-        """Verify then parse ``frames`` (zmq Frames or bytes, routing ids removed)."""
+        """Verify then parse ``frames`` (zmq Frames, bytes or buffers; routing ids removed)."""
         if not frames:
             raise ProtocolError("an empty message")
         first = _as_bytes(frames[0])
@@ -166,8 +166,9 @@ class Signer:
             raise ProtocolError(f"malformed header: {exc}") from None
 
 
-def _as_bytes(frame: Any) -> bytes:
-    return frame if isinstance(frame, bytes) else frame.bytes
+def _as_bytes(frame: Any) -> Any:
+    # bytes, or a buffer the local transport read a large frame into; a zmq.Frame copies.
+    return frame if isinstance(frame, (bytes, bytearray, memoryview)) else frame.bytes
 
 
 def _as_buffer(frame: Any) -> Any:

@@ -202,8 +202,8 @@ class TaskSubmitter:
         self.streams: dict[bytes, _Stream] = {}
         self._req_ids = itertools.count(1)
 
-    def sockets(self) -> list[Any]:
-        return [c.conn.sock for c in self.conns.values()]
+    def connections(self) -> list[Connection]:
+        return [c.conn for c in self.conns.values()]
 
     # -- user thread -------------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
@@ -430,14 +430,13 @@ class TaskSubmitter:
                 self.on_worker_message,
             )
             wc = self.conns[address] = _WorkerConn(conn)
-            self.core.loop.add_reader(conn.sock, conn.handle_readable)
+            conn.attach(self.core.loop)
         return wc
 
     def close_connection(self, address: str) -> None:
         wc = self.conns.pop(address, None)
         if wc is not None:
-            self.core.loop.remove_reader(wc.conn.sock)
-            wc.conn.sock.close(linger=0)
+            wc.conn.close()
 
     def _return_if_idle(self, lease: _Lease) -> None:
         if lease.idle_timer is not None:

@@ -62,7 +62,7 @@ class WorkerProcess:
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.listener = Listener(self.ctx, Signer(key), self._on_hello, self._on_message)
         self.address = self.listener.bind(f"ipc://{session}/w-{self.worker_id.hex()}.sock")
-        self.loop.add_reader(self.listener.sock, self.listener.handle_readable)
+        self.listener.attach(self.loop)
         self.core = CoreWorker(
             role="worker",
             head_address=os.environ["SHOAL_HEAD"],

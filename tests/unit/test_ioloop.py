@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -204,3 +206,39 @@ def test_remove_reader_stops_callbacks():
         loop.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_writer_is_called_only_while_registered_and_its_socket_has_room():
+    loop = IOLoop()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                a.send(b"x" * 65536)
+        calls: list[str] = []
+        loop.add_reader(a.fileno(), lambda: calls.append("read"))
+        loop.add_writer(a.fileno(), lambda: calls.append("write"))
+        loop.run_once(0)
+        assert calls == []  # full, and nothing to read
+
+        with contextlib.suppress(BlockingIOError):
+            while b.recv(1 << 20):
+                pass
+        loop.run_once(1000)
+        assert calls == ["write"]
+
+        loop.remove_writer(a.fileno())
+        calls.clear()
+        loop.run_once(0)
+        assert calls == []  # the reader stays registered, with nothing to read
+
+        b.send(b"y")
+        loop.run_once(1000)
+        assert calls == ["read"]
+        loop.remove_reader(a.fileno())
+    finally:
+        loop.close()
+        a.close()
+        b.close()
