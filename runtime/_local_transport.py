@@ -120,6 +120,7 @@ class Stream:
         "_frames",
         "_lens",
         "_loop",
+        "_on_readable",
         "_out",
         "_start",
         "_view",
@@ -147,6 +148,7 @@ class Stream:
         self.eof = False  # the peer closed its end, or the socket failed
         self.closed = False
         self._loop: IOLoop | None = None
+        self._on_readable: Callable[[], None] | None = None
         self._writing = False  # registered for POLLOUT
         self._out: collections.deque[Any] = collections.deque()  # bytes / memoryviews
         self._buf = bytearray(READ_BUFFER)
@@ -162,6 +164,7 @@ class Stream:
     def attach(self, loop: IOLoop, on_readable: Callable[[], None]) -> None:
         """Have ``loop`` call ``on_readable`` when data (or the end) arrives, and flush."""
         self._loop = loop
+        self._on_readable = on_readable
         loop.add_reader(self.fd, on_readable)
         if self._out:
             self._want_write()
@@ -169,6 +172,12 @@ class Stream:
     @property
     def mid_message(self) -> bool:
         return self._lens is not None or self._end > self._start
+
+    def continue_soon(self) -> None:
+        """The owner stopped reading before the buffer was empty (its budget ran out): poll
+        will not report bytes already read, so have the loop call the reader again."""
+        if self._end > self._start and self._loop is not None and self._on_readable is not None:
+            self._loop.call_soon(self._on_readable)
 
     # -- writing -----------------------------------------------------------------------
     def write(self, frames: Sequence[Any]) -> None:

@@ -295,6 +295,7 @@ class Listener:
             self._dispatch(peer, frames)
             if stream.closed:
                 return
+        stream.continue_soon()
 
     # -- zmq connections ---------------------------------------------------------------
     def _read_zmq(self, budget: int = 1000) -> None:
@@ -485,6 +486,7 @@ class Connection:
             stream.verified = True
             if stream.closed:
                 return
+        stream.continue_soon()
 
     def _read_zmq(self, budget: int) -> None:
         if self.sock is None:
