@@ -5,9 +5,12 @@ reader sees it in its next read); writers, registered only while a socket has qu
 when it is writable again.
 
 Every process role runs its IO in one of these: the head's loop is its main thread, a
-driver's or worker's loop is a background thread. Other threads hand it work only through
-``call_soon_threadsafe`` (a deque plus an eventfd), so sockets are only ever touched by the
-loop's own thread, as zmq requires.
+driver's or worker's loop is a background thread. Other threads hand it work through
+``call_soon_threadsafe`` (a deque plus an eventfd), or do the work themselves while they
+hold the loop ("borrow" it, see ``try_enter``): all loop work (callbacks, timers, calls) runs
+under one lock, so sockets and the state of handlers are only ever touched by one thread at
+a time, as zmq requires. Borrowing is for hot paths where waking the loop thread would cost
+more than the work itself (a synchronous actor call).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 
 Callback = Callable[..., Any]
+
+
+def _nothing() -> None:
+    pass
 
 
 class TimerHandle:
@@ -58,6 +65,12 @@ class IOLoop:
         self._wake_pending = False
         self._stopped = False
         self.thread: threading.Thread | None = None
+        # Held while loop work runs, by the loop thread or a borrower (``_owner``).
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        # A borrower registered something the loop thread's current poll does not watch
+        # (a reader, a writer, a timer): wake it when the borrower leaves.
+        self._dirty = False
         self.add_reader(self._wake_fd, self._on_wake)
 
     # -- registration ------------------------------------------------------------------
@@ -65,6 +78,7 @@ class IOLoop:
         """Call ``callback()`` whenever ``sock_or_fd`` is readable."""
         self._readers[sock_or_fd] = callback
         self._update(sock_or_fd)
+        self._note_change()
 
     def remove_reader(self, sock_or_fd: Any) -> None:
         if self._readers.pop(sock_or_fd, None) is not None:
@@ -74,6 +88,7 @@ class IOLoop:
         """Call ``callback()`` whenever ``sock_or_fd`` is writable (until removed)."""
         self._writers[sock_or_fd] = callback
         self._update(sock_or_fd)
+        self._note_change()
 
     def remove_writer(self, sock_or_fd: Any) -> None:
         if self._writers.pop(sock_or_fd, None) is not None:
@@ -86,9 +101,16 @@ class IOLoop:
         )
         self._poller.register(sock_or_fd, flags)
 
+    def _note_change(self) -> None:
+        # A removal needs no wake-up: a poll that still watches the fd returns at worst once
+        # for nothing. An addition (or a timer) must be seen by the loop thread's next poll.
+        if self._owner is not None and self.thread is not None and not self._in_own_thread():
+            self._dirty = True
+
     def call_later(self, delay: float, callback: Callback, *args: Any) -> TimerHandle:
         handle = TimerHandle(self.clock() + delay, callback, args)
         heapq.heappush(self._timers, (handle.when, next(self._timer_seq), handle))
+        self._note_change()
         return handle
 
     def call_soon(self, callback: Callback, *args: Any) -> None:
@@ -98,6 +120,8 @@ class IOLoop:
     def call_soon_threadsafe(self, callback: Callback, *args: Any) -> None:
         """From any thread: run ``callback`` in the loop's thread soon."""
         self._calls.append((callback, args))
+        if self._owner == threading.get_ident():
+            return  # this thread holds the loop: it runs the calls before it lets go
         # Invariant: when _wake_pending is True, a wake-up is on its way, and the loop will
         # drain the deque after clearing the flag; so an append seen with the flag set is
         # never stranded.
@@ -109,12 +133,73 @@ class IOLoop:
                 pass  # closed during shutdown
 
     def in_loop_thread(self) -> bool:
+        """True in the loop's thread, and in a thread that borrows the loop right now."""
+        return self._in_own_thread() or self._owner == threading.get_ident()
+
+    def _in_own_thread(self) -> bool:
         return self.thread is threading.current_thread()
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:
+                pass
+
+    # -- borrowing ---------------------------------------------------------------------
+    def try_enter(self) -> bool:
+        """From a thread other than the loop's: hold the loop if nobody does, and run loop
+        work in this thread until ``leave``. False when the loop is busy (or stopped)."""
+        if self._stopped or not self._lock.acquire(blocking=False):
+            return False
+        self._owner = threading.get_ident()
+        return True
+
+    def enter(self) -> None:
+        """Like ``try_enter``, but waits for the loop thread to finish what it runs."""
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def leave(self) -> None:
+        """Run the calls scheduled meanwhile, let go, and wake the loop thread if what it
+        polls for changed."""
+        calls = self._calls
+        try:
+            while calls:
+                cb, args = calls.popleft()
+                self._run_callback(cb, args)
+        finally:
+            self._owner = None
+            wake, self._dirty = self._dirty, False
+            self._lock.release()
+            if wake:
+                self._wake()
+
+    def run_inline(self, callback: Callback, *args: Any) -> None:
+        """Run ``callback`` now in this thread if the loop is free, else in the loop thread.
+
+        Calls scheduled before run first, so the order of a thread's calls is kept.
+        """
+        if self.in_loop_thread():
+            self._run_callback(callback, args)
+        elif self.try_enter():
+            try:
+                calls = self._calls
+                while calls:
+                    cb, cargs = calls.popleft()
+                    self._run_callback(cb, cargs)
+                self._run_callback(callback, args)
+            finally:
+                self.leave()
+        else:
+            self.call_soon_threadsafe(callback, *args)
 
     # -- running -----------------------------------------------------------------------
     def stop(self) -> None:
         self._stopped = True
-        self.call_soon_threadsafe(lambda: None)
+        self._calls.append((_nothing, ()))
+        self._wake()
 
     @property
     def stopped(self) -> bool:
@@ -138,6 +223,15 @@ class IOLoop:
             if exc.errno == zmq.ETERM or self._stopped:
                 return False
             raise
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                self._dispatch(events)
+            finally:
+                self._owner = None
+        return True
+
+    def _dispatch(self, events: list[tuple[Any, int]]) -> None:
         readers = self._readers
         for sock, ev in events:
             if ev & _POLLOUT:
@@ -159,7 +253,6 @@ class IOLoop:
         while calls:
             cb, args = calls.popleft()
             self._run_callback(cb, args)
-        return True
 
     def close(self) -> None:
         for sock in list(self._writers):

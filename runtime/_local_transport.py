@@ -128,6 +128,7 @@ class Stream:
         "closed",
         "eof",
         "fd",
+        "leftover",
         "max_frame_size",
         "max_frames",
         "sock",
@@ -147,6 +148,8 @@ class Stream:
         self.verified = False
         self.eof = False  # the peer closed its end, or the socket failed
         self.closed = False
+        # A reader stopped (its budget ran out) with bytes read that may hold whole messages.
+        self.leftover = False
         self._loop: IOLoop | None = None
         self._on_readable: Callable[[], None] | None = None
         self._writing = False  # registered for POLLOUT
@@ -176,8 +179,10 @@ class Stream:
     def continue_soon(self) -> None:
         """The owner stopped reading before the buffer was empty (its budget ran out): poll
         will not report bytes already read, so have the loop call the reader again."""
-        if self._end > self._start and self._loop is not None and self._on_readable is not None:
-            self._loop.call_soon(self._on_readable)
+        if self._end > self._start:
+            self.leftover = True
+            if self._loop is not None and self._on_readable is not None:
+                self._loop.call_soon(self._on_readable)
 
     # -- writing -----------------------------------------------------------------------
     def write(self, frames: Sequence[Any]) -> None:
@@ -271,6 +276,7 @@ class Stream:
             if msg is not None:
                 return msg
             if not self._receive():
+                self.leftover = False
                 return None
 
     def _receive(self) -> bool:

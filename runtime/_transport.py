@@ -19,7 +19,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -391,6 +393,12 @@ class Connection:
 
     An ipc:// address that cannot be connected to leaves the connection closed, with the
     reason in ``error``; ``on_refused`` hears it once the connection is attached to a loop.
+
+    Lending (local connections only): a thread that waits for a reply on this connection
+    can read it itself instead of being woken by the loop thread (``lend``/``end_lend``).
+    While lent, the loop thread stops watching the socket the next time it sees it
+    readable ("parks" it), so a run of synchronous calls wakes no thread but the caller.
+    Whoever lends must unpark it when replies may come that nobody will read.
     """
 
     def __init__(
@@ -413,6 +421,10 @@ class Connection:
         self._loop: IOLoop | None = None
         self.welcome: dict[str, Any] | None = None
         self.error = ""
+        self.lent_to: int | None = None  # the thread reading this connection itself
+        self.parked = False  # not watched by the loop thread
+        self._on_readable: Callable[[], None] = self.handle_readable
+        self._poll: Any = None  # a select.poll on the socket, for a lending thread
         self._stream: _local.Stream | None = None
         self.sock: Any = None  # the socket.socket or zmq DEALER; None when never connected
         if address.startswith(IPC):
@@ -441,11 +453,57 @@ class Connection:
         self._loop = loop
         callback = on_readable or self.handle_readable
         if self._stream is not None:
-            self._stream.attach(loop, callback)
+            self._on_readable = callback
+            self._stream.attach(loop, self._loop_readable)
         elif self.sock is not None:
             loop.add_reader(self.sock, callback)
         elif self._on_refused is not None:
             loop.call_soon(self._on_refused, self.error)
+
+    # -- lending -----------------------------------------------------------------------
+    @property
+    def lendable(self) -> bool:
+        return self._stream is not None and not self._stream.closed and self.lent_to is None
+
+    def _loop_readable(self) -> None:
+        if self.lent_to is not None:
+            self.park()  # the lending thread reads it; polling it too would wake us for nothing
+            return
+        self._on_readable()
+
+    def park(self) -> None:
+        """Loop work: stop watching the socket in the loop thread."""
+        if not self.parked and self._stream is not None and self._loop is not None:
+            self._loop.remove_reader(self._stream.fd)
+            self.parked = True
+
+    def unpark(self) -> None:
+        """Loop work: watch the socket in the loop thread again."""
+        if self.parked and self._stream is not None and self._loop is not None:
+            self.parked = False
+            if not self._stream.closed:
+                self._loop.add_reader(self._stream.fd, self._loop_readable)
+                self._stream.continue_soon()
+
+    def lend(self) -> None:
+        """Loop work: the calling thread reads this connection itself from now on."""
+        self.lent_to = threading.get_ident()
+
+    def end_lend(self) -> None:
+        self.lent_to = None
+
+    def wait_readable(self, timeout: float) -> bool:
+        """For the lending thread, without holding the loop: wait until the socket has data
+        (or the stream has complete data already read). False after ``timeout`` seconds."""
+        stream = self._stream
+        if stream is None or stream.closed:
+            return False
+        if stream.leftover:
+            return True  # already read into the buffer: poll would not report it
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(stream.fd, select.POLLIN)
+        return bool(self._poll.poll(timeout * 1000))
 
     def send(self, msg: Message) -> None:
         stream = self._stream

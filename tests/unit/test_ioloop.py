@@ -242,3 +242,59 @@ def test_a_writer_is_called_only_while_registered_and_its_socket_has_room():
         loop.close()
         a.close()
         b.close()
+
+
+def test_run_inline_runs_in_the_calling_thread_while_the_loop_sleeps(running):
+    loop = running.loop
+    wakes = []
+    real_on_wake = loop._on_wake
+    loop._readers[loop._wake_fd] = lambda: (wakes.append(1), real_on_wake())
+    ran = []
+
+    def work(tag):
+        ran.append((tag, threading.current_thread(), loop.in_loop_thread()))
+
+    time.sleep(0.05)  # the loop is asleep in poll
+    loop.run_inline(work, "a")
+    assert ran == [("a", threading.current_thread(), True)]
+    assert not loop.in_loop_thread()
+    time.sleep(0.05)
+    assert wakes == []  # nothing woke the loop thread
+
+
+def test_run_inline_keeps_the_order_of_earlier_calls_and_hands_over_when_busy(running):
+    loop = running.loop
+    order: list[str] = []
+    release = threading.Event()
+    busy = threading.Event()
+
+    def block():
+        busy.set()
+        release.wait(WAIT)
+
+    loop.call_soon_threadsafe(block)
+    assert busy.wait(WAIT)
+    # The loop thread runs a callback: a call made now goes to it, after earlier ones.
+    loop.call_soon_threadsafe(order.append, "queued")
+    loop.run_inline(order.append, "inline while busy")
+    assert order == []
+    release.set()
+    deadline = time.monotonic() + WAIT
+    while len(order) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert order == ["queued", "inline while busy"]
+
+
+def test_a_reader_added_while_borrowing_wakes_the_loop(running):
+    loop = running.loop
+    a, b = socket.socketpair()
+    got = threading.Event()
+    try:
+        time.sleep(0.05)
+        loop.run_inline(loop.add_reader, a.fileno(), got.set)
+        b.send(b"x")
+        assert got.wait(WAIT)
+        loop.run_inline(loop.remove_reader, a.fileno())
+    finally:
+        a.close()
+        b.close()
