@@ -63,6 +63,36 @@ class ClusterGone(ShoalError):
     """The connection to the cluster's head was lost."""
 
 
+class _Signal:
+    """A one-shot event that makes its lock only if a thread has to block on it: the reply
+    to a synchronous call is usually read by the waiting thread itself."""
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        event = self._event
+        if event is None:
+            event = self._event = threading.Event()
+            if self._set:  # set between the check above and the assignment
+                event.set()
+        return event.wait(timeout)
+
+
 class _Reply:
     __slots__ = ("event", "msg")
 
@@ -221,7 +251,7 @@ class CoreWorker:
 
     def _wait_event(
         self,
-        event: threading.Event,
+        event: Any,
         timeout: float | None,
         each_slice: Callable[[], None] | None = None,
     ) -> bool:
@@ -241,7 +271,7 @@ class CoreWorker:
 
     def _wait(
         self,
-        event: threading.Event,
+        event: Any,
         oids: Sequence[bytes],
         timeout: float | None,
         each_slice: Callable[[], None] | None,
@@ -250,7 +280,7 @@ class CoreWorker:
         connection, read that connection in this thread (no thread is woken for the reply:
         on a small VM that saves a context switch and a GIL hand-off, ~30 us a call)."""
         loop = self.loop
-        if loop.in_loop_thread() or not loop.try_enter():
+        if loop.in_loop_thread() or not loop.enter():
             return self._wait_event(event, timeout, each_slice)
         try:
             lent = None if event.is_set() else self.actors.lend(oids)
@@ -259,7 +289,6 @@ class CoreWorker:
         if lent is None:
             return self._wait_event(event, timeout, each_slice)
         conn = lent[0]
-        lending = True
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not event.is_set():
@@ -271,17 +300,18 @@ class CoreWorker:
                 if slice_ <= 0:
                     return event.is_set()
                 if conn.wait_readable(slice_):
-                    loop.enter()
+                    if not loop.enter():
+                        break
                     try:
                         conn.handle_readable()
                         if event.is_set() or conn.closed:
                             self.actors.end_lend(lent)
-                            lending = False
+                            lent = None
+                            break
                     finally:
                         loop.leave()
         finally:
-            if lending:
-                loop.enter()
+            if lent is not None and loop.enter():
                 try:
                     self.actors.end_lend(lent)
                 finally:
@@ -601,6 +631,15 @@ class CoreWorker:
     def lookup(self, oid: bytes) -> Value | None:
         return self._values.get(oid)
 
+    def wait_value(self, oid: bytes, timeout: float | None) -> Value | None:
+        """The value of ``oid`` once known (None after ``timeout``)."""
+        if self._released:
+            self._process_releases()
+        value = self._values.get(oid)  # a dict read is atomic: no lock for the known case
+        if value is not None:
+            return value
+        return self.wait_values((oid,), 1, timeout).get(oid)
+
     def wait_values(
         self, oids: Sequence[bytes], num: int, timeout: float | None
     ) -> dict[bytes, Value]:
@@ -621,7 +660,7 @@ class CoreWorker:
                     missing.append(oid)
         if not missing:
             return found
-        event = threading.Event()
+        event = _Signal()
         need = [num - len(found)]
 
         def on_value(oid: bytes, value: Value) -> None:

@@ -156,10 +156,14 @@ class IOLoop:
         self._owner = threading.get_ident()
         return True
 
-    def enter(self) -> None:
-        """Like ``try_enter``, but waits for the loop thread to finish what it runs."""
+    def enter(self) -> bool:
+        """Like ``try_enter``, but waits for the loop thread to finish what it runs (loop
+        work is short: it never blocks). False only when the loop is stopped."""
+        if self._stopped:
+            return False
         self._lock.acquire()
         self._owner = threading.get_ident()
+        return True
 
     def leave(self) -> None:
         """Run the calls scheduled meanwhile, let go, and wake the loop thread if what it
@@ -177,13 +181,14 @@ class IOLoop:
                 self._wake()
 
     def run_inline(self, callback: Callback, *args: Any) -> None:
-        """Run ``callback`` now in this thread if the loop is free, else in the loop thread.
+        """Run ``callback`` now in this thread, as loop work (waiting for the loop thread to
+        finish what it runs, rather than handing over and waking it later).
 
         Calls scheduled before run first, so the order of a thread's calls is kept.
         """
         if self.in_loop_thread():
             self._run_callback(callback, args)
-        elif self.try_enter():
+        elif self.enter():
             try:
                 calls = self._calls
                 while calls:

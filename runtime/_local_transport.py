@@ -116,6 +116,7 @@ class Stream:
         "_big_got",
         "_big_view",
         "_buf",
+        "_drained",
         "_end",
         "_frames",
         "_lens",
@@ -158,6 +159,7 @@ class Stream:
         self._view = memoryview(self._buf)
         self._start = 0  # unparsed bytes are _buf[_start:_end]
         self._end = 0
+        self._drained = False  # the last read took less than it asked for
         self._lens: tuple[int, ...] | None = None  # frame lengths of the message being read
         self._frames: list[Any] = []
         self._big: bytearray | None = None  # a large frame being read straight into place
@@ -275,6 +277,12 @@ class Stream:
             msg = self._parse()
             if msg is not None:
                 return msg
+            if self._drained:
+                # The socket was empty after the last read: rather than a read that fails
+                # with EAGAIN (a system call and an exception), wait for poll to say more came.
+                self._drained = False
+                self.leftover = False
+                return None
             if not self._receive():
                 self.leftover = False
                 return None
@@ -286,11 +294,14 @@ class Stream:
         try:
             big = self._big_view
             if big is not None:
+                want = len(big) - self._big_got
                 n = self.sock.recv_into(big[self._big_got :])
                 self._big_got += n
             else:
+                want = READ_BUFFER - self._end
                 n = self.sock.recv_into(self._view[self._end :])
                 self._end += n
+            self._drained = n < want
         except BlockingIOError:
             return False
         except OSError:

@@ -229,7 +229,7 @@ class TaskSubmitter:
                 raise GetTimeoutError(f"no new item from the generator within {timeout}s")
             return stream.items.pop(index, None)
 
-    def run_inline_while_blocked(self, event: threading.Event, oids: Sequence[bytes]) -> None:
+    def run_inline_while_blocked(self, event: Any, oids: Sequence[bytes]) -> None:
         """A worker waits for ``oids``: run those of its own queued children it can, here.
 
         A task that waits for its children holds a CPU it does not use; running the

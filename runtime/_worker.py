@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 import zmq
 
-from . import _config, _worker_context
+from . import _config, _shm, _worker_context
 from ._core import CoreWorker
+from ._ids import owner_of, return_id
 from ._ioloop import IOLoop
 from ._protocol import Message, MsgType, Signer
+from ._refs import ObjectRef
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize, serialize_error
 from ._session import read_key_file
 from ._task_output import TaskOutput
@@ -247,9 +249,6 @@ class WorkerProcess:
     def _decode_args(
         self, body: dict[str, Any], frames: Sequence[Any], pos: int
     ) -> tuple[list[Any], dict[str, Any]]:
-        from . import _shm
-        from ._refs import ObjectRef
-
         values: list[Any] = []
         fetch: list[tuple[int, ObjectRef]] = []
         for desc in body["a"]:
@@ -289,8 +288,6 @@ class WorkerProcess:
         return values, {}
 
     def _encode_returns(self, tid: bytes, name: str, nr: int, result: Any) -> Message:
-        from ._ids import return_id
-
         if nr == 1:
             results = [result]
         elif nr == 0:
@@ -312,8 +309,6 @@ class WorkerProcess:
     def _add_result(
         self, oid: bytes, sv: SerializedValue, descs: list[Any], frames: list[Any]
     ) -> None:
-        from ._ids import owner_of
-
         if sv.contained:
             self.core.mark_escaped(sv.contained)
         if sv.contained and sv.nbytes < _config.INLINE_THRESHOLD:

@@ -262,9 +262,9 @@ def test_run_inline_runs_in_the_calling_thread_while_the_loop_sleeps(running):
     assert wakes == []  # nothing woke the loop thread
 
 
-def test_run_inline_keeps_the_order_of_earlier_calls_and_hands_over_when_busy(running):
+def test_run_inline_waits_for_a_busy_loop_and_keeps_the_order_of_earlier_calls(running):
     loop = running.loop
-    order: list[str] = []
+    order: list[tuple[str, threading.Thread]] = []
     release = threading.Event()
     busy = threading.Event()
 
@@ -274,15 +274,14 @@ def test_run_inline_keeps_the_order_of_earlier_calls_and_hands_over_when_busy(ru
 
     loop.call_soon_threadsafe(block)
     assert busy.wait(WAIT)
-    # The loop thread runs a callback: a call made now goes to it, after earlier ones.
-    loop.call_soon_threadsafe(order.append, "queued")
-    loop.run_inline(order.append, "inline while busy")
-    assert order == []
-    release.set()
-    deadline = time.monotonic() + WAIT
-    while len(order) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert order == ["queued", "inline while busy"]
+    # The loop thread runs a callback: a call made now waits for it, and runs after the
+    # calls scheduled before it.
+    loop.call_soon_threadsafe(lambda: order.append(("queued", threading.current_thread())))
+    threading.Timer(0.1, release.set).start()
+    loop.run_inline(lambda: order.append(("inline", threading.current_thread())))
+    assert release.is_set()
+    assert [tag for tag, _ in order] == ["queued", "inline"]
+    assert order[1][1] is threading.current_thread()
 
 
 def test_a_reader_added_while_borrowing_wakes_the_loop(running):
