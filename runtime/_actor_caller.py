@@ -156,6 +156,15 @@ class ActorCaller:
         while lazy:
             lazy.pop().unpark()
 
+    def sweep(self) -> None:
+        """Loop work, every 0.1 s: watch again every parked connection nobody reads."""
+        self.flush_lazy()
+        for wc in self.core.tasks.conns.values():
+            conn = wc.conn
+            if conn.parked and not conn.lend_is_live():
+                conn.lent_to = None
+                conn.unpark()
+
     def lend(self, oids: Sequence[bytes]) -> tuple[Any, _ActorState] | None:
         """The connection that will bring the values of ``oids`` (results of calls in flight
         on one actor), lent to this thread; None when there is no such single one."""

@@ -34,7 +34,7 @@ from ._ids import IdFactory, owner_of
 from ._ioloop import IOLoop
 from ._protocol import Message, MsgType, Signer
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize_error
-from ._transport import Connection
+from ._transport import LEND_STALE_SECONDS, Connection
 from .exceptions import (
     GetTimeoutError,
     ObjectLostError,
@@ -280,23 +280,31 @@ class CoreWorker:
         connection, read that connection in this thread (no thread is woken for the reply:
         on a small VM that saves a context switch and a GIL hand-off, ~30 us a call)."""
         loop = self.loop
-        if loop.in_loop_thread() or not loop.enter():
+        if loop.in_loop_thread():
             return self._wait_event(event, timeout, each_slice)
-        try:
-            lent = None if event.is_set() else self.actors.lend(oids)
-        finally:
-            loop.leave()
-        if lent is None:
-            return self._wait_event(event, timeout, each_slice)
-        conn = lent[0]
         deadline = None if timeout is None else time.monotonic() + timeout
+        lent = None
+        # Every ``leave`` may raise a KeyboardInterrupt held off meanwhile (_interrupts):
+        # the lend is ended by the outer ``finally`` whatever happens after it began.
         try:
+            if not loop.enter():
+                return self._wait_event(event, timeout, each_slice)
+            try:
+                if not event.is_set():
+                    lent = self.actors.lend(oids)
+            finally:
+                loop.leave()
+            if lent is None:
+                return self._wait_event(event, timeout, each_slice)
+            conn = lent[0]
             while not event.is_set():
                 if each_slice is not None:
                     each_slice()
                 if self.closed or conn.closed:
                     break
-                slice_ = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+                now = time.monotonic()
+                conn.lend_deadline = now + LEND_STALE_SECONDS  # still reading it
+                slice_ = 0.2 if deadline is None else min(0.2, deadline - now)
                 if slice_ <= 0:
                     return event.is_set()
                 if conn.wait_readable(slice_):
@@ -305,17 +313,21 @@ class CoreWorker:
                     try:
                         conn.handle_readable()
                         if event.is_set() or conn.closed:
-                            self.actors.end_lend(lent)
-                            lent = None
+                            ending, lent = lent, None
+                            self.actors.end_lend(ending)
                             break
                     finally:
                         loop.leave()
         finally:
-            if lent is not None and loop.enter():
-                try:
-                    self.actors.end_lend(lent)
-                finally:
-                    loop.leave()
+            if lent is not None:
+                ending, lent = lent, None
+                if loop.enter():
+                    try:
+                        self.actors.end_lend(ending)
+                    finally:
+                        loop.leave()
+                else:
+                    ending[0].end_lend()  # the loop stopped: nothing else reads it anyway
         if event.is_set() or self.closed:
             return True
         # The connection closed (the actor died): the news of that comes from the head.
@@ -405,8 +417,7 @@ class CoreWorker:
             self._released.append(oid)
 
     def _sweep_releases(self) -> None:
-        if self.actors._lazy:
-            self.actors.flush_lazy()
+        self.actors.sweep()
         if self._released:
             self._process_releases()
         self._writer_maps.sweep()

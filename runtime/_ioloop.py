@@ -27,6 +27,8 @@ from typing import Any
 
 import zmq
 
+from . import _interrupts
+
 log = logging.getLogger(__name__)
 
 _POLLIN = int(zmq.POLLIN)
@@ -68,6 +70,7 @@ class IOLoop:
         # Held while loop work runs, by the loop thread or a borrower (``_owner``).
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._owner_main = False  # the owner is the main thread (see _interrupts)
         # A borrower registered something the loop thread's current poll does not watch
         # (a reader, a writer, a timer): wake it when the borrower leaves.
         self._dirty = False
@@ -150,19 +153,28 @@ class IOLoop:
     # -- borrowing ---------------------------------------------------------------------
     def try_enter(self) -> bool:
         """From a thread other than the loop's: hold the loop if nobody does, and run loop
-        work in this thread until ``leave``. False when the loop is busy (or stopped)."""
-        if self._stopped or not self._lock.acquire(blocking=False):
-            return False
-        self._owner = threading.get_ident()
-        return True
+        work in this thread until ``leave``. False when the loop is busy or stopped, or
+        when this is the main thread and a SIGINT could not be held off (_interrupts)."""
+        return self._enter(blocking=False)
 
     def enter(self) -> bool:
         """Like ``try_enter``, but waits for the loop thread to finish what it runs (loop
-        work is short: it never blocks). False only when the loop is stopped."""
+        work is short: it never blocks)."""
+        return self._enter(blocking=True)
+
+    def _enter(self, blocking: bool) -> bool:
         if self._stopped:
             return False
-        self._lock.acquire()
+        main = _interrupts.is_main_thread()
+        # Before the lock: an interrupt between taking it and noting it would keep it.
+        if main and not _interrupts.enter():
+            return False
+        if not self._lock.acquire(blocking):
+            if main:
+                _interrupts.leave()
+            return False
         self._owner = threading.get_ident()
+        self._owner_main = main
         return True
 
     def leave(self) -> None:
@@ -175,10 +187,13 @@ class IOLoop:
                 self._run_callback(cb, args)
         finally:
             self._owner = None
+            main = self._owner_main
             wake, self._dirty = self._dirty, False
             self._lock.release()
             if wake:
                 self._wake()
+            if main:
+                _interrupts.leave()  # may raise the KeyboardInterrupt held off meanwhile
 
     def run_inline(self, callback: Callback, *args: Any) -> None:
         """Run ``callback`` now in this thread, as loop work (waiting for the loop thread to

@@ -132,6 +132,8 @@ def recv_frames(sock: zmq.Socket[Any], max_frames: int, small: int = 1) -> list[
 
 
 IPC = "ipc://"
+# A lending thread refreshes its lend at least every 0.2 s while it waits (see Connection).
+LEND_STALE_SECONDS = 1.0
 
 
 class _PeerState:
@@ -398,7 +400,11 @@ class Connection:
     can read it itself instead of being woken by the loop thread (``lend``/``end_lend``).
     While lent, the loop thread stops watching the socket the next time it sees it
     readable ("parks" it), so a run of synchronous calls wakes no thread but the caller.
-    Whoever lends must unpark it when replies may come that nobody will read.
+    Reading is always loop work (under the loop's lock), so which thread reads never
+    matters for correctness, only for speed; what matters is that a parked connection is
+    watched again when nobody reads it: the lender unparks it when replies are still due,
+    and the loop's sweep unparks any parked connection whose lend ended or went stale (a
+    lender refreshes ``lend_deadline`` while it waits).
     """
 
     def __init__(
@@ -422,6 +428,7 @@ class Connection:
         self.welcome: dict[str, Any] | None = None
         self.error = ""
         self.lent_to: int | None = None  # the thread reading this connection itself
+        self.lend_deadline = 0.0  # a lend not refreshed by then is stale
         self.parked = False  # not watched by the loop thread
         self._on_readable: Callable[[], None] = self.handle_readable
         self._poll: Any = None  # a select.poll on the socket, for a lending thread
@@ -463,10 +470,21 @@ class Connection:
     # -- lending -----------------------------------------------------------------------
     @property
     def lendable(self) -> bool:
-        return self._stream is not None and not self._stream.closed and self.lent_to is None
+        if self._stream is None or self._stream.closed:
+            return False
+        # Not lent, or lent by this very thread (a wait it left by an exception), or stale.
+        lender = self.lent_to
+        return (
+            lender is None
+            or lender == threading.get_ident()
+            or time.monotonic() > self.lend_deadline
+        )
+
+    def lend_is_live(self) -> bool:
+        return self.lent_to is not None and time.monotonic() <= self.lend_deadline
 
     def _loop_readable(self) -> None:
-        if self.lent_to is not None:
+        if self.lend_is_live():
             self.park()  # the lending thread reads it; polling it too would wake us for nothing
             return
         self._on_readable()
@@ -488,6 +506,7 @@ class Connection:
     def lend(self) -> None:
         """Loop work: the calling thread reads this connection itself from now on."""
         self.lent_to = threading.get_ident()
+        self.lend_deadline = time.monotonic() + LEND_STALE_SECONDS
 
     def end_lend(self) -> None:
         self.lent_to = None

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 import zmq
 
-from . import _config, _shm, _worker_context
+from . import _config, _interrupts, _shm, _worker_context
 from ._core import CoreWorker
 from ._ids import owner_of, return_id
 from ._ioloop import IOLoop
@@ -87,7 +87,9 @@ class WorkerProcess:
         self.asem: asyncio.Semaphore | None = None
         self.output = TaskOutput(self.core)
         self.main_ident = threading.get_ident()
-        signal.signal(signal.SIGINT, self._on_sigint)
+        # Guarded: a task's thread may be doing IO loop work (an actor call) when a cancel
+        # comes; the exception waits until that work is done.
+        signal.signal(signal.SIGINT, _interrupts.guarded(self._on_sigint))
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the head owns all shared state
 
     def run(self) -> None:

@@ -146,3 +146,67 @@ def test_the_actor_dying_while_its_reply_is_awaited_here(track_actor):
     with pytest.raises(ActorDiedError):
         shoal.get(mortal.die.remote(), timeout=30)
     assert time.monotonic() - start < 10
+
+
+PESTERED = """
+import os, random, signal, threading, time
+import shoal
+
+shoal.init(num_cpus=1)
+
+
+@shoal.remote
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def inc(self):
+        self.n += 1
+        return self.n
+
+
+c = Counter.remote()
+shoal.get(c.inc.remote(), timeout=30)
+done = threading.Event()
+handled = threading.Event()
+go = threading.Event()
+
+
+def pester():
+    # One SIGINT at a time, the next once the last one was handled: so every one lands
+    # inside the calls below, at a random point of them.
+    rng = random.Random(7)
+    go.wait()
+    for _ in range(300):
+        time.sleep(rng.uniform(0.0002, 0.002))
+        handled.clear()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert handled.wait(30), "a SIGINT was never raised"
+    done.set()
+
+
+threading.Thread(target=pester, daemon=True).start()
+interrupted = 0
+while True:
+    try:
+        go.set()
+        while not done.is_set():
+            shoal.get(c.inc.remote(), timeout=20)
+        break
+    except KeyboardInterrupt:
+        interrupted += 1
+        handled.set()
+last = 0
+for _ in range(50):
+    now = shoal.get(c.inc.remote(), timeout=10)
+    assert now > last, (now, last)
+    last = now
+print("ok", interrupted)
+"""
+
+
+def test_ctrl_c_in_the_middle_of_sync_calls_leaves_the_connection_usable(run_driver):
+    # The calling thread does the loop's work (push, read the reply): a KeyboardInterrupt
+    # must never land half-way through it, or a message is lost or the stream corrupted.
+    out = run_driver(PESTERED, timeout=120)
+    assert out.split() == ["ok", "300"]

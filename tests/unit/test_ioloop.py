@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -297,3 +298,51 @@ def test_a_reader_added_while_borrowing_wakes_the_loop(running):
     finally:
         a.close()
         b.close()
+
+
+@pytest.fixture
+def sigint_handler() -> Iterator[None]:
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_sigint_waits_until_the_main_thread_lets_go_of_the_loop(sigint_handler):
+    loop = IOLoop()
+    steps: list[str] = []
+
+    def work():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # plenty of bytecodes for the handler to have run
+            pass
+        time.sleep(0.01)
+        steps.append("finished")
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_inline(work)
+        assert steps == ["finished"]
+        # Outside the loop's work, the interrupt comes at once as usual.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        loop.close()
+
+
+def test_the_main_thread_does_not_borrow_under_a_handler_it_cannot_hold_off(sigint_handler):
+    loop = IOLoop()
+    signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        assert not loop.try_enter()
+        ran: list[str] = []
+        loop.run_inline(ran.append, "x")
+        assert ran == []  # handed to the loop thread instead
+        loop.run_once(0)
+        assert ran == ["x"]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert loop.try_enter()  # nothing can be raised
+        loop.leave()
+    finally:
+        loop.close()
