@@ -27,14 +27,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import zmq
-
 from . import _config, _shm
 from ._ids import IdFactory, owner_of
 from ._ioloop import IOLoop
 from ._protocol import Message, MsgType, Signer
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize_error
-from ._transport import LEND_STALE_SECONDS, Connection
+from ._transport import LEND_STALE_SECONDS, Connection, LazyContext
 from .exceptions import (
     GetTimeoutError,
     ObjectLostError,
@@ -123,7 +121,7 @@ class CoreWorker:
         self.namespace = namespace
         self.pid = os.getpid()
         self.loop = IOLoop()
-        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.ctx = LazyContext()  # zmq only for a tcp:// head
         self.signer = Signer(key)
         self.closed = False
         self.lost_reason = ""

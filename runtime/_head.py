@@ -24,8 +24,6 @@ import signal
 import time
 from typing import Any
 
-import zmq
-
 from . import _actor_directory as ad
 from . import _scheduler as sch
 from ._ioloop import IOLoop
@@ -42,7 +40,7 @@ from ._protocol import Message, MsgType, ProtocolError, Signer
 from ._resources import as_floats, to_fixed
 from ._session import Session, clean_dead_sessions, remove_segments
 from ._shm import copy_file, free_bytes, unlink
-from ._transport import Listener
+from ._transport import LazyContext, Listener
 from ._worker_processes import WorkerProcesses
 from ._zygote import Zygote, become_subreaper
 
@@ -79,7 +77,7 @@ class Head:
         self.args = args
         self.node_id = node_id
         self.loop = IOLoop()
-        self.ctx = zmq.Context()
+        self.ctx = LazyContext()  # zmq only when a tcp port is bound
         self.signer = Signer(session.read_key())
         self.listener = Listener(self.ctx, self.signer, self._on_hello, self._on_message)
         self.address = self.listener.bind(session.socket_address("h"))

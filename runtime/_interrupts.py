@@ -16,7 +16,9 @@ raise, and we cannot defer it. A worker wraps its own handler (task cancellation
 
 from __future__ import annotations
 
-import signal
+# The C module under ``signal``: signal.getsignal converts its result to an enum, 50 times
+# the cost of the look-up itself, and enter() is on the path of every synchronous call.
+import _signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -54,10 +56,10 @@ def is_main_thread() -> bool:
 
 def enter() -> bool:
     """The main thread is about to hold a loop; False when it must not (see above)."""
-    handler = signal.getsignal(signal.SIGINT)
+    handler = _signal.getsignal(_signal.SIGINT)
     if not getattr(handler, "_shoal_guarded", False):
-        if handler is signal.default_int_handler:
-            signal.signal(signal.SIGINT, guarded(handler))
+        if handler is _signal.default_int_handler:
+            _signal.signal(_signal.SIGINT, guarded(handler))
         elif callable(handler):
             return False
         # SIG_IGN, SIG_DFL or a handler set outside Python: no exception is raised.

@@ -20,19 +20,91 @@ import heapq
 import itertools
 import logging
 import os
+import select
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import zmq
-
 from . import _interrupts
 
 log = logging.getLogger(__name__)
 
-_POLLIN = int(zmq.POLLIN)
-_POLLOUT = int(zmq.POLLOUT)
+_SELECT_IN = select.POLLIN
+_SELECT_OUT = select.POLLOUT
+
+
+def _zmq_module() -> Any:
+    return sys.modules.get("zmq")
+
+
+class _Poller:
+    """select.poll over file descriptors, until a zmq socket is registered: then zmq.Poller.
+
+    Only a process with a tcp:// connection has zmq sockets; the others never import zmq
+    (10 ms of every process's start-up) and poll with one system call. Keys are what the
+    loop registers: an int fd, an object with fileno(), or a zmq socket.
+    """
+
+    def __init__(self) -> None:
+        self._select: Any = select.poll()
+        self._zmq: Any = None  # the zmq.Poller, once switched
+        self._flags: dict[Any, tuple[bool, bool]] = {}  # key -> (read, write)
+        self._fd_of: dict[Any, int] = {}
+        self._key_of: dict[int, Any] = {}
+
+    def set(self, key: Any, read: bool, write: bool) -> None:
+        if self._zmq is None and not isinstance(key, int):
+            zmq = _zmq_module()
+            if zmq is not None and isinstance(key, zmq.Socket):
+                self._switch(zmq)
+        if read or write:
+            self._flags[key] = (read, write)
+        else:
+            self._flags.pop(key, None)
+        if self._zmq is not None:
+            self._register_zmq(key, read, write)
+            return
+        if read or write:
+            fd = self._fd_of.get(key)
+            if fd is None:
+                fd = key if isinstance(key, int) else key.fileno()
+                self._fd_of[key] = fd
+                self._key_of[fd] = key
+            self._select.register(fd, (_SELECT_IN if read else 0) | (_SELECT_OUT if write else 0))
+        else:
+            fd = self._fd_of.pop(key, None)
+            if fd is not None:
+                self._key_of.pop(fd, None)
+                self._select.unregister(fd)
+
+    def _register_zmq(self, key: Any, read: bool, write: bool) -> None:
+        zmq = _zmq_module()
+        flags = (zmq.POLLIN if read else 0) | (zmq.POLLOUT if write else 0)
+        self._zmq.register(key, flags)  # flags 0 unregisters
+
+    def _switch(self, zmq: Any) -> None:
+        self._zmq = zmq.Poller()
+        for key, (read, write) in self._flags.items():
+            self._register_zmq(key, read, write)
+        self._select = None
+        self._fd_of.clear()
+        self._key_of.clear()
+
+    def poll(self, timeout: int | None) -> list[tuple[Any, bool, bool]]:
+        """(key, readable or in error, writable) for each ready key."""
+        if self._zmq is None:
+            key_of = self._key_of
+            return [
+                (key_of.get(fd), bool(ev & ~_SELECT_OUT), bool(ev & _SELECT_OUT))
+                for fd, ev in self._select.poll(timeout)
+            ]
+        zmq_out = _zmq_module().POLLOUT
+        return [
+            (key, bool(ev & ~zmq_out), bool(ev & zmq_out)) for key, ev in self._zmq.poll(timeout)
+        ]
+
 
 Callback = Callable[..., Any]
 
@@ -57,7 +129,7 @@ class TimerHandle:
 class IOLoop:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._poller = zmq.Poller()
+        self._poller = _Poller()
         self._readers: dict[Any, Callback] = {}
         self._writers: dict[Any, Callback] = {}
         self._timers: list[tuple[float, int, TimerHandle]] = []
@@ -98,11 +170,7 @@ class IOLoop:
             self._update(sock_or_fd)
 
     def _update(self, sock_or_fd: Any) -> None:
-        # zmq.Poller.register with new flags replaces the old ones; flags 0 unregisters.
-        flags = (_POLLIN if sock_or_fd in self._readers else 0) | (
-            _POLLOUT if sock_or_fd in self._writers else 0
-        )
-        self._poller.register(sock_or_fd, flags)
+        self._poller.set(sock_or_fd, sock_or_fd in self._readers, sock_or_fd in self._writers)
 
     def _note_change(self) -> None:
         # A removal needs no wake-up: a poll that still watches the fd returns at worst once
@@ -239,8 +307,11 @@ class IOLoop:
         """
         try:
             events = self._poller.poll(timeout)
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.ETERM or self._stopped:
+        except Exception as exc:
+            zmq = _zmq_module()
+            if self._stopped or (
+                zmq is not None and isinstance(exc, zmq.ZMQError) and exc.errno == zmq.ETERM
+            ):
                 return False
             raise
         with self._lock:
@@ -251,19 +322,19 @@ class IOLoop:
                 self._owner = None
         return True
 
-    def _dispatch(self, events: list[tuple[Any, int]]) -> None:
+    def _dispatch(self, events: list[tuple[Any, bool, bool]]) -> None:
         readers = self._readers
-        for sock, ev in events:
-            if ev & _POLLOUT:
+        for sock, readable, writable in events:
+            if writable:
                 cb = self._writers.get(sock)
                 if cb is not None:
                     self._run_callback(cb, ())
-                if ev == _POLLOUT:
-                    continue
-            # POLLIN, or POLLERR (hang-up, error): the reader's next read reports it (or,
-            # for an fd watched for writing only, the writer's next write).
+            if not readable:
+                continue
+            # POLLIN, or an error or hang-up: the reader's next read reports it (or, for an
+            # fd watched for writing only, the writer's next write).
             cb = readers.get(sock)
-            if cb is None and not ev & _POLLOUT:
+            if cb is None and not writable:
                 cb = self._writers.get(sock)
             if cb is not None:
                 self._run_callback(cb, ())

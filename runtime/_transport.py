@@ -11,7 +11,8 @@ Two carriers, chosen by address: ``ipc://PATH`` uses plain Unix stream sockets
 other address (``tcp://``) a zmq ROUTER/DEALER pair, kept for CurveZMQ between machines.
 One Listener may bind both; its peers are told apart by their ids (zmq's start with a 0
 byte, local ones with a 1 byte). Register a Listener or a Connection with its IO loop
-through ``attach``; everything is then driven from that loop's thread.
+through ``attach``; everything is then driven from that loop's thread. ``ctx`` is a
+zmq.Context or a ``LazyContext``, used only for non-ipc addresses.
 """
 
 from __future__ import annotations
@@ -27,14 +28,44 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-import zmq
 
 from . import _config
 from . import _local_transport as _local
 from ._protocol import Message, MsgType, ProtocolError, Signer
 
 if TYPE_CHECKING:
+    import zmq
+
     from ._ioloop import IOLoop
+
+
+def _zmq() -> Any:
+    """zmq, imported on first use: a process that only talks over ipc:// never needs it,
+    and importing it is 10 ms of start-up (cold start is a target)."""
+    import zmq
+
+    return zmq
+
+
+class LazyContext:
+    """A zmq context made when a zmq socket first needs one (see ``_zmq``)."""
+
+    def __init__(self) -> None:
+        self._ctx: Any = None
+
+    def get(self) -> zmq.Context[Any]:
+        if self._ctx is None:
+            self._ctx = _zmq().Context()
+        return self._ctx
+
+    def term(self) -> None:
+        if self._ctx is not None:
+            self._ctx.term()
+
+
+def _context(ctx: Any) -> zmq.Context[Any]:
+    return ctx.get() if isinstance(ctx, LazyContext) else ctx
+
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +119,13 @@ _reject_log = RateLimitedLog(log)
 
 
 def configure_socket(sock: zmq.Socket[Any]) -> None:
+    zmq = _zmq()
     sock.setsockopt(zmq.MAXMSGSIZE, _config.MAX_FRAME_SIZE)
     # No high-water marks: a ROUTER silently drops at its HWM, which would lose results.
     # Flow control is ours (bounded tasks in flight), so memory stays bounded anyway.
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.LINGER, 0)
-
-
-_NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 def recv_frames(sock: zmq.Socket[Any], max_frames: int, small: int = 1) -> list[Any] | None:
@@ -108,17 +136,18 @@ def recv_frames(sock: zmq.Socket[Any], max_frames: int, small: int = 1) -> list[
     that a message with too many frames is drained and refused without holding all of
     them. Raises ProtocolError for such a message.
     """
+    zmq = _zmq()
     try:
-        first = sock.recv(_NOBLOCK)
+        first = sock.recv(zmq.NOBLOCK)
     except zmq.Again:
         return None
     frames: list[Any] = [first]
     too_many = False
-    more = sock.getsockopt(_RCVMORE)
+    more = sock.getsockopt(zmq.RCVMORE)
     while more:
         if len(frames) < small:
             frame: Any = sock.recv()
-            more = sock.getsockopt(_RCVMORE)
+            more = sock.getsockopt(zmq.RCVMORE)
         else:
             frame = sock.recv(copy=False)
             more = frame.more
@@ -163,9 +192,7 @@ class Listener:
     ``on_message(peer, msg)`` gets every later verified message of an accepted peer.
     """
 
-    def __init__(
-        self, ctx: zmq.Context[Any], signer: Signer, on_hello: OnHello, on_message: OnMessage
-    ) -> None:
+    def __init__(self, ctx: Any, signer: Signer, on_hello: OnHello, on_message: OnMessage) -> None:
         self._ctx = ctx
         # The ROUTER for non-ipc addresses, made by the first such bind.
         self.sock: zmq.Socket[Any] | None = None
@@ -188,8 +215,9 @@ class Listener:
                 self._loop.add_reader(server.fileno(), lambda: self._accept_all(server))
             endpoint = address
         else:
+            zmq = _zmq()
             if self.sock is None:
-                self.sock = self._ctx.socket(zmq.ROUTER)
+                self.sock = _context(self._ctx).socket(zmq.ROUTER)
                 configure_socket(self.sock)
                 self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 if self._loop is not None:
@@ -234,8 +262,8 @@ class Listener:
         try:
             # Copying is cheaper than zero-copy bookkeeping for a lone small frame.
             self.sock.send_multipart([peer, *frames], copy=len(frames) == 1)
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
+        except _zmq().ZMQError as exc:
+            if exc.errno == _zmq().EHOSTUNREACH:
                 self.forget(peer)
                 return False
             raise
@@ -254,7 +282,7 @@ class Listener:
     def _accept_all(self, server: Any) -> None:
         while True:
             try:
-                sock, _ = server.accept()
+                sock = _local.accept(server)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -361,7 +389,7 @@ class Listener:
             try:
                 assert self.sock is not None
                 self.sock.send_multipart([peer, *refusal], copy=False)
-            except zmq.ZMQError:
+            except _zmq().ZMQError:
                 pass
             return
         if stream is not None:
@@ -409,7 +437,7 @@ class Connection:
 
     def __init__(
         self,
-        ctx: zmq.Context[Any],
+        ctx: Any,
         signer: Signer,
         address: str,
         hello: dict[str, Any],
@@ -444,7 +472,8 @@ class Connection:
                 self._stream = _local.Stream(sock, _config.MAX_FRAMES, _config.MAX_FRAME_SIZE)
                 self.sock = sock
         else:
-            self.sock = ctx.socket(zmq.DEALER)
+            zmq = _zmq()
+            self.sock = _context(ctx).socket(zmq.DEALER)
             configure_socket(self.sock)
             self.sock.setsockopt(zmq.LINGER, linger_ms)
             self.sock.connect(address)

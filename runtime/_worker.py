@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-import zmq
 
 from . import _config, _interrupts, _shm, _worker_context
 from ._core import CoreWorker
@@ -35,7 +34,7 @@ from ._refs import ObjectRef
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize, serialize_error
 from ._session import read_key_file
 from ._task_output import TaskOutput
-from ._transport import Listener
+from ._transport import LazyContext, Listener
 from .exceptions import TaskCancelledError, TaskError
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ class WorkerProcess:
         self.node_hex = os.environ.get("SHOAL_NODE_ID", "")
         key = read_key_file(os.path.join(session, "cluster.key"))
         self.loop = IOLoop()
-        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.ctx = LazyContext()  # its sockets are ipc://: zmq is never needed
         self.listener = Listener(self.ctx, Signer(key), self._on_hello, self._on_message)
         self.address = self.listener.bind(f"ipc://{session}/w-{self.worker_id.hex()}.sock")
         self.listener.attach(self.loop)

@@ -711,7 +711,7 @@ def test_a_connection_drops_a_listener_that_sends_garbage(ipc_dir, monkeypatch):
     conn.attach(loop)
     try:
         server.setblocking(True)
-        peer, _ = server.accept()
+        peer = _local_transport.accept(server)
         peer.sendall(struct.pack("<II", 1, 1 << 20) + os.urandom(100))  # before any WELCOME
         deadline = time.monotonic() + DEADLINE
         while not conn.closed and time.monotonic() < deadline:
