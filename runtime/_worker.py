@@ -3,7 +3,7 @@
 Run by the head as ``python -m shoal._worker`` (environment: SHOAL_SESSION, SHOAL_HEAD,
 SHOAL_WORKER_ID, SHOAL_NODE_ID). Two threads:
 
-    main thread: task loop over the worker's own ROUTER socket (w-<id>.sock)
+    main thread: task loop over the worker's own listening socket (w-<id>.sock)
         PUSH_TASK / ACTOR_CALL --> execute --> TASK_DONE back to the caller
     IO thread:   the CoreWorker (talks to the head; nested tasks, gets, actor calls)
         BECOME_ACTOR / CANCEL_TASK / EXIT from the head --> handed to the main thread
