@@ -145,7 +145,7 @@ class ActorCaller:
         conn = st.conn.conn
         conn.send(Message(M.ACTOR_CALL, body, frames))
         if conn.parked:
-            if self.core.loop._in_own_thread():
+            if self.core.loop.in_own_thread():
                 conn.unpark()
             else:
                 self._lazy.add(conn)

@@ -175,7 +175,7 @@ class IOLoop:
     def _note_change(self) -> None:
         # A removal needs no wake-up: a poll that still watches the fd returns at worst once
         # for nothing. An addition (or a timer) must be seen by the loop thread's next poll.
-        if self._owner is not None and self.thread is not None and not self._in_own_thread():
+        if self._owner is not None and self.thread is not None and not self.in_own_thread():
             self._dirty = True
 
     def call_later(self, delay: float, callback: Callback, *args: Any) -> TimerHandle:
@@ -205,9 +205,10 @@ class IOLoop:
 
     def in_loop_thread(self) -> bool:
         """True in the loop's thread, and in a thread that borrows the loop right now."""
-        return self._in_own_thread() or self._owner == threading.get_ident()
+        return self.in_own_thread() or self._owner == threading.get_ident()
 
-    def _in_own_thread(self) -> bool:
+    def in_own_thread(self) -> bool:
+        """True in the loop's own thread only (not in a borrower)."""
         return self.thread is threading.current_thread()
 
     def _wake(self) -> None:

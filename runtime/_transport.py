@@ -381,9 +381,10 @@ class Listener:
                 Message(MsgType.REFUSED, {"reason": str(exc), **version_info()}), 1
             )
             if stream is not None:
-                # A local peer gets the refusal, then the end of the stream.
+                # A local peer gets the refusal (if its socket takes it now: the loop never
+                # waits on a peer), then the end of the stream.
                 stream.write(refusal)
-                stream.close(linger_ms=100)
+                stream.close()
                 self._streams.pop(peer, None)
                 return
             try:
@@ -481,7 +482,9 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        return self.sock is None or (self._stream is not None and self._stream.closed)
+        if self._stream is not None:
+            return self._stream.closed
+        return self.sock is None or bool(self.sock.closed)
 
     def attach(self, loop: IOLoop, on_readable: Callable[[], None] | None = None) -> None:
         """Read (calling ``on_readable``, by default ``handle_readable``) and flush from
@@ -577,17 +580,17 @@ class Connection:
                 frames = stream.next_message()
             except ProtocolError as exc:
                 _reject_log.warning("dropped a message from %s: %s", self.address, exc)
-                self.close()
+                self.close(0)  # no lingering for a peer that breaks the rules
                 return
             if frames is None:
                 if stream.eof:
                     # The peer closed or died. What that means (a dead worker, a lost head)
                     # the runtime learns from the head or a pidfd; here only clean up.
                     log.debug("%s closed the connection", self.address)
-                    self.close()
+                    self.close(0)
                 return
             if not self._receive(frames):
-                self.close()
+                self.close(0)
                 return
             stream.verified = True
             if stream.closed:
