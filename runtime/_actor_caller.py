@@ -167,7 +167,18 @@ class ActorCaller:
 
     def lend(self, oids: Sequence[bytes]) -> tuple[Any, _ActorState] | None:
         """The connection that will bring the values of ``oids`` (results of calls in flight
-        on one actor), lent to this thread; None when there is no such single one."""
+        on one actor), lent to this thread; None when there is no such single one. Either
+        way, every other connection left parked by a push is watched again."""
+        lent = self._lendable(oids)
+        if lent is not None:
+            self._lazy.discard(lent[0])  # this thread reads it
+        if self._lazy:
+            self.flush_lazy()
+        if lent is not None:
+            lent[0].lend()
+        return lent
+
+    def _lendable(self, oids: Sequence[bytes]) -> tuple[Any, _ActorState] | None:
         running = self.core.tasks.running
         found: _ActorState | None = None
         for oid in oids:
@@ -180,12 +191,7 @@ class ActorCaller:
             found = st
         if found is None or not found.conn.conn.lendable:
             return None
-        conn = found.conn.conn
-        self._lazy.discard(conn)  # this thread reads it
-        if self._lazy:
-            self.flush_lazy()
-        conn.lend()
-        return conn, found
+        return found.conn.conn, found
 
     def end_lend(self, lent: tuple[Any, _ActorState]) -> None:
         conn, st = lent

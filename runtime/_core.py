@@ -219,10 +219,14 @@ class CoreWorker:
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the IO thread."""
-        if self.actors._lazy:
-            # Something else than a synchronous actor call: watch parked connections again.
-            self.loop.call_soon_threadsafe(self.actors.flush_lazy)
+        self.watch_parked()
         self.loop.call_soon_threadsafe(fn, *args)
+
+    def watch_parked(self) -> None:
+        """Something else than a synchronous actor call is going on: have the IO thread
+        watch again the connections a push left parked (see ActorCaller._lazy)."""
+        if self.actors._lazy:
+            self.loop.call_soon_threadsafe(self.actors.flush_lazy)
 
     def send_head(self, msg: Message) -> None:
         """Send to the head from any thread."""
@@ -286,6 +290,7 @@ class CoreWorker:
         # the lend is ended by the outer ``finally`` whatever happens after it began.
         try:
             if not loop.enter():
+                self.watch_parked()
                 return self._wait_event(event, timeout, each_slice)
             try:
                 if not event.is_set():
@@ -740,6 +745,8 @@ class CoreWorker:
             done(oid, value)
         elif owner_of(oid) != self.worker_id:
             self.post(self._fetch, [oid])
+        else:
+            self.watch_parked()
 
     def materialize(self, value: Value, oid: bytes | None = None, relocated: bool = False) -> Any:
         """Turn a resolved value into the Python object (raising it if it is an error)."""

@@ -210,3 +210,28 @@ def test_ctrl_c_in_the_middle_of_sync_calls_leaves_the_connection_usable(run_dri
     # must never land half-way through it, or a message is lost or the stream corrupted.
     out = run_driver(PESTERED, timeout=120)
     assert out.split() == ["ok", "300"]
+
+
+def test_results_from_two_parked_connections_come_without_waiting_for_the_sweep(actor, track_actor):
+    @shoal.remote
+    class Other:
+        def echo(self, x):
+            return x
+
+    other = track_actor(Other.remote())
+    for i in range(20):  # both connections end up parked
+        shoal.get(actor.echo.remote(i), timeout=30)
+        shoal.get(other.echo.remote(i), timeout=30)
+    kept = []  # no ref is dropped: releases would also wake the IO thread
+    waited = 0.0
+    for i in range(20):
+        # Sync calls park the connections again; then two results from two connections:
+        # no single one to read here, so the IO thread must watch both at once, not at its
+        # next 0.1 s sweep (a parked one then costs up to 0.1 s, ~1 s over the loop).
+        kept += [actor.echo.remote(i), other.echo.remote(i)]
+        assert shoal.get(kept[-2], timeout=30) == i and shoal.get(kept[-1], timeout=30) == i
+        kept += [actor.echo.remote(i), other.echo.remote(-i)]
+        start = time.monotonic()
+        assert shoal.get(kept[-2:], timeout=30) == [i, -i]
+        waited += time.monotonic() - start
+    assert waited < 0.2
