@@ -774,6 +774,7 @@ class CoreWorker:
 
     # -- submitting --------------------------------------------------------------------
     def next_stream_item(self, task_id: bytes, index: int, timeout: float | None) -> Any:
+        self.watch_parked()  # the items come through the IO thread
         return self.tasks.next_stream_item(task_id, index, timeout)
 
     def drop_stream(self, task_id: bytes) -> None:
