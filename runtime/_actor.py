@@ -234,6 +234,7 @@ class ActorMethod:
         self._name = name
         self._num_returns = num_returns
         self._options = options or {}
+        self._call_name = self._options.get("name") or f"{handle._meta.get('cls', '')}.{name}"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -247,22 +248,23 @@ class ActorMethod:
         )
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        from ._api import _auto_init
+        core = _worker_context.maybe_core()
+        if core is None:
+            from ._api import _auto_init
 
-        core = _auto_init()
-        handle = self._handle
+            core = _auto_init()
         spec = TaskSpec()
         spec.task_id = core.ids.task_id()
-        spec.actor_id = handle._actor_id
+        spec.actor_id = self._handle._actor_id
         spec.method = self._name
-        cls_name = handle._meta.get("cls", "")
-        spec.name = self._options.get("name") or f"{cls_name}.{self._name}"
+        spec.name = self._call_name
         nr = self._options.get("num_returns", self._num_returns)
         spec.num_returns = STREAMING if nr == "streaming" else nr
         spec.max_retries = 0
         spec.job = core.job_id
         spec.parent = _worker_context.current.task_id
-        encode_call_args(core, spec, None, args, kwargs, f"{spec.name}()")
+        if args or kwargs:
+            encode_call_args(core, spec, None, args, kwargs, f"{spec.name}()")
         result = make_returns(core, spec)
         if spec.num_returns == STREAMING:
             core.tasks.streams[spec.task_id] = _Stream()

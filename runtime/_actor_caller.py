@@ -7,6 +7,12 @@
 
 A call waits in the queue until the calls before it were pushed and its own owned
 arguments are ready, which is what keeps one caller's calls in order.
+
+The fast path of a synchronous call wakes no thread of this process: the calling thread
+pushes the call itself, holding the IO loop (``IOLoop.run_inline``), and then, in ``get``,
+reads the reply from the actor's connection itself (``lend``). A connection that the loop
+thread stopped watching ("parked") while a caller read it is watched again as soon as a
+reply may come that no caller is about to read (``_lazy``).
 """
 
 from __future__ import annotations
@@ -56,9 +62,12 @@ class ActorCaller:
         self.core = core
         self.actors: dict[bytes, _ActorState] = {}
         self.pending_creation: dict[bytes, Any] = {}  # actor id -> creation spec (pins args)
-
-    def sockets(self) -> list[Any]:
-        return []  # connections are shared with the task submitter
+        # Parked connections a call was pushed on by a thread that holds the loop: that
+        # thread probably reads the reply itself next (a synchronous call), so the loop
+        # thread is not woken to watch them now. Watched again by ``flush_lazy``: at the
+        # caller's next call of any kind, at the next reply-free ``get``, or at the loop's
+        # next sweep (0.1 s), whichever comes first.
+        self._lazy: set[Any] = set()
 
     def state(self, actor_id: bytes) -> _ActorState:
         st = self.actors.get(actor_id)
@@ -68,7 +77,7 @@ class ActorCaller:
 
     # -- user thread -------------------------------------------------------------------
     def call(self, spec: TaskSpec) -> None:
-        self.core.post(self._call, spec)
+        self.core.loop.run_inline(self._call, spec)
 
     def created(self, actor_id: bytes, creation: Any) -> None:
         """The creator owns the actor and is subscribed by the head already."""
@@ -80,6 +89,8 @@ class ActorCaller:
 
     # -- IO thread ---------------------------------------------------------------------
     def _call(self, spec: TaskSpec) -> None:
+        if self._lazy:
+            self.flush_lazy()
         st = self.state(spec.actor_id)  # type: ignore[arg-type]
         if not st.subscribed:
             st.subscribed = True
@@ -131,7 +142,62 @@ class ActorCaller:
             "kw": spec.kwnames,
         }
         body["a"] = encode_args(self.core, spec, frames, is_local(st.conn.conn))
-        st.conn.conn.send(Message(M.ACTOR_CALL, body, frames))
+        conn = st.conn.conn
+        conn.send(Message(M.ACTOR_CALL, body, frames))
+        if conn.parked:
+            if self.core.loop.in_own_thread():
+                conn.unpark()
+            else:
+                self._lazy.add(conn)
+
+    # -- reading replies in the waiting thread (loop work: hold the loop) --------------
+    def flush_lazy(self) -> None:
+        lazy = self._lazy
+        while lazy:
+            lazy.pop().unpark()
+
+    def sweep(self) -> None:
+        """Loop work, every 0.1 s: watch again every parked connection nobody reads."""
+        self.flush_lazy()
+        for wc in self.core.tasks.conns.values():
+            conn = wc.conn
+            if conn.parked and not conn.lend_is_live():
+                conn.lent_to = None
+                conn.unpark()
+
+    def lend(self, oids: Sequence[bytes]) -> tuple[Any, _ActorState] | None:
+        """The connection that will bring the values of ``oids`` (results of calls in flight
+        on one actor), lent to this thread; None when there is no such single one. Either
+        way, every other connection left parked by a push is watched again."""
+        lent = self._lendable(oids)
+        if lent is not None:
+            self._lazy.discard(lent[0])  # this thread reads it
+        if self._lazy:
+            self.flush_lazy()
+        if lent is not None:
+            lent[0].lend()
+        return lent
+
+    def _lendable(self, oids: Sequence[bytes]) -> tuple[Any, _ActorState] | None:
+        running = self.core.tasks.running
+        found: _ActorState | None = None
+        for oid in oids:
+            entry = running.get(oid[:16])
+            if entry is None or entry[1] is not None or entry[0].actor_id is None:
+                return None  # not an actor call in flight
+            st = self.actors.get(entry[0].actor_id)
+            if st is None or st.conn is None or (found is not None and st is not found):
+                return None
+            found = st
+        if found is None or not found.conn.conn.lendable:
+            return None
+        return found.conn.conn, found
+
+    def end_lend(self, lent: tuple[Any, _ActorState]) -> None:
+        conn, st = lent
+        conn.end_lend()
+        if conn.parked and st.in_flight and st.conn is not None and st.conn.conn is conn:
+            conn.unpark()  # a reply is still due: the loop thread must watch for it
 
     def on_call_done(self, spec: TaskSpec, body: dict[str, Any], frames: Sequence[Any]) -> None:
         st = self.actors.get(spec.actor_id)  # type: ignore[arg-type]

@@ -475,7 +475,15 @@ def _call_site() -> str:
 
 def get(refs: Any, *, timeout: float | None = None) -> Any:
     """The value of a ref, or a list of values for a list of refs; raises task errors."""
-    core = _auto_init()
+    core = _worker_context.maybe_core() or _auto_init()
+    if type(refs) is ObjectRef:
+        # One ref, the synchronous call's case: no lists on the way.
+        _check_timeout(timeout)
+        oid = refs._id
+        value = core.wait_value(oid, timeout)
+        if value is None:
+            raise GetTimeoutError(f"get() timed out after {timeout}s: 1 of 1 objects are not ready")
+        return core.materialize(value, oid)
     if isinstance(refs, ObjectRef):
         return _get_list(core, [refs], timeout)[0]
     if isinstance(refs, ObjectRefGenerator):

@@ -38,18 +38,30 @@ class RelayConnection:
     """Stands in for a connection to a worker: messages go through the head."""
 
     sock = None  # nothing to poll: answers arrive on the head connection
+    # Never read by a waiting thread itself (see _transport.Connection's lending).
+    parked = False
+    lendable = False
+    closed = False
 
     def __init__(self, core: CoreWorker, address: str) -> None:
         self.core = core
         self.address = address
+
+    def lend_is_live(self) -> bool:
+        return False
+
+    def unpark(self) -> None:
+        pass
 
     def send(self, msg: Message) -> None:
         self.core.head.send(
             Message(M.RELAY, {"a": self.address, "t": int(msg.type), "b": msg.body}, msg.frames)
         )
 
-    def close(self) -> None:
-        self.core.head.send(Message(M.RELAY_CLOSE, {"a": self.address}))
+    def close(self, linger_ms: int | None = None) -> None:
+        if not self.closed and not self.core.head.closed:
+            self.core.head.send(Message(M.RELAY_CLOSE, {"a": self.address}))
+        self.closed = True
 
 
 class _Upload:

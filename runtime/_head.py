@@ -26,8 +26,6 @@ import socket
 import time
 from typing import Any
 
-import zmq
-
 from . import _config
 from ._control_store import NODE_TIMEOUT_SECONDS, ControlStore
 from ._ioloop import IOLoop
@@ -36,7 +34,7 @@ from ._protocol import Message, MsgType, ProtocolError, Signer
 from ._resources import to_fixed
 from ._session import Session, clean_dead_sessions, remove_segments
 from ._shm import unlink
-from ._transport import Connection
+from ._transport import Connection, LazyContext
 from ._zygote import Zygote, become_subreaper
 
 log = logging.getLogger("shoal.head")
@@ -83,7 +81,7 @@ class Machine:
         self.node_id = node_id
         self.node_ip = node_ip
         self.loop = IOLoop()
-        self.ctx = zmq.Context()
+        self.ctx = LazyContext()  # zmq only when a tcp port is bound or joined
         self.signer = Signer(session.read_key())
         self.exiting = False
         self.started_at = time.time()
@@ -159,6 +157,8 @@ class Machine:
         )
         # Shorter than what `shoal start` waits for us, so that it gets our reason.
         deadline = time.monotonic() + 0.8 * _config.START_TIMEOUT_SECONDS
+        import zmq  # a tcp connection: zmq is in use anyway
+
         poller = zmq.Poller()
         poller.register(self.head_conn.sock, zmq.POLLIN)
         while self.head_conn.welcome is None and not refused:
@@ -176,7 +176,7 @@ class Machine:
         welcome = self.head_conn.welcome or {}
         self.nm.number = int(welcome.get("number", 0))
         self.nm.up = self.head_conn
-        self.loop.add_reader(self.head_conn.sock, self.head_conn.handle_readable)
+        self.head_conn.attach(self.loop)
 
     def _from_head(self, msg: Message) -> None:
         self.heard_from_head = time.monotonic()
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("no worker zygote (%s); workers start with a fresh interpreter each", exc)
     try:
         machine = Machine(session, args, node_id, node_ip, zygote)
-    except (ConnectionError, zmq.ZMQError, ValueError) as exc:
+    except Exception as exc:  # ConnectionError, ValueError, zmq's errors (bind ...)
         log.error("could not start: %s", exc)
         if args.ready_fd is not None:
             os.write(args.ready_fd, f"error: {exc}\n".encode()[:4000])

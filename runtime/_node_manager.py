@@ -23,8 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import zmq
-
 from . import _config, _placement
 from . import _scheduler as sch
 from ._ioloop import IOLoop
@@ -112,7 +110,7 @@ class NodeManager:
     def __init__(
         self,
         loop: IOLoop,
-        ctx: zmq.Context[Any],
+        ctx: Any,
         session: Session,
         args: argparse.Namespace,
         node_id: bytes,
@@ -130,7 +128,7 @@ class NodeManager:
         self.listener = Listener(ctx, signer, self._on_hello, self._on_message)
         self.address = self.listener.bind(session.socket_address("h"))
         self.tcp_address = ""  # where other nodes (and, on the head, nodes) reach us
-        self.loop.add_reader(self.listener.sock, self.listener.handle_readable)
+        self.listener.attach(self.loop)
         # Hooks for peers that are not local processes (on the head: node links).
         self.on_foreign_hello: Callable[[bytes, dict[str, Any]], dict[str, Any]] | None = None
         self.on_foreign_message: Callable[[bytes, Message], None] | None = None
@@ -603,7 +601,7 @@ class NodeManager:
                 {"role": "driver", "wid": wid, "pid": 0},
                 functools.partial(self._relayed_back, wid, address),
             )
-            self.loop.add_reader(conn.sock, conn.handle_readable)
+            conn.attach(self.loop)
             self.relays[(wid, address)] = conn
         conn.send(Message(MsgType(body["t"]), body["b"], frames))
 
@@ -618,7 +616,6 @@ class NodeManager:
     def _close_relay(self, wid: bytes, address: str) -> None:
         conn = self.relays.pop((wid, address), None)
         if conn is not None:
-            self.loop.remove_reader(conn.sock)
             conn.close()
 
     def _h_push_chunk(self, wid: bytes, body: Any, frames: Any) -> None:
@@ -741,7 +738,7 @@ class NodeManager:
                 {"role": "puller", "node": self.node_id},
                 functools.partial(self._on_chunk, address),
             )
-            self.loop.add_reader(conn.sock, conn.handle_readable)
+            conn.attach(self.loop)
             self.node_conns[address] = conn
         return conn
 

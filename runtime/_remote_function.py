@@ -21,6 +21,8 @@ def encode_call_args(
     values are put in the store once and passed by reference; refs nested inside values
     are kept alive until the call is over and made readable by other processes.
     """
+    if not args and not kwargs:
+        return
     values = list(args) + list(kwargs.values())
     spec.kwnames = list(kwargs)
     for i, value in enumerate(values):
@@ -77,6 +79,10 @@ def _is_async(fn: Any) -> bool:
 
 def make_returns(core: Any, spec: TaskSpec) -> Any:
     nr = spec.num_returns
+    if nr == 1:  # the common case, without the lists
+        oid = return_id(spec.task_id, 1)
+        spec.return_ids = [oid]
+        return ObjectRef(oid, core)
     if nr == STREAMING:
         spec.return_ids = []
         return ObjectRefGenerator(spec.task_id, core)

@@ -45,6 +45,8 @@ class SerializedValue:
 
     @property
     def nbytes(self) -> int:
+        if not self.buffers:
+            return len(self.data)
         return len(self.data) + sum(memoryview(b).nbytes for b in self.buffers)
 
     def frames(self) -> list[Any]:

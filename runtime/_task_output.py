@@ -52,6 +52,10 @@ class TaskOutput:
 
     def flush(self) -> None:
         """Emit unfinished lines of this thread too; called when a task ends."""
+        if not self._partial:
+            # Nothing unfinished (this thread's entries are added by this thread only), and
+            # complete lines were scheduled when they were written.
+            return
         ident = threading.get_ident()
         with self._lock:
             prefix = self._prefix()

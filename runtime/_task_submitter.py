@@ -210,8 +210,8 @@ class TaskSubmitter:
         self.streams: dict[bytes, _Stream] = {}
         self._req_ids = itertools.count(1)
 
-    def sockets(self) -> list[Any]:
-        return [c.conn.sock for c in self.conns.values() if c.conn.sock is not None]
+    def connections(self) -> list[Connection]:
+        return [c.conn for c in self.conns.values()]
 
     # -- user thread -------------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
@@ -237,7 +237,7 @@ class TaskSubmitter:
                 raise GetTimeoutError(f"no new item from the generator within {timeout}s")
             return stream.items.pop(index, None)
 
-    def run_inline_while_blocked(self, event: threading.Event, oids: Sequence[bytes]) -> None:
+    def run_inline_while_blocked(self, event: Any, oids: Sequence[bytes]) -> None:
         """A worker waits for ``oids``: run those of its own queued children it can, here.
 
         A task that waits for its children holds a CPU it does not use; running the
@@ -446,16 +446,13 @@ class TaskSubmitter:
                 self.on_worker_message,
             )
             wc = self.conns[address] = _WorkerConn(conn)
-            self.core.loop.add_reader(conn.sock, conn.handle_readable)
+            conn.attach(self.core.loop)
         return wc
 
     def close_connection(self, address: str) -> None:
         wc = self.conns.pop(address, None)
-        if wc is not None and wc.conn.sock is None:
-            wc.conn.close()  # a relayed connection: the head closes its end
-        elif wc is not None:
-            self.core.loop.remove_reader(wc.conn.sock)
-            wc.conn.sock.close(linger=0)
+        if wc is not None:
+            wc.conn.close()  # a relayed connection asks the head to close its end
 
     def _return_if_idle(self, lease: _Lease) -> None:
         if lease.idle_timer is not None:

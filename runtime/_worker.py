@@ -3,7 +3,7 @@
 Run by the head as ``python -m shoal._worker`` (environment: SHOAL_SESSION, SHOAL_HEAD,
 SHOAL_WORKER_ID, SHOAL_NODE_ID). Two threads:
 
-    main thread: task loop over the worker's own ROUTER socket (w-<id>.sock)
+    main thread: task loop over the worker's own listening socket (w-<id>.sock)
         PUSH_TASK / ACTOR_CALL --> execute --> TASK_DONE back to the caller
     IO thread:   the CoreWorker (talks to the head; nested tasks, gets, actor calls)
         BECOME_ACTOR / CANCEL_TASK / EXIT from the head --> handed to the main thread
@@ -24,16 +24,17 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-import zmq
 
-from . import _config, _worker_context
+from . import _config, _interrupts, _shm, _worker_context
 from ._core import CoreWorker
+from ._ids import owner_of, return_id
 from ._ioloop import IOLoop
 from ._protocol import Message, MsgType, Signer
+from ._refs import ObjectRef
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize, serialize_error
 from ._session import read_key_file
 from ._task_output import TaskOutput
-from ._transport import Listener
+from ._transport import LazyContext, Listener
 from .exceptions import TaskCancelledError, TaskError
 
 if TYPE_CHECKING:
@@ -59,14 +60,14 @@ class WorkerProcess:
         self.node_hex = os.environ.get("SHOAL_NODE_ID", "")
         key = read_key_file(os.path.join(session, "cluster.key"))
         self.loop = IOLoop()
-        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.ctx = LazyContext()  # its sockets are ipc://: zmq is never needed
         self.listener = Listener(self.ctx, Signer(key), self._on_hello, self._on_message)
         self.address = self.listener.bind(f"ipc://{session}/w-{self.worker_id.hex()}.sock")
         node_ip = os.environ.get("SHOAL_NODE_IP")
         if node_ip:
             # Callers on other nodes reach this worker over tcp; ours keep using ipc.
             self.address += " " + self.listener.bind(f"tcp://{node_ip}:*")
-        self.loop.add_reader(self.listener.sock, self.listener.handle_readable)
+        self.listener.attach(self.loop)
         self.core = CoreWorker(
             role="worker",
             head_address=os.environ["SHOAL_HEAD"],
@@ -89,7 +90,9 @@ class WorkerProcess:
         self.asem: asyncio.Semaphore | None = None
         self.output = TaskOutput(self.core)
         self.main_ident = threading.get_ident()
-        signal.signal(signal.SIGINT, self._on_sigint)
+        # Guarded: a task's thread may be doing IO loop work (an actor call) when a cancel
+        # comes; the exception waits until that work is done.
+        signal.signal(signal.SIGINT, _interrupts.guarded(self._on_sigint))
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the head owns all shared state
 
     def run(self) -> None:
@@ -251,9 +254,6 @@ class WorkerProcess:
     def _decode_args(
         self, body: dict[str, Any], frames: Sequence[Any], pos: int
     ) -> tuple[list[Any], dict[str, Any]]:
-        from . import _shm
-        from ._refs import ObjectRef
-
         values: list[Any] = []
         fetch: list[tuple[int, ObjectRef]] = []
         for desc in body["a"]:
@@ -293,8 +293,6 @@ class WorkerProcess:
         return values, {}
 
     def _encode_returns(self, tid: bytes, name: str, nr: int, result: Any) -> Message:
-        from ._ids import return_id
-
         if nr == 1:
             results = [result]
         elif nr == 0:
@@ -316,8 +314,6 @@ class WorkerProcess:
     def _add_result(
         self, oid: bytes, sv: SerializedValue, descs: list[Any], frames: list[Any]
     ) -> None:
-        from ._ids import owner_of
-
         if sv.contained:
             self.core.mark_escaped(sv.contained)
         if sv.contained and sv.nbytes < _config.INLINE_THRESHOLD:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -204,3 +207,142 @@ def test_remove_reader_stops_callbacks():
         loop.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_writer_is_called_only_while_registered_and_its_socket_has_room():
+    loop = IOLoop()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                a.send(b"x" * 65536)
+        calls: list[str] = []
+        loop.add_reader(a.fileno(), lambda: calls.append("read"))
+        loop.add_writer(a.fileno(), lambda: calls.append("write"))
+        loop.run_once(0)
+        assert calls == []  # full, and nothing to read
+
+        with contextlib.suppress(BlockingIOError):
+            while b.recv(1 << 20):
+                pass
+        loop.run_once(1000)
+        assert calls == ["write"]
+
+        loop.remove_writer(a.fileno())
+        calls.clear()
+        loop.run_once(0)
+        assert calls == []  # the reader stays registered, with nothing to read
+
+        b.send(b"y")
+        loop.run_once(1000)
+        assert calls == ["read"]
+        loop.remove_reader(a.fileno())
+    finally:
+        loop.close()
+        a.close()
+        b.close()
+
+
+def test_run_inline_runs_in_the_calling_thread_while_the_loop_sleeps(running):
+    loop = running.loop
+    wakes = []
+    real_on_wake = loop._on_wake
+    loop._readers[loop._wake_fd] = lambda: (wakes.append(1), real_on_wake())
+    ran = []
+
+    def work(tag):
+        ran.append((tag, threading.current_thread(), loop.in_loop_thread()))
+
+    time.sleep(0.05)  # the loop is asleep in poll
+    loop.run_inline(work, "a")
+    assert ran == [("a", threading.current_thread(), True)]
+    assert not loop.in_loop_thread()
+    time.sleep(0.05)
+    assert wakes == []  # nothing woke the loop thread
+
+
+def test_run_inline_waits_for_a_busy_loop_and_keeps_the_order_of_earlier_calls(running):
+    loop = running.loop
+    order: list[tuple[str, threading.Thread]] = []
+    release = threading.Event()
+    busy = threading.Event()
+
+    def block():
+        busy.set()
+        release.wait(WAIT)
+
+    loop.call_soon_threadsafe(block)
+    assert busy.wait(WAIT)
+    # The loop thread runs a callback: a call made now waits for it, and runs after the
+    # calls scheduled before it.
+    loop.call_soon_threadsafe(lambda: order.append(("queued", threading.current_thread())))
+    threading.Timer(0.1, release.set).start()
+    loop.run_inline(lambda: order.append(("inline", threading.current_thread())))
+    assert release.is_set()
+    assert [tag for tag, _ in order] == ["queued", "inline"]
+    assert order[1][1] is threading.current_thread()
+
+
+def test_a_reader_added_while_borrowing_wakes_the_loop(running):
+    loop = running.loop
+    a, b = socket.socketpair()
+    got = threading.Event()
+    try:
+        time.sleep(0.05)
+        loop.run_inline(loop.add_reader, a.fileno(), got.set)
+        b.send(b"x")
+        assert got.wait(WAIT)
+        loop.run_inline(loop.remove_reader, a.fileno())
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def sigint_handler() -> Iterator[None]:
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_sigint_waits_until_the_main_thread_lets_go_of_the_loop(sigint_handler):
+    loop = IOLoop()
+    steps: list[str] = []
+
+    def work():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # plenty of bytecodes for the handler to have run
+            pass
+        time.sleep(0.01)
+        steps.append("finished")
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_inline(work)
+        assert steps == ["finished"]
+        # Outside the loop's work, the interrupt comes at once as usual.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        loop.close()
+
+
+def test_the_main_thread_does_not_borrow_under_a_handler_it_cannot_hold_off(sigint_handler):
+    loop = IOLoop()
+    signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        assert not loop.try_enter()
+        ran: list[str] = []
+        loop.run_inline(ran.append, "x")
+        assert ran == []  # handed to the loop thread instead
+        loop.run_once(0)
+        assert ran == ["x"]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert loop.try_enter()  # nothing can be raised
+        loop.leave()
+    finally:
+        loop.close()
