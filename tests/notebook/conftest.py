@@ -91,7 +91,7 @@ def shell() -> Iterator[Any]:
     from IPython.core.interactiveshell import InteractiveShell
 
     InteractiveShell.clear_instance()
-    sh = InteractiveShell.instance(colors="NoColor")
+    sh = InteractiveShell.instance(colors="nocolor")
     sh.run_line_magic("load_ext", "shoal")
     yield sh
     if shoal.is_initialized():

@@ -66,7 +66,7 @@ def _head_info(directory: str) -> dict[str, Any]:
 def ip() -> Iterator[Any]:
     """One in-process shell for the module; each test connects at most once."""
     InteractiveShell.clear_instance()
-    sh = InteractiveShell.instance(colors="NoColor")
+    sh = InteractiveShell.instance(colors="nocolor")
     sh.run_line_magic("load_ext", "shoal")
     yield sh
     if shoal.is_initialized():

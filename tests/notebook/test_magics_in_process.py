@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture(scope="module")
 def ip(_leak_guard: Any) -> Iterator[Any]:
     InteractiveShell.clear_instance()
-    sh = InteractiveShell.instance(colors="NoColor")
+    sh = InteractiveShell.instance(colors="nocolor")
     sh.run_line_magic("load_ext", "shoal")
     result = sh.run_cell("%cluster start --cpus 2 --object-store-memory 256MiB")
     assert result.error_in_exec is None
