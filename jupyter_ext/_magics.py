@@ -142,16 +142,13 @@ class ShoalMagics(Magics):
             print(f"%%remote sessions (--actor): {', '.join(sessions)}")
 
 
-_registered: dict[int, ShoalMagics] = {}
-
-
 def register(shell: Any) -> None:
     """Add the magics to ``shell`` (once), and the task-error face of error outputs."""
-    if shell is None or id(shell) in _registered:
+    if shell is None or getattr(shell, "_shoal_magics", None) is not None:
         return
     magics = ShoalMagics(shell)
     shell.register_magics(magics)
-    _registered[id(shell)] = magics
+    shell._shoal_magics = magics
     _patch_error_output(shell)
 
 
@@ -178,7 +175,7 @@ def _patch_error_output(shell: Any) -> None:
 
 
 def unregister(shell: Any) -> None:
-    magics = _registered.pop(id(shell), None)
+    magics = shell.__dict__.pop("_shoal_magics", None)
     if magics is None:
         return
     for kind, names in (("line", ["cluster"]), ("cell", ["remote"])):

@@ -149,3 +149,21 @@ def test_connect_to_nothing_is_one_line(shell, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.startswith("UsageError: %cluster connect 127.0.0.1:1: ")
     assert "needs its key" in err and "\n" not in err
+
+
+def test_init_inside_ipython_registers_the_magics(make_cluster):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    InteractiveShell.clear_instance()
+    sh = InteractiveShell.instance(colors="nocolor")
+    try:
+        assert "cluster" not in sh.magics_manager.magics["line"]
+        make_cluster(num_cpus=1)
+        assert "cluster" in sh.magics_manager.magics["line"]
+        assert "remote" in sh.magics_manager.magics["cell"]
+        sh.run_line_magic("load_ext", "shoal")  # loading it as well changes nothing
+        assert sh.run_cell("%%remote\n40 + 2").result == 42
+    finally:
+        sh.run_line_magic("unload_ext", "shoal")
+        assert "cluster" not in sh.magics_manager.magics["line"]
+        InteractiveShell.clear_instance()
