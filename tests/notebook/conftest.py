@@ -22,10 +22,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("nbformat")
-pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-
 KERNEL_NAME = "shoal-test-python"
 KERNEL_NAME_WITH_EXTENSION = "shoal-test-python-ext"
 

@@ -8,11 +8,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import jupyter_client
 import psutil
 import pytest
 from shoal import testing
-
-jupyter_client = pytest.importorskip("jupyter_client")
 
 pytestmark = pytest.mark.timeout(120)
 
