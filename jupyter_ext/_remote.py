@@ -26,8 +26,10 @@ from IPython.display import display
 from . import _analysis, _output, _shipping
 from ._args import parse_remote
 
-# How long a finished cell waits for its last printed lines to arrive through the head.
-OUTPUT_GRACE_SECONDS = 2.0
+# How long a finished cell waits, at most, for its last printed lines to arrive through the
+# head (they come within milliseconds; the marker that says so is missing only when the
+# driver does not forward output).
+OUTPUT_GRACE_SECONDS = 5.0
 
 
 class RemoteCells:
@@ -377,9 +379,21 @@ def _decode_names(result: dict[str, Any], label: str, explicit: bool) -> dict[st
     return names
 
 
+class _RemoteRepr:
+    """A value that could not travel, shown by the text its repr() gave on the cluster."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _decode_value(result: dict[str, Any], label: str) -> Any:
     entry = result.get("value")
     if entry is None:
+        if "value_repr" in result:
+            return _RemoteRepr(result["value_repr"])
         return None
     try:
         return _shipping.decode(_VALUE, entry)

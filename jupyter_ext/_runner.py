@@ -20,6 +20,7 @@ import asyncio
 import builtins
 import inspect
 import linecache
+import sys
 from typing import Any
 
 from . import _shipping
@@ -49,6 +50,9 @@ class Session:
 
 
 def execute(request: dict[str, Any], ns: dict[str, Any]) -> dict[str, Any]:
+    # The task's output streams, taken now: the cell may replace them (they are put back
+    # after it, since the worker runs other tasks next).
+    stdout, stderr = sys.stdout, sys.stderr
     try:
         for name, entry in request["inputs"].items():
             try:
@@ -87,6 +91,7 @@ def execute(request: dict[str, Any], ns: dict[str, Any]) -> dict[str, Any]:
                 failed["the cell's value"] = exc.reason
         return result
     finally:
+        sys.stdout, sys.stderr = stdout, stderr
         marker = request.get("marker")
         if marker:
             try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,18 @@ def test_unpicklable_variable_is_named(ip):
 
 
 def test_unpicklable_result_is_named_and_the_rest_comes_back(ip, capsys):
-    run(ip, "%%remote\nimport threading\nguard = threading.Lock()\nfine = 7")
+    value = run(ip, "%%remote\nimport threading\nguard = threading.Lock()\nfine = 7\nguard")
     assert ip.user_ns["fine"] == 7
-    assert "could not bring back 'guard': lock cannot be pickled" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "could not bring back 'guard': lock cannot be pickled" in err
+    assert "could not bring back the cell's value: lock cannot be pickled" in err
+    assert repr(value).startswith("<unlocked _thread.lock object at 0x")  # its text, at least
+
+
+def test_cell_that_replaces_stdout_does_not_wait(ip):
+    start = time.monotonic()
+    run(ip, "%%remote\nimport io, sys\nsys.stdout = io.StringIO()\nprint('swallowed')")
+    assert time.monotonic() - start < 3
 
 
 def test_semicolon_hides_the_value(ip):
