@@ -325,7 +325,7 @@ class RemoteCell:
                     pulled.setdefault(name, {})[node] = value
                 value = _decode_value(result, label)
                 values[node] = value
-                if display_values:
+                if display_values and value is not None:
                     display(NodeOutput(label, value))
             if pulled:
                 shell.push(pulled, interactive=True)
