@@ -266,11 +266,15 @@ class ControlStore:
             # Count it as taken until the node reports again, so that a burst of
             # requests spreads over the nodes instead of piling onto the first.
             subtract(self.nodes[target].available, res)
+        strategy = body.get("st")
+        pinned = (
+            isinstance(strategy, dict)
+            and strategy.get("kind") == "node"
+            and not strategy.get("soft")
+        )
+        request = {"r": req, "res": res, "ns": True, "pin": pinned}
         self.nodes[target].link.send(
-            Message(
-                M.TO_NODE,
-                {"w": owner, "t": int(M.REQUEST_LEASE), "b": {"r": req, "res": res, "ns": True}},
-            )
+            Message(M.TO_NODE, {"w": owner, "t": int(M.REQUEST_LEASE), "b": request})
         )
 
     def _n_actor_lease_result(self, node: NodeInfo, body: Any, frames: Any) -> None:

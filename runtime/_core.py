@@ -445,6 +445,10 @@ class CoreWorker:
     def _flush_now(self) -> None:
         self._process_releases()
         self._flush_refs()
+        if self.client and not self.lost_reason:
+            # A client's process is on another machine: say goodbye, so that the head lets
+            # its leases and objects go now rather than when it stops hearing from it.
+            self.head.send(Message(M.EXIT, {"bye": True}))
 
     # -- reference counting ------------------------------------------------------------
     def incref(self, oid: bytes) -> None:

@@ -435,6 +435,9 @@ class NodeManager:
             log.debug("%s from %s: %.200r", msg.type.name, peer.wid.hex(), msg.body)
         if peer.client:
             peer.last_seen = time.monotonic()
+            if msg.type == M.EXIT and msg.body.get("bye"):
+                self._process_gone(peer.wid, "it disconnected", False)
+                return
         if msg.type not in NODE_LEVEL:
             self.up.send(
                 Message(M.UP, {"w": peer.wid, "t": int(msg.type), "b": msg.body}, msg.frames)
@@ -464,11 +467,16 @@ class NodeManager:
         res = {str(k): int(v) for k, v in body["res"].items()}
         strategy = body.get("st")
         nospill = bool(body.get("ns"))
+        pinned = bool(body.get("pin"))
         if isinstance(strategy, dict) and strategy.get("node") == self.node_id.hex():
-            nospill, strategy = True, None  # affinity to this very node
+            # Affinity to this very node: it waits here (hard), or may go elsewhere later.
+            pinned = not strategy.get("soft")
+            nospill, strategy = True, None
         self._act_sched(
             self.scheduler.handle(
-                sch.RequestLeaseEvent(wid, int(body["r"]), res, None, nospill, strategy)
+                sch.RequestLeaseEvent(
+                    wid, int(body["r"]), res, None, nospill, strategy, pinned=pinned
+                )
             )
         )
 

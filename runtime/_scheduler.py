@@ -36,6 +36,7 @@ class RequestLeaseEvent:
     nospill: bool = False
     strategy: object = None  # "SPREAD" or a node-affinity dict: the control store decides
     queued_at: float = 0.0
+    pinned: bool = False  # hard node affinity to this node: it never spills elsewhere
 
 
 @dataclass
@@ -392,6 +393,7 @@ class NodeScheduler:
         for r in self.pending:
             if (
                 r.actor_id is None
+                and not r.pinned
                 and now - r.queued_at > _config.RESPILL_SECONDS
                 # A placement group bundle's work has nowhere else to go.
                 and not any("_group_" in name for name in r.resources)

@@ -288,7 +288,11 @@ def test_node_affinity(cluster: Cluster) -> None:
         @shoal.remote
         def where():
             return node_of()
-        hard = shoal.get([where.options(scheduling_strategy=On("{ids["a"]}", soft=False)).remote() for _ in range(2)])
+        @shoal.remote
+        def busy_where():
+            time.sleep(0.5)  # a busy node: the others must wait for it, not go elsewhere
+            return node_of()
+        hard = shoal.get([busy_where.options(scheduling_strategy=On("{ids["a"]}", soft=False)).remote() for _ in range(3)])
         soft = shoal.get(where.options(scheduling_strategy=On("ab" * 16, soft=True)).remote())
         try:
             shoal.get(where.options(scheduling_strategy=On("ab" * 16, soft=False)).remote())
@@ -299,7 +303,7 @@ def test_node_affinity(cluster: Cluster) -> None:
         """,
     )
     hard, soft, missing = result
-    assert hard == [ids["a"], ids["a"]]
+    assert hard == [ids["a"]] * 3
     assert soft in ids.values()
     assert missing is not None and "not alive" in missing
 
@@ -416,6 +420,33 @@ def test_two_clients_have_their_own_namespaces(cluster: Cluster) -> None:
         init=cluster.client_init(),
     )
     assert result is False
+
+
+def test_a_client_that_leaves_gives_its_resources_back_at_once(cluster: Cluster) -> None:
+    cluster.drive(
+        cluster.client,
+        """
+        @shoal.remote
+        def one():
+            return 1
+        result = shoal.get([one.remote() for _ in range(6)])  # leases on several nodes
+        """,
+        init=cluster.client_init(),
+    )
+    # Within a few seconds, not the 30 s after which a silent client is dropped.
+    result = cluster.drive(
+        cluster.head,
+        """
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            free = shoal.available_resources().get("CPU", 0)
+            if free >= 3:
+                break
+            time.sleep(0.05)
+        result = free
+        """,
+    )
+    assert result >= 3
 
 
 def test_a_client_needs_the_key(cluster: Cluster) -> None:
