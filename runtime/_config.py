@@ -10,7 +10,7 @@ INLINE_THRESHOLD = int(os.environ.get("SHOAL_INLINE_THRESHOLD", 100 * 1024))
 
 # Largest single frame a socket accepts. Bigger values move through shared memory or in
 # chunks, so nothing legitimate comes close; a peer claiming more is dropped before any
-# allocation (zmq, or the local transport, checks it while reading the length prefix).
+# allocation (the transport checks it while reading the length prefix).
 MAX_FRAME_SIZE = 256 * 1024 * 1024
 # Most frames one message may have: routing ids, magic, signature, header, buffers.
 MAX_FRAMES = 4096

@@ -125,7 +125,7 @@ class CoreWorker:
         self.namespace = namespace
         self.pid = os.getpid()
         self.loop = IOLoop()
-        self.ctx = LazyContext()  # zmq only for a tcp:// head
+        self.ctx = LazyContext()  # unused: no carrier needs a context
         self.signer = Signer(key)
         self.closed = False
         self.lost_reason = ""

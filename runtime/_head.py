@@ -81,7 +81,7 @@ class Machine:
         self.node_id = node_id
         self.node_ip = node_ip
         self.loop = IOLoop()
-        self.ctx = LazyContext()  # zmq only when a tcp port is bound or joined
+        self.ctx = LazyContext()  # unused: no carrier needs a context
         self.signer = Signer(session.read_key())
         self.exiting = False
         self.started_at = time.time()
@@ -157,22 +157,22 @@ class Machine:
         )
         # Shorter than what `shoal start` waits for us, so that it gets our reason.
         deadline = time.monotonic() + 0.8 * _config.START_TIMEOUT_SECONDS
-        import zmq  # a tcp connection: zmq is in use anyway
-
-        poller = zmq.Poller()
-        poller.register(self.head_conn.sock, zmq.POLLIN)
-        while self.head_conn.welcome is None and not refused:
+        conn = self.head_conn
+        while conn.welcome is None and not refused and not conn.closed:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ConnectionError(
-                    f"no answer from the head at {address}: is a head listening there, and is "
-                    "the key file the one the head printed? (a message signed with another key "
-                    "is dropped unread)"
-                )
-            if poller.poll(int(min(left, 0.5) * 1000)):
-                self.head_conn.handle_readable()
+                break
+            conn.pump(min(left, 0.5))  # no loop runs yet: connect, send, read
         if refused:
             raise ConnectionError(f"the head at {address} refused this node: {refused[0]}")
+        if conn.welcome is None:
+            if conn.error.startswith("cannot connect"):
+                raise ConnectionError(f"{conn.error}: is a head listening there?")
+            raise ConnectionError(
+                f"no answer from the head at {address}: is a head listening there, and is "
+                "the key file the one the head printed? (a message signed with another key "
+                "is dropped unread)"
+            )
         welcome = self.head_conn.welcome or {}
         self.nm.number = int(welcome.get("number", 0))
         self.nm.up = self.head_conn
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("no worker zygote (%s); workers start with a fresh interpreter each", exc)
     try:
         machine = Machine(session, args, node_id, node_ip, zygote)
-    except Exception as exc:  # ConnectionError, ValueError, zmq's errors (bind ...)
+    except Exception as exc:  # ConnectionError, ValueError, OSError (bind ...)
         log.error("could not start: %s", exc)
         if args.ready_fd is not None:
             os.write(args.ready_fd, f"error: {exc}\n".encode()[:4000])

@@ -1,4 +1,4 @@
-"""A small single-threaded event loop over zmq sockets, file descriptors and timers.
+"""A small single-threaded event loop over sockets, file descriptors and timers.
 
 Readers are called when a socket or fd is readable (or has an error or hang-up, so that the
 reader sees it in its next read); writers, registered only while a socket has queued output,
@@ -9,7 +9,7 @@ driver's or worker's loop is a background thread. Other threads hand it work thr
 ``call_soon_threadsafe`` (a deque plus an eventfd), or do the work themselves while they
 hold the loop ("borrow" it, see ``try_enter``): all loop work (callbacks, timers, calls) runs
 under one lock, so sockets and the state of handlers are only ever touched by one thread at
-a time, as zmq requires. Borrowing is for hot paths where waking the loop thread would cost
+a time. Borrowing is for hot paths where waking the loop thread would cost
 more than the work itself (a synchronous actor call).
 """
 
@@ -21,7 +21,6 @@ import itertools
 import logging
 import os
 import select
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,37 +34,16 @@ _SELECT_IN = select.POLLIN
 _SELECT_OUT = select.POLLOUT
 
 
-def _zmq_module() -> Any:
-    return sys.modules.get("zmq")
-
-
 class _Poller:
-    """select.poll over file descriptors, until a zmq socket is registered: then zmq.Poller.
-
-    Only a process with a tcp:// connection has zmq sockets; the others never import zmq
-    (10 ms of every process's start-up) and poll with one system call. Keys are what the
-    loop registers: an int fd, an object with fileno(), or a zmq socket.
-    """
+    """select.poll over file descriptors. Keys are what the loop registers: an int fd, or
+    an object with fileno()."""
 
     def __init__(self) -> None:
         self._select: Any = select.poll()
-        self._zmq: Any = None  # the zmq.Poller, once switched
-        self._flags: dict[Any, tuple[bool, bool]] = {}  # key -> (read, write)
         self._fd_of: dict[Any, int] = {}
         self._key_of: dict[int, Any] = {}
 
     def set(self, key: Any, read: bool, write: bool) -> None:
-        if self._zmq is None and not isinstance(key, int):
-            zmq = _zmq_module()
-            if zmq is not None and isinstance(key, zmq.Socket):
-                self._switch(zmq)
-        if read or write:
-            self._flags[key] = (read, write)
-        else:
-            self._flags.pop(key, None)
-        if self._zmq is not None:
-            self._register_zmq(key, read, write)
-            return
         if read or write:
             fd = self._fd_of.get(key)
             if fd is None:
@@ -79,30 +57,12 @@ class _Poller:
                 self._key_of.pop(fd, None)
                 self._select.unregister(fd)
 
-    def _register_zmq(self, key: Any, read: bool, write: bool) -> None:
-        zmq = _zmq_module()
-        flags = (zmq.POLLIN if read else 0) | (zmq.POLLOUT if write else 0)
-        self._zmq.register(key, flags)  # flags 0 unregisters
-
-    def _switch(self, zmq: Any) -> None:
-        self._zmq = zmq.Poller()
-        for key, (read, write) in self._flags.items():
-            self._register_zmq(key, read, write)
-        self._select = None
-        self._fd_of.clear()
-        self._key_of.clear()
-
     def poll(self, timeout: int | None) -> list[tuple[Any, bool, bool]]:
         """(key, readable or in error, writable) for each ready key."""
-        if self._zmq is None:
-            key_of = self._key_of
-            return [
-                (key_of.get(fd), bool(ev & ~_SELECT_OUT), bool(ev & _SELECT_OUT))
-                for fd, ev in self._select.poll(timeout)
-            ]
-        zmq_out = _zmq_module().POLLOUT
+        key_of = self._key_of
         return [
-            (key, bool(ev & ~zmq_out), bool(ev & zmq_out)) for key, ev in self._zmq.poll(timeout)
+            (key_of.get(fd), bool(ev & ~_SELECT_OUT), bool(ev & _SELECT_OUT))
+            for fd, ev in self._select.poll(timeout)
         ]
 
 
@@ -303,16 +263,12 @@ class IOLoop:
     def run_once(self, timeout: int | None) -> bool:
         """One iteration: poll (``timeout`` in ms, None for ever), then run what is due.
 
-        False when the loop cannot go on (its zmq context was terminated, or it was stopped
-        while polling failed). Tests drive a loop with this directly.
+        False when the loop cannot go on (it was stopped while polling failed). Tests drive a loop with this directly.
         """
         try:
             events = self._poller.poll(timeout)
-        except Exception as exc:
-            zmq = _zmq_module()
-            if self._stopped or (
-                zmq is not None and isinstance(exc, zmq.ZMQError) and exc.errno == zmq.ETERM
-            ):
+        except Exception:
+            if self._stopped:
                 return False
             raise
         with self._lock:

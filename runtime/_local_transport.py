@@ -1,13 +1,15 @@
-"""Messages over non-blocking Unix stream sockets: the carrier between processes of a machine.
+"""Messages over non-blocking stream sockets: the carrier for ipc:// (Unix stream sockets)
+and tcp:// (TCP sockets with TCP_NODELAY) addresses alike.
 
-Why not zmq here: a pyzmq round trip between two local processes costs 65-100 us on a small
+Why not zmq: a pyzmq round trip between two local processes costs 65-100 us on a small
 VM, because every message crosses zmq's IO threads on both sides (two extra thread
-wake-ups per message); over a Unix socket it costs about 15-20 us. ``_transport.py`` keeps
-zmq for tcp:// addresses and uses this module for ipc:// ones.
+wake-ups per message); over a Unix socket it costs about 15-20 us. And a libzmq ROUTER on a
+tcp port let any unauthenticated peer abort the process (a routing-id collision trips an
+assertion in libzmq); here the listener numbers its peers itself and a peer has no say.
 
-This module only moves frame lists; it never looks inside them. The frames are exactly those
-the zmq transport sends (MAGIC | signature | header, then large buffers), and
-``_transport.py`` verifies them the same way. One message on the wire, little-endian:
+This module only moves frame lists; it never looks inside them (the frames are MAGIC |
+signature | header, then large buffers), and ``_transport.py`` verifies them. One message
+on the wire, little-endian:
 
     frame count (u32) | each frame's length (count x u32) | the frames' bytes, in order
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 # process (cold start is a target), and nothing here needs its wrappers.
 import _socket
 import collections
+import errno
 import itertools
 import logging
 import os
@@ -90,10 +93,57 @@ def listen(path: str) -> Any:
     return sock
 
 
+def listen_tcp(host: str, port: int) -> Any:
+    """A non-blocking listening TCP socket on ``host``:``port`` (0: any free port)."""
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def accept(server: Any) -> Any:
     """A connection waiting on ``server``; BlockingIOError when there is none."""
     fd, _ = server._accept()
-    return _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+    sock = _socket.socket(server.family, _socket.SOCK_STREAM, 0, fd)
+    if server.family == _socket.AF_INET:
+        _nodelay(sock)
+    return sock
+
+
+def _nodelay(sock: Any) -> None:
+    try:
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def connect_tcp(host: str, port: int) -> tuple[Any, bool]:
+    """A non-blocking TCP socket connecting to ``host``:``port``, and whether the connect is
+    still in progress (the socket then turns writable when it completes or fails: see
+    ``Stream``'s ``connecting``). Raises OSError when it failed at once."""
+    infos = _socket.getaddrinfo(host, port, _socket.AF_INET, _socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"no IPv4 address for {host}")
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        _nodelay(sock)
+        err = sock.connect_ex(infos[0][4])
+    except BaseException:
+        sock.close()
+        raise
+    if err in (0, errno.EISCONN):
+        return sock, False
+    if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+        return sock, True
+    sock.close()
+    raise OSError(err, os.strerror(err))
 
 
 def connect(path: str, timeout: float = 5.0) -> Any:
@@ -137,7 +187,9 @@ class Stream:
         "_view",
         "_writing",
         "closed",
+        "connecting",
         "eof",
+        "error",
         "fd",
         "leftover",
         "max_frame_size",
@@ -146,7 +198,9 @@ class Stream:
         "verified",
     )
 
-    def __init__(self, sock: Socket, max_frames: int, max_frame_size: int) -> None:
+    def __init__(
+        self, sock: Socket, max_frames: int, max_frame_size: int, connecting: bool = False
+    ) -> None:
         sock.setblocking(False)
         try:
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, SEND_BUFFER)
@@ -158,6 +212,9 @@ class Stream:
         self.max_frame_size = max_frame_size
         self.verified = False
         self.eof = False  # the peer closed its end, or the socket failed
+        # A non-blocking connect in progress: writes are queued until it completes.
+        self.connecting = connecting
+        self.error = ""  # why the connect failed
         self.closed = False
         # A reader stopped (its budget ran out) with bytes read that may hold whole messages.
         self.leftover = False
@@ -181,8 +238,13 @@ class Stream:
         self._loop = loop
         self._on_readable = on_readable
         loop.add_reader(self.fd, on_readable)
-        if self._out:
+        if self._out or self.connecting:
             self._want_write()
+
+    @property
+    def wants_write(self) -> bool:
+        """Output is queued, or the connect is in progress (POLLOUT will tell its end)."""
+        return bool(self._out) or self.connecting
 
     @property
     def mid_message(self) -> bool:
@@ -206,8 +268,9 @@ class Stream:
             n = len(frame) if isinstance(frame, bytes) else memoryview(frame).nbytes
             if n <= JOIN_LIMIT:
                 data = _ONE.pack(1, n) + bytes(frame)
-                if self._out:
+                if self._out or self.connecting:
                     self._out.append(data)
+                    self._want_write()
                     return
                 try:
                     sent = self.sock.send(data, _NOSIGNAL)
@@ -234,6 +297,8 @@ class Stream:
     def flush(self) -> bool:
         """Send queued output until the socket is full; True when some is still queued."""
         out = self._out
+        if self.connecting:
+            return bool(out)  # sent once connected (``on_writable``)
         sock = self.sock
         try:
             while out:
@@ -267,7 +332,24 @@ class Stream:
             self._writing = True
             self._loop.add_writer(self.fd, self._on_writable)
 
+    def _connected(self) -> bool:
+        """After POLLOUT during a connect: True when it succeeded; else the stream ends."""
+        err = self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+        if err:
+            self.error = os.strerror(err)
+            self._broken()
+            return False
+        self.connecting = False
+        return True
+
     def _on_writable(self) -> None:
+        if self.connecting and not self._connected():
+            if self._writing and self._loop is not None:
+                self._writing = False
+                self._loop.remove_writer(self.fd)
+            if self._loop is not None and self._on_readable is not None:
+                self._loop.call_soon(self._on_readable)  # the owner sees the end
+            return
         if not self.flush() and self._writing:
             self._writing = False
             if self._loop is not None:
@@ -277,7 +359,10 @@ class Stream:
         # EPIPE or ECONNRESET: nothing more can be sent. The socket is readable (end of
         # stream), so the reader notices and the owner cleans up.
         self.eof = True
+        self.connecting = False
         self._out.clear()
+
+    on_writable = _on_writable  # for an owner that polls the socket itself (no loop yet)
 
     # -- reading -----------------------------------------------------------------------
     def next_message(self) -> list[Any] | None:
@@ -299,7 +384,7 @@ class Stream:
 
     def _receive(self) -> bool:
         """Read what the socket has; False when nothing came (would block, or the end)."""
-        if self.eof or self.closed:
+        if self.eof or self.closed or self.connecting:
             return False
         try:
             big = self._big_view
@@ -419,9 +504,13 @@ class Stream:
             deadline = time.monotonic() + linger_ms / 1000
             poller = select.poll()
             poller.register(self.fd, select.POLLOUT)
-            while self.flush():
+            while self._out and not self.eof:
+                if not self.connecting and not self.flush():
+                    break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.eof or not poller.poll(remaining * 1000):
+                    break
+                if self.connecting and not self._connected():
                     break
         self._out.clear()
         self._big = self._big_view = None

@@ -6,13 +6,13 @@ with version checks, and rising sequence numbers. A peer that breaks a rule is d
 (forgotten, and its socket closed) and logged at a bounded rate; the process keeps serving
 everyone else.
 
-Two carriers, chosen by address: ``ipc://PATH`` uses plain Unix stream sockets
-(``_local_transport.py``: no zmq IO threads, about 5x cheaper per round trip), and every
-other address (``tcp://``) a zmq ROUTER/DEALER pair, kept for CurveZMQ between machines.
-One Listener may bind both; its peers are told apart by their ids (zmq's start with a 0
-byte, local ones with a 1 byte). Register a Listener or a Connection with its IO loop
-through ``attach``; everything is then driven from that loop's thread. ``ctx`` is a
-zmq.Context or a ``LazyContext``, used only for non-ipc addresses.
+One carrier, ``_local_transport.py`` (our own framing over non-blocking stream sockets),
+over two kinds of socket chosen by address: ``ipc://PATH`` plain Unix stream sockets, and
+``tcp://HOST:PORT`` TCP sockets (TCP_NODELAY; connects are non-blocking, what is sent
+before one completes is queued). No libzmq socket is on the wire. One Listener may bind
+both; it numbers its peers itself (a peer cannot choose its id). Register a Listener or a
+Connection with its IO loop through ``attach``; everything is then driven from that loop's
+thread. ``ctx`` is accepted for compatibility and unused.
 """
 
 from __future__ import annotations
@@ -34,37 +34,14 @@ from . import _local_transport as _local
 from ._protocol import Message, MsgType, ProtocolError, Signer
 
 if TYPE_CHECKING:
-    import zmq
-
     from ._ioloop import IOLoop
 
 
-def _zmq() -> Any:
-    """zmq, imported on first use: a process that only talks over ipc:// never needs it,
-    and importing it is 10 ms of start-up (cold start is a target)."""
-    import zmq
-
-    return zmq
-
-
 class LazyContext:
-    """A zmq context made when a zmq socket first needs one (see ``_zmq``)."""
-
-    def __init__(self) -> None:
-        self._ctx: Any = None
-
-    def get(self) -> zmq.Context[Any]:
-        if self._ctx is None:
-            self._ctx = _zmq().Context()
-        return self._ctx
+    """Kept for callers that hold a transport context: no carrier needs one any more."""
 
     def term(self) -> None:
-        if self._ctx is not None:
-            self._ctx.term()
-
-
-def _context(ctx: Any) -> zmq.Context[Any]:
-    return ctx.get() if isinstance(ctx, LazyContext) else ctx
+        pass
 
 
 log = logging.getLogger(__name__)
@@ -118,49 +95,23 @@ class RateLimitedLog:
 _reject_log = RateLimitedLog(log)
 
 
-def configure_socket(sock: zmq.Socket[Any]) -> None:
-    zmq = _zmq()
-    sock.setsockopt(zmq.MAXMSGSIZE, _config.MAX_FRAME_SIZE)
-    # No high-water marks: a ROUTER silently drops at its HWM, which would lose results.
-    # Flow control is ours (bounded tasks in flight), so memory stays bounded anyway.
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.LINGER, 0)
-
-
-def recv_frames(sock: zmq.Socket[Any], max_frames: int, small: int = 1) -> list[Any] | None:
-    """One multipart message without blocking, or None when none is waiting.
-
-    The first ``small`` frames (routing id, header) come as bytes, which is cheaper for
-    small frames; later ones (buffers) as zero-copy zmq Frames. Reads frame by frame so
-    that a message with too many frames is drained and refused without holding all of
-    them. Raises ProtocolError for such a message.
-    """
-    zmq = _zmq()
-    try:
-        first = sock.recv(zmq.NOBLOCK)
-    except zmq.Again:
-        return None
-    frames: list[Any] = [first]
-    too_many = False
-    more = sock.getsockopt(zmq.RCVMORE)
-    while more:
-        if len(frames) < small:
-            frame: Any = sock.recv()
-            more = sock.getsockopt(zmq.RCVMORE)
-        else:
-            frame = sock.recv(copy=False)
-            more = frame.more
-        if len(frames) < max_frames:
-            frames.append(frame)
-        else:
-            too_many = True
-    if too_many:
-        raise ProtocolError(f"more than {max_frames} frames in one message")
-    return frames
-
-
 IPC = "ipc://"
+TCP = "tcp://"
+
+
+def split_tcp(address: str) -> tuple[str, int]:
+    """("HOST", PORT) of "tcp://HOST:PORT"; "*" as the host is any address, as the port 0."""
+    if not address.startswith(TCP):
+        raise ValueError(f"unsupported address {address!r} (ipc:// or tcp:// only)")
+    host, sep, port = address[len(TCP) :].rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"no port in {address!r}")
+    host = host.strip("[]")
+    if host == "*":
+        host = "0.0.0.0"
+    return host, 0 if port == "*" else int(port)
+
+
 # A lending thread refreshes its lend at least every 0.2 s while it waits (see Connection).
 LEND_STALE_SECONDS = 1.0
 
@@ -168,12 +119,12 @@ LEND_STALE_SECONDS = 1.0
 class _PeerState:
     __slots__ = ("conn_id", "info", "recv_seq", "send_seq", "stream")
 
-    def __init__(self, conn_id: bytes, info: dict[str, Any], stream: _local.Stream | None) -> None:
+    def __init__(self, conn_id: bytes, info: dict[str, Any], stream: _local.Stream) -> None:
         self.conn_id = conn_id
         self.info = info
         self.recv_seq = 0
         self.send_seq = 0
-        self.stream = stream  # None for a zmq peer
+        self.stream = stream
 
 
 # Connection ids accepted by this process. Invariant: a HELLO or WELCOME whose id is in here
@@ -193,37 +144,31 @@ class Listener:
     """
 
     def __init__(self, ctx: Any, signer: Signer, on_hello: OnHello, on_message: OnMessage) -> None:
-        self._ctx = ctx
-        # The ROUTER for non-ipc addresses, made by the first such bind.
-        self.sock: zmq.Socket[Any] | None = None
         self._signer = signer
         self._on_hello = on_hello
         self._on_message = on_message
         self.peers: dict[bytes, _PeerState] = {}
         self.endpoints: list[str] = []
         self._loop: IOLoop | None = None
-        self._servers: list[tuple[Any, str]] = []  # listening unix sockets and their paths
+        # Listening sockets, with the path of a unix one ("" for tcp).
+        self._servers: list[tuple[Any, str]] = []
         self._streams: dict[bytes, _local.Stream] = {}  # every open local connection
         self._ids = itertools.count(1)
 
     def bind(self, address: str) -> str:
+        """Listen on ``address``; the endpoint bound ("tcp://HOST:*" picks a free port)."""
         if address.startswith(IPC):
             path = address[len(IPC) :]
             server = _local.listen(path)
-            self._servers.append((server, path))
-            if self._loop is not None:
-                self._loop.add_reader(server.fileno(), lambda: self._accept_all(server))
             endpoint = address
         else:
-            zmq = _zmq()
-            if self.sock is None:
-                self.sock = _context(self._ctx).socket(zmq.ROUTER)
-                configure_socket(self.sock)
-                self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-                if self._loop is not None:
-                    self._loop.add_reader(self.sock, self._read_zmq)
-            self.sock.bind(address)
-            endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            host, port = split_tcp(address)
+            server = _local.listen_tcp(host, port)
+            path = ""
+            endpoint = f"{TCP}{host}:{server.getsockname()[1]}"
+        self._servers.append((server, path))
+        if self._loop is not None:
+            self._loop.add_reader(server.fileno(), lambda: self._accept_all(server))
         self.endpoints.append(endpoint)
         return endpoint
 
@@ -232,13 +177,11 @@ class Listener:
         self._loop = loop
         for server, _ in self._servers:
             loop.add_reader(server.fileno(), lambda server=server: self._accept_all(server))
-        if self.sock is not None:
-            loop.add_reader(self.sock, self._read_zmq)
         for peer, stream in self._streams.items():
             self._watch(peer, stream)
 
     def forget(self, peer: bytes) -> None:
-        """Drop ``peer``: its state, and its connection if it is a local one."""
+        """Drop ``peer``: its state and its connection."""
         self.peers.pop(peer, None)
         stream = self._streams.pop(peer, None)
         if stream is not None:
@@ -250,35 +193,21 @@ class Listener:
         if state is None:
             return False
         stream = state.stream
-        if stream is not None and stream.eof:
+        if stream.eof or stream.closed:
             self.forget(peer)
             return False
         state.send_seq += 1
-        frames = self._signer.encode(msg, state.send_seq)
-        if stream is not None:
-            stream.write(frames)
-            return True
-        assert self.sock is not None
-        try:
-            # Copying is cheaper than zero-copy bookkeeping for a lone small frame.
-            self.sock.send_multipart([peer, *frames], copy=len(frames) == 1)
-        except _zmq().ZMQError as exc:
-            if exc.errno == _zmq().EHOSTUNREACH:
-                self.forget(peer)
-                return False
-            raise
+        stream.write(self._signer.encode(msg, state.send_seq))
         return True
 
     def handle_readable(self, budget: int = 1000) -> None:
         """Read and dispatch what every peer has sent (a blocked worker uses this to see
         what is queued for it); the loop calls the per-connection readers instead."""
-        if self.sock is not None:
-            self._read_zmq(budget)
         for peer, stream in list(self._streams.items()):
             if not stream.closed:
                 self._read_stream(peer, stream, budget)
 
-    # -- local connections -------------------------------------------------------------
+    # -- connections -------------------------------------------------------------------
     def _accept_all(self, server: Any) -> None:
         while True:
             try:
@@ -329,21 +258,6 @@ class Listener:
                 return
         stream.continue_soon()
 
-    # -- zmq connections ---------------------------------------------------------------
-    def _read_zmq(self, budget: int = 1000) -> None:
-        assert self.sock is not None
-        for _ in range(budget):
-            try:
-                frames = recv_frames(self.sock, _config.MAX_FRAMES + 1, small=2)
-            except ProtocolError as exc:
-                _reject_log.warning("dropped a message: %s", exc)
-                continue
-            if frames is None:
-                return
-            peer = frames[0]
-            self._dispatch(peer, frames[1:])
-
-    # -- both --------------------------------------------------------------------------
     def _dispatch(self, peer: bytes, frames: list[Any]) -> None:
         try:
             msg, seq = self._signer.decode(frames)
@@ -381,20 +295,15 @@ class Listener:
                 Message(MsgType.REFUSED, {"reason": str(exc), **version_info()}), 1
             )
             if stream is not None:
-                # A local peer gets the refusal (if its socket takes it now: the loop never
+                # The peer gets the refusal (if its socket takes it now: the loop never
                 # waits on a peer), then the end of the stream.
                 stream.write(refusal)
                 stream.close()
                 self._streams.pop(peer, None)
-                return
-            try:
-                assert self.sock is not None
-                self.sock.send_multipart([peer, *refusal], copy=False)
-            except _zmq().ZMQError:
-                pass
             return
-        if stream is not None:
-            stream.verified = True  # a HELLO signed with the key: larger messages may follow
+        if stream is None:
+            return  # dropped while the HELLO was handled
+        stream.verified = True  # a HELLO signed with the key: larger messages may follow
         state = _PeerState(conn_id, msg.body, stream)
         state.recv_seq = seq
         self.peers[peer] = state
@@ -408,24 +317,24 @@ class Listener:
             if self._loop is not None:
                 self._loop.remove_reader(server.fileno())
             server.close()
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         self._servers.clear()
-        if self.sock is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self.sock)
-            self.sock.close(linger=0)
 
 
 class Connection:
     """A connection to one Listener. Sends HELLO at once; expects WELCOME first.
 
-    An ipc:// address that cannot be connected to leaves the connection closed, with the
-    reason in ``error``; ``on_refused`` hears it once the connection is attached to a loop.
+    An address that cannot be connected to leaves the connection closed, with the reason
+    in ``error``; ``on_refused`` hears it once the connection is attached to a loop (a tcp
+    connect fails later, when the loop sees it: the same then happens). A connection that
+    ends before its WELCOME without a REFUSED is closed with ``error`` set, but
+    ``on_refused`` is not called (a peer with another key drops us unread: no answer).
 
-    Lending (local connections only): a thread that waits for a reply on this connection
+    Lending (ipc:// connections only): a thread that waits for a reply on this connection
     can read it itself instead of being woken by the loop thread (``lend``/``end_lend``).
     While lent, the loop thread stops watching the socket the next time it sees it
     readable ("parks" it), so a run of synchronous calls wakes no thread but the caller.
@@ -462,29 +371,28 @@ class Connection:
         self._on_readable: Callable[[], None] = self.handle_readable
         self._poll: Any = None  # a select.poll on the socket, for a lending thread
         self._stream: _local.Stream | None = None
-        self.sock: Any = None  # the socket.socket or zmq DEALER; None when never connected
-        if address.startswith(IPC):
-            try:
+        self._told_refused = False
+        self.local = address.startswith(IPC)
+        self.sock: Any = None  # the socket; None when it could never be made
+        connecting = False
+        try:
+            if self.local:
                 sock = _local.connect(address[len(IPC) :])
-            except OSError as exc:
-                self.error = f"cannot connect to {address}: {exc}"
-                log.warning("%s", self.error)
             else:
-                self._stream = _local.Stream(sock, _config.MAX_FRAMES, _config.MAX_FRAME_SIZE)
-                self.sock = sock
+                sock, connecting = _local.connect_tcp(*split_tcp(address))
+        except (OSError, ValueError) as exc:
+            self.error = f"cannot connect to {address}: {exc}"
+            log.warning("%s", self.error)
         else:
-            zmq = _zmq()
-            self.sock = _context(ctx).socket(zmq.DEALER)
-            configure_socket(self.sock)
-            self.sock.setsockopt(zmq.LINGER, linger_ms)
-            self.sock.connect(address)
+            self._stream = _local.Stream(
+                sock, _config.MAX_FRAMES, _config.MAX_FRAME_SIZE, connecting
+            )
+            self.sock = sock
         self.send(Message(MsgType.HELLO, {"conn": os.urandom(16), **version_info(), **hello}))
 
     @property
     def closed(self) -> bool:
-        if self._stream is not None:
-            return self._stream.closed
-        return self.sock is None or bool(self.sock.closed)
+        return self._stream is None or self._stream.closed
 
     def attach(self, loop: IOLoop, on_readable: Callable[[], None] | None = None) -> None:
         """Read (calling ``on_readable``, by default ``handle_readable``) and flush from
@@ -494,15 +402,35 @@ class Connection:
         if self._stream is not None:
             self._on_readable = callback
             self._stream.attach(loop, self._loop_readable)
-        elif self.sock is not None:
-            loop.add_reader(self.sock, callback)
-        elif self._on_refused is not None:
-            loop.call_soon(self._on_refused, self.error)
+        else:
+            loop.call_soon(self._refused, self.error)
+
+    def _refused(self, reason: str) -> None:
+        if not self._told_refused and self._on_refused is not None:
+            self._told_refused = True
+            self._on_refused(reason)
+
+    def pump(self, timeout: float) -> None:
+        """Before ``attach`` (no loop yet): wait up to ``timeout`` seconds for the socket,
+        then finish a connect, flush, and read what came (``handle_readable``)."""
+        stream = self._stream
+        if stream is None or stream.closed:
+            return
+        if stream.leftover:
+            self.handle_readable()
+            return
+        poller = select.poll()
+        poller.register(stream.fd, select.POLLIN | (select.POLLOUT if stream.wants_write else 0))
+        for _, events in poller.poll(timeout * 1000):
+            if events & select.POLLOUT:
+                stream.on_writable()
+            if events & ~select.POLLOUT or stream.eof:
+                self.handle_readable()
 
     # -- lending -----------------------------------------------------------------------
     @property
     def lendable(self) -> bool:
-        if self._stream is None or self._stream.closed:
+        if not self.local or self._stream is None or self._stream.closed:
             return False
         # Not lent, or lent by this very thread (a wait it left by an exception), or stale.
         lender = self.lent_to
@@ -563,17 +491,10 @@ class Connection:
                 return  # gone; the runtime learns of a dead peer from the head
             self._send_seq += 1
             stream.write(self._signer.encode(msg, self._send_seq))
-            return
-        if self.sock is None:
-            return
-        self._send_seq += 1
-        frames = self._signer.encode(msg, self._send_seq)
-        self.sock.send_multipart(frames, copy=len(frames) == 1)
 
     def handle_readable(self, budget: int = 1000) -> None:
         stream = self._stream
-        if stream is None:
-            self._read_zmq(budget)
+        if stream is None or stream.closed:
             return
         for _ in range(budget):
             try:
@@ -587,7 +508,7 @@ class Connection:
                     # The peer closed or died. What that means (a dead worker, a lost head)
                     # the runtime learns from the head or a pidfd; here only clean up.
                     log.debug("%s closed the connection", self.address)
-                    self.close(0)
+                    self._ended(stream)
                 return
             if not self._receive(frames):
                 self.close(0)
@@ -597,18 +518,15 @@ class Connection:
                 return
         stream.continue_soon()
 
-    def _read_zmq(self, budget: int) -> None:
-        if self.sock is None:
-            return
-        for _ in range(budget):
-            try:
-                frames = recv_frames(self.sock, _config.MAX_FRAMES)
-            except ProtocolError as exc:
-                _reject_log.warning("dropped a message from %s: %s", self.address, exc)
-                continue
-            if frames is None:
-                return
-            self._receive(frames)
+    def _ended(self, stream: _local.Stream) -> None:
+        self.close(0)
+        if self.welcome is None and not self.error:
+            if stream.error:  # the connect failed: as a failed ipc connect, a refusal
+                self.error = f"cannot connect to {self.address}: {stream.error}"
+                log.warning("%s", self.error)
+                self._refused(self.error)
+            else:
+                self.error = f"{self.address} closed the connection before a WELCOME"
 
     def _receive(self, frames: list[Any]) -> bool:
         """Verify and deliver one message; False when it broke the rules (and was dropped)."""
@@ -630,8 +548,8 @@ class Connection:
                 _seen_conn_ids.add(conn_id)
                 self.welcome = msg.body
                 return True
-            if msg.type == MsgType.REFUSED and self._on_refused is not None:
-                self._on_refused(str((msg.body or {}).get("reason", "refused")))
+            if msg.type == MsgType.REFUSED:
+                self._refused(str((msg.body or {}).get("reason", "refused")))
             return True
         self._on_message(msg)
         return True
@@ -642,7 +560,3 @@ class Connection:
         linger = self._linger_ms if linger_ms is None else linger_ms
         if self._stream is not None:
             self._stream.close(linger)
-        elif self.sock is not None and not self.sock.closed:
-            if self._loop is not None:
-                self._loop.remove_reader(self.sock)
-            self.sock.close(linger=linger)

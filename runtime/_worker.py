@@ -60,7 +60,7 @@ class WorkerProcess:
         self.node_hex = os.environ.get("SHOAL_NODE_ID", "")
         key = read_key_file(os.path.join(session, "cluster.key"))
         self.loop = IOLoop()
-        self.ctx = LazyContext()  # its sockets are ipc://: zmq is never needed
+        self.ctx = LazyContext()  # unused: no carrier needs a context
         self.listener = Listener(self.ctx, Signer(key), self._on_hello, self._on_message)
         self.address = self.listener.bind(f"ipc://{session}/w-{self.worker_id.hex()}.sock")
         node_ip = os.environ.get("SHOAL_NODE_IP")
