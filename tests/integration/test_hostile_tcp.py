@@ -724,13 +724,17 @@ def test_rejections_are_logged_at_a_bounded_rate(cluster: Cluster) -> None:
         assert target.rejections > LOG_BURST
 
     # Once a window is over, the next rejection reports how many were not logged. Keep
-    # sending one garbage message to each process until each has reported.
+    # sending one garbage message (each on a new connection) to each process until each
+    # has reported.
     wires = {t.name: Wire(cluster, t) for t in targets}
 
     def all_reported() -> bool:
         done = True
         for target in targets:
             if not _transport_log(target)[1]:
+                # A connection of its own each time: garbage ends a connection.
+                wires[target.name].close()
+                wires[target.name] = Wire(cluster, target)
                 wires[target.name].send([MAGIC + bytes(32) + b"garbage"])
                 target.rejections += 1
                 done = False
