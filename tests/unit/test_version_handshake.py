@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from shoal import _transport
-from shoal._protocol import Signer
 from shoal._ioloop import IOLoop
+from shoal._protocol import Signer
 from shoal._transport import Connection, Listener
 
 pytestmark = pytest.mark.timeout(20)
