@@ -379,14 +379,8 @@ def _connect_client(address: str, namespace: str, key_file: str | None) -> _Clus
     host_port = address.removeprefix("tcp://")
     if ":" not in host_port or not host_port.rsplit(":", 1)[1].isdigit():
         raise ValueError(f"a cluster address is HOST:PORT or tcp://HOST:PORT, got {address!r}")
-    if key_file is not None:
-        key = _session.read_key_file(os.path.expanduser(key_file))
-    elif os.environ.get("SHOAL_CLUSTER_KEY"):
-        try:
-            key = bytes.fromhex(os.environ["SHOAL_CLUSTER_KEY"].strip())
-        except ValueError:
-            raise ValueError("SHOAL_CLUSTER_KEY does not hold a hex key") from None
-    else:
+    key = _session.cluster_key(key_file)
+    if key is None:
         raise ValueError(
             f"connecting to the cluster at {host_port} needs its key: pass key_file= (the path "
             "`shoal start --head` printed) or set SHOAL_CLUSTER_KEY to the key's hex text"

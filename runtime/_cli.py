@@ -106,18 +106,20 @@ def _start(args: argparse.Namespace) -> None:
     if args.port is not None and not 0 <= args.port < 65536:
         raise ValueError(f"--port must be a port number, got {args.port}")
     store = args.object_store_memory or _default_store_memory()
+    common: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "num_gpus": args.num_gpus,
+        "resources": resources,
+        "object_store_memory": store,
+        "embedded": False,
+        "node_ip": args.node_ip_address,
+    }
     if args.head:
         key, key_path = _head_key(args.key_file)
-        port = 0 if args.port is None else args.port  # 0: any free port (it is printed)
         proc, session = start_head_process(
-            num_cpus=num_cpus,
-            num_gpus=args.num_gpus,
-            resources=resources,
-            object_store_memory=store,
-            embedded=False,
-            port=port,
+            **common,
+            port=0 if args.port is None else args.port,  # 0: any free port (it is printed)
             bind=args.bind or "127.0.0.1",
-            node_ip=args.node_ip_address,
             key=key,
         )
         info = session.head_info() or {}
@@ -132,17 +134,11 @@ def _start(args: argparse.Namespace) -> None:
             'Connect from Python on this machine with shoal.init(address="auto"); stop it with `shoal stop`.'
         )
         return
-    key = _node_key(args.key_file, args.address)
     proc, session = start_head_process(
-        num_cpus=num_cpus,
-        num_gpus=args.num_gpus,
-        resources=resources,
-        object_store_memory=store,
-        embedded=False,
+        **common,
         port=args.port,
         join=args.address,
-        node_ip=args.node_ip_address,
-        key=key,
+        key=_node_key(args.key_file, args.address),
     )
     info = session.head_info() or {}
     print(f"Started a Shoal node (pid {proc.pid}) in the cluster at {args.address}.")
@@ -168,25 +164,21 @@ def _head_key(path: str | None) -> tuple[bytes | None, str | None]:
 
 def _node_key(path: str | None, address: str) -> bytes:
     """The key a node joins with: --key-file, $SHOAL_CLUSTER_KEY, or a head on this machine."""
-    from ._session import list_session_dirs, open_session, pid_alive, read_key_file
+    from ._api import _find_session_by_address
+    from ._session import cluster_key
 
-    if path is not None:
-        return read_key_file(os.path.abspath(os.path.expanduser(path)))
-    if os.environ.get("SHOAL_CLUSTER_KEY"):
-        try:
-            return bytes.fromhex(os.environ["SHOAL_CLUSTER_KEY"])
-        except ValueError:
-            raise ValueError("SHOAL_CLUSTER_KEY does not hold a hex key") from None
-    wanted = address if address.startswith("tcp://") else "tcp://" + address
-    for session_dir in list_session_dirs():
-        session = open_session(session_dir)
-        info = session.head_info()
-        if info and info.get("tcp") == wanted and pid_alive(int(info["pid"])):
-            return session.read_key()
-    raise ValueError(
-        f"no key for the cluster at {address}: pass --key-file (the head printed its path) "
-        "or set SHOAL_CLUSTER_KEY"
-    )
+    key = cluster_key(path)
+    if key is not None:
+        return key
+    try:
+        return _find_session_by_address(
+            address if address.startswith("tcp://") else "tcp://" + address
+        ).read_key()
+    except ConnectionError:
+        raise ValueError(
+            f"no key for the cluster at {address}: pass --key-file (the head printed its path) "
+            "or set SHOAL_CLUSTER_KEY"
+        ) from None
 
 
 def _stop(args: argparse.Namespace) -> None:

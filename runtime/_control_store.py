@@ -108,6 +108,8 @@ class ControlStore:
         self.groups: dict[bytes, pgs.GroupRecord] = {}
         self.group_names: dict[tuple[str, str], bytes] = {}
         self.on_exit_request: Callable[[], None] | None = None
+        # Where the head's own node keeps each object (shared memory or spilled), for lists.
+        self.local_places: Callable[[], dict[str, str]] | None = None
 
     # -- membership --------------------------------------------------------------------
     def add_node(self, node_id: bytes, link: NodeLink, info: dict[str, Any]) -> NodeInfo:
@@ -165,7 +167,7 @@ class ControlStore:
             del self.lease_routes[key]
         for rec in list(self.groups.values()):
             if rec.owner == wid and not rec.detached and rec.state != pgs.REMOVED:
-                self._remove_group(rec, "its creator exited")
+                self._remove_group(rec)
         origin = proc.node if proc is not None else b""
         for node in self.nodes.values():
             if node.alive and node.node_id != origin:
@@ -448,7 +450,7 @@ class ControlStore:
                 )
         rec.placement = {}
 
-    def _remove_group(self, rec: pgs.GroupRecord, reason: str) -> None:
+    def _remove_group(self, rec: pgs.GroupRecord) -> None:
         rec.state = pgs.REMOVED
         self._release_bundles(rec)
         if rec.name and self.group_names.get((rec.namespace, rec.name)) == rec.pg_id:
@@ -487,7 +489,7 @@ class ControlStore:
     def _h_remove_pg(self, proc: ProcInfo, body: Any, frames: Any) -> None:
         rec = self.groups.get(body["pg"])
         if rec is not None and rec.state != pgs.REMOVED:
-            self._remove_group(rec, "it was removed")
+            self._remove_group(rec)
 
     def _h_pg_info(self, proc: ProcInfo, body: Any, frames: Any) -> None:
         info: Any
@@ -652,8 +654,6 @@ class ControlStore:
         self.send_to_process(
             proc.wid, Message(M.REPLY, {"r": body["r"], "objects": records, "stats": stats})
         )
-
-    local_places: Callable[[], dict[str, str]] | None = None
 
     def _h_log_lines(self, proc: ProcInfo, body: Any, frames: Any) -> None:
         driver = self.jobs.get(int(body.get("j", 0)))

@@ -34,7 +34,7 @@ from ._object_store import (
     UnlinkSegment,
 )
 from ._protocol import Message, MsgType, ProtocolError, Signer
-from ._resources import as_floats, fits
+from ._resources import fits
 from ._session import Session
 from ._shm import copy_file, free_bytes, unlink
 from ._task_submitter import pick_address
@@ -849,9 +849,6 @@ class NodeManager:
         self._act_sched(s.remove_group(body["pg"].hex()))
         _placement.release_bundle(s.total, s.available, body["pg"], int(body["i"]), bundle)
         self._resources_changed()
-
-    def cluster_status(self) -> dict[str, Any]:
-        return {"Resources": as_floats(self.scheduler.total)}
 
 
 def _spill_file(src: str, dst: str) -> str | None:

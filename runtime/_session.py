@@ -123,6 +123,20 @@ def read_key_file(path: str) -> bytes:
     return key
 
 
+def cluster_key(key_file: str | None) -> bytes | None:
+    """The cluster key a node or client brings: from ``key_file``, else from the
+    SHOAL_CLUSTER_KEY variable (the key's hex text), else None."""
+    if key_file is not None:
+        return read_key_file(os.path.abspath(os.path.expanduser(key_file)))
+    text = os.environ.get("SHOAL_CLUSTER_KEY", "").strip()
+    if not text:
+        return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("SHOAL_CLUSTER_KEY does not hold a hex key") from None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` runs; a zombie (dead, not yet reaped by its parent) does not."""
     try:

@@ -11,7 +11,6 @@ Every test here skips when namespaces cannot be made here (not root, no ``ip``..
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,16 +23,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netns
-
-
-def require_netns() -> None:
-    """Skip (or fail, with SHOAL_REQUIRE_NETNS=1) when network namespaces are unavailable."""
-    reason = netns.unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get("SHOAL_REQUIRE_NETNS") == "1":
-        pytest.fail(f"SHOAL_REQUIRE_NETNS=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
+from netns import require_netns
 
 
 @pytest.fixture(autouse=True)

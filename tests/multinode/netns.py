@@ -626,3 +626,19 @@ def _remove_dead_networks() -> None:
                 _remove(octet)
             finally:
                 os.close(fd)
+
+
+def require_netns() -> None:
+    """Skip (or fail, with SHOAL_REQUIRE_NETNS=1) when network namespaces are unavailable.
+
+    Here rather than in conftest.py: test modules import it, and ``import conftest`` finds
+    whichever conftest.py came first on sys.path (tests/notebook has one too).
+    """
+    import pytest
+
+    reason = unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("SHOAL_REQUIRE_NETNS") == "1":
+        pytest.fail(f"SHOAL_REQUIRE_NETNS=1 but {reason}", pytrace=False)
+    pytest.skip(reason)

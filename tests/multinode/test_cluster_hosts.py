@@ -20,7 +20,7 @@ from typing import Any
 import netns
 import numpy as np
 import pytest
-from conftest import require_netns
+from netns import require_netns
 
 pytestmark = pytest.mark.timeout(120)
 
