@@ -40,6 +40,13 @@ def register_if_in_ipython() -> None:
         shell = ipython.get_ipython()
         if shell is not None:
             load_ipython_extension(shell)
+            from shoal import _worker_context
+
+            from ._output import install
+
+            core = _worker_context.maybe_core()
+            if core is not None:
+                install(core, shell)  # tasks' output goes to the cells that started them
     except Exception as exc:  # never let the magics stop init()
         import warnings
 

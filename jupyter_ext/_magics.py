@@ -18,6 +18,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.display import display
 
 from ._args import HelpShown, parse_cluster
+from ._output import cancel_cell_work, cell_tags, forget_cell_tags
 from ._remote import RemoteCells
 from ._reprs import ClusterSummary, cluster_snapshot
 
@@ -150,6 +151,39 @@ def register(shell: Any) -> None:
     shell.register_magics(magics)
     shell._shoal_magics = magics
     _patch_error_output(shell)
+    cell_tags(shell)  # from now on, work submitted here carries its cell's tag
+    shell.events.register("post_run_cell", _on_post_run_cell)
+
+
+def _on_post_run_cell(result: Any) -> None:
+    """The stop button: a cell that ends with KeyboardInterrupt cancels what it started."""
+    if not isinstance(getattr(result, "error_in_exec", None), KeyboardInterrupt):
+        return
+    import sys
+
+    from IPython import get_ipython
+
+    try:
+        counts = cancel_cell_work(get_ipython(), getattr(result, "execution_count", None))
+    except Exception as exc:  # never turn an interrupt into a second error
+        print(f"Shoal could not cancel this cell's tasks: {exc}", file=sys.stderr)
+        return
+    if not counts:
+        return
+    cancelled, running_on = counts
+    if cancelled:
+        tasks = "task" if cancelled == 1 else "tasks"
+        print(
+            f"Shoal cancelled {cancelled} unfinished {tasks} of this cell, with their children.",
+            file=sys.stderr,
+        )
+    if running_on:
+        calls = "call was" if running_on == 1 else "calls were"
+        print(
+            f"{running_on} actor {calls} sent to the actor before the interrupt and "
+            "cannot be stopped; they run to their end.",
+            file=sys.stderr,
+        )
 
 
 def _patch_error_output(shell: Any) -> None:
@@ -182,6 +216,11 @@ def unregister(shell: Any) -> None:
         table = shell.magics_manager.magics[kind]
         for name in names:
             table.pop(name, None)
+    try:
+        shell.events.unregister("post_run_cell", _on_post_run_cell)
+    except ValueError:
+        pass
+    forget_cell_tags(shell)
     patched = shell.__dict__.pop("_showtraceback", None)
     if patched is not None and not getattr(patched, "_shoal", False):
         shell._showtraceback = patched

@@ -87,7 +87,7 @@ class RemoteCells:
                 f"brings back its names ({what}) and returns its value."
             )
             return None
-        router = _output.router_for(core)
+        router = _output.install(core, self.shell)
         if router is None:
             targets = self._submit(args, request, task_name, session_key)
             return RemoteCell(self, number, targets, args, session_key).finish(None)

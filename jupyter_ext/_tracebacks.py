@@ -135,6 +135,9 @@ def _render(err: BaseException) -> list[str]:
     also = getattr(err, "_shoal_also_failed", "")
     if also:
         out.append(also)
+    # Notes, as Python prints them after the exception: get() adds one that counts the
+    # other refs that failed.
+    out.extend(str(note) for note in getattr(err, "__notes__", None) or ())
     return out
 
 

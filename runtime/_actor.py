@@ -123,6 +123,9 @@ class ActorClass:
             "job": core.job_id,
             "kw": spec.kwnames,
         }
+        tag = _worker_context.current_output_tag()
+        if tag is not None:
+            body["o"] = tag  # what __init__ prints goes to the cell that created the actor
         # The actor may be placed on any node: its worker reads stored arguments by id.
         body["a"] = encode_args(core, spec, frames, local=False)
         handle_meta = {"cls": self._display_name, **meta}
@@ -263,6 +266,7 @@ class ActorMethod:
         spec.max_retries = 0
         spec.job = core.job_id
         spec.parent = _worker_context.current.task_id
+        spec.out_tag = _worker_context.current_output_tag()
         if args or kwargs:
             encode_call_args(core, spec, None, args, kwargs, f"{spec.name}()")
         result = make_returns(core, spec)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ._protocol import Message, MsgType
 from ._serialization import deserialize
 from ._task_submitter import STREAMING, TaskSpec, encode_args, is_local
-from .exceptions import ActorDiedError
+from .exceptions import ActorDiedError, TaskCancelledError
 
 if TYPE_CHECKING:
     from ._core import CoreWorker
@@ -92,6 +92,9 @@ class ActorCaller:
         if self._lazy:
             self.flush_lazy()
         st = self.state(spec.actor_id)  # type: ignore[arg-type]
+        tasks = self.core.tasks
+        if spec.out_tag is not None and tasks.track_tags:
+            tasks.track(spec)
         if not st.subscribed:
             st.subscribed = True
             self.core.head.send(Message(M.SUBSCRIBE_ACTOR, {"aid": st.actor_id}))
@@ -141,6 +144,8 @@ class ActorCaller:
             "j": spec.job,
             "kw": spec.kwnames,
         }
+        if spec.out_tag is not None:
+            body["o"] = spec.out_tag
         body["a"] = encode_args(self.core, spec, frames, is_local(st.conn.conn))
         conn = st.conn.conn
         conn.send(Message(M.ACTOR_CALL, body, frames))
@@ -236,6 +241,23 @@ class ActorCaller:
             if st.address:
                 self.core.tasks.close_connection(st.address)
                 st.conn = None
+
+    def cancel_queued(self, spec: TaskSpec) -> bool:
+        """Cancel a call that has not been sent to its actor yet (it waits for the actor
+        to start, or for its arguments); a call already sent is left to run (False)."""
+        st = self.actors.get(spec.actor_id)  # type: ignore[arg-type]
+        if st is None or spec not in st.queue:
+            return False
+        if st.queue[0] is spec:
+            # It may be the call whose arguments the queue waits for: the next one need not.
+            # (Its pending callback only pumps again, which is harmless.)
+            st.waiting_deps = False
+        st.queue.remove(spec)
+        spec.cancelled = True
+        err = TaskCancelledError(f"the actor call {spec.name} was cancelled")
+        self.core.tasks._finish(spec, [("x", err)] * max(1, len(spec.return_ids)))
+        self._pump(st)  # the calls behind it may go now
+        return True
 
     def mark_killed(self, actor_id: bytes) -> None:
         """``kill`` was called here: calls made after it fail at once, not after the news."""

@@ -23,7 +23,7 @@ from ._protocol import Message, MsgType
 from ._refs import ObjectRef, ObjectRefGenerator
 from ._runtime_context import RuntimeContext
 from ._serialization import check_picklable
-from .exceptions import GetTimeoutError
+from .exceptions import GetTimeoutError, ShoalError, TaskError
 
 M = MsgType
 log = logging.getLogger("shoal")
@@ -508,7 +508,56 @@ def _get_list(core: CoreWorker, refs: list[ObjectRef], timeout: float | None) ->
         raise GetTimeoutError(
             f"get() timed out after {timeout}s: {len(missing)} of {len(oids)} objects are not ready"
         )
-    return [core.materialize(values[oid], oid) for oid in oids]
+    out = []
+    for oid in oids:
+        try:
+            out.append(core.materialize(values[oid], oid))
+        except ShoalError as exc:
+            if len(values) > 1:
+                _note_other_failures(core, exc, oid, values)
+            raise
+    return out
+
+
+def _note_other_failures(
+    core: CoreWorker, exc: BaseException, failed: bytes, values: dict[bytes, Any]
+) -> None:
+    """One error is raised; a note on it counts the other refs that failed, by kind:
+    "3 more of the 10 refs failed: 2 ZeroDivisionError, 1 ValueError".
+
+    ``get`` waits for every ref before it raises, so this counts all of them, and waits for
+    nothing more. Each ref counts once, however often the list names it."""
+    kinds: dict[str, int] = {}
+    for oid, value in values.items():
+        if oid == failed or not _is_error(value):
+            continue
+        try:
+            core.materialize(value, oid)
+            continue
+        except TaskError as other:
+            kind = other.cause_type_name or type(other).__name__
+        except BaseException as other:
+            kind = type(other).__name__
+        kinds[kind] = kinds.get(kind, 0) + 1
+    count = sum(kinds.values())
+    if not count:
+        return
+    listed = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    note = f"{count} more of the {len(values)} refs failed: {listed}"
+    try:
+        # A list of its own: a stored error's copy may share its notes with the original.
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+    except Exception:
+        pass  # an error without a __dict__ goes as it is
+
+
+def _is_error(value: Any) -> bool:
+    kind = value[0]
+    if kind == "x":
+        return True
+    if kind == "v":
+        return bool(value[1].is_error)
+    return kind == "s" and bool(value[2] & 1)
 
 
 def wait(

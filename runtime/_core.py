@@ -866,8 +866,9 @@ def print_log_lines(body: dict[str, Any]) -> None:
     """The default way a driver shows its tasks' output: to its own stdout and stderr."""
     out: list[str] = []
     err: list[str] = []
-    for stream, line in body.get("l", ()):
-        (err if stream == 2 else out).append(line)
+    for entry in body.get("l", ()):
+        # [fd, text] or [fd, text, tag, ...] (_task_output.py): a display prints its text.
+        (err if entry[0] == 2 else out).append(entry[1])
     if out:
         sys.stdout.write("".join(out))
         sys.stdout.flush()

@@ -155,6 +155,7 @@ class RemoteFunction:
         spec.retry_exceptions = tuple(re) if isinstance(re, (list, tuple)) else bool(re)
         spec.job = core.job_id
         spec.parent = _worker_context.current.task_id
+        spec.out_tag = _worker_context.current_output_tag()
         encode_call_args(core, spec, self._function, args, kwargs, f"{self.__qualname__}()")
         result = make_returns(core, spec)
         core.tasks.submit(spec)

@@ -3,6 +3,12 @@
 ``print()`` inside a task writes to a per-process stream object; complete lines get the
 prefix ``(task_name pid=N)`` and are sent to the head in batches (one message per burst,
 not per line), which forwards them to the driver whose job submitted the task.
+
+A ``LOG_LINES`` body is ``{"j": job, "l": entries}``; an entry is ``[fd, text]``, or
+``[fd, text, tag]`` when the task belongs to a notebook cell (its output tag, see
+``_worker_context.output_tag``), or ``[DISPLAY, text, tag, bundle]`` for a rich display
+(``bundle``: ``{"data": {mime: ...}, "metadata": {...}}``; ``text`` is its prefixed
+``text/plain``, what a driver without a notebook prints).
 """
 
 from __future__ import annotations
@@ -21,15 +27,23 @@ if TYPE_CHECKING:
 # Lines longer than this are cut, so one runaway print cannot make a giant message.
 MAX_LINE = 16 * 1024
 
+# The "fd" of a rich display entry.
+DISPLAY = 3
+
+# The worker's TaskOutput (display() reaches it through here).
+_installed: TaskOutput | None = None
+
 
 class TaskOutput:
     def __init__(self, core: CoreWorker) -> None:
+        global _installed
         self.core = core
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._partial: dict[tuple[int, int], str] = {}  # (thread, fd) -> unfinished line
         self._lines: list[list[Any]] = []
         self._scheduled = False
+        _installed = self
 
     def stream(self, fd: int) -> _Stream:
         return _Stream(self, fd)
@@ -44,14 +58,30 @@ class TaskOutput:
             if not complete:
                 return
             prefix = self._prefix()
+            tag = _worker_context.output_tag.get()
             for line in complete:
-                self._lines.append([fd, f"{prefix}{line[:MAX_LINE]}\n"])
-            if not self._scheduled:
-                self._scheduled = True
-                self.core.post(self._send)
+                self._add([fd, f"{prefix}{line[:MAX_LINE]}\n"], tag)
 
-    def flush(self) -> None:
-        """Emit unfinished lines of this thread too; called when a task ends."""
+    def display(self, bundle: dict[str, Any]) -> None:
+        """A rich display (``IPython.display.display`` in a ``%%remote`` cell)."""
+        text = str(bundle.get("data", {}).get("text/plain", ""))[:MAX_LINE]
+        self.write_partial_lines()
+        with self._lock:
+            self._add(
+                [DISPLAY, f"{self._prefix()}{text}\n", _worker_context.output_tag.get(), bundle],
+                None,
+            )
+
+    def _add(self, entry: list[Any], tag: int | None) -> None:
+        if tag is not None:
+            entry.append(tag)
+        self._lines.append(entry)
+        if not self._scheduled:
+            self._scheduled = True
+            self.core.post(self._send)
+
+    def write_partial_lines(self) -> None:
+        """Emit this thread's unfinished lines (before a display, or when a task ends)."""
         if not self._partial:
             # Nothing unfinished (this thread's entries are added by this thread only), and
             # complete lines were scheduled when they were written.
@@ -59,13 +89,13 @@ class TaskOutput:
         ident = threading.get_ident()
         with self._lock:
             prefix = self._prefix()
+            tag = _worker_context.output_tag.get()
             for fd in (1, 2):
                 rest = self._partial.pop((ident, fd), None)
                 if rest:
-                    self._lines.append([fd, f"{prefix}{rest[:MAX_LINE]}\n"])
-            if self._lines and not self._scheduled:
-                self._scheduled = True
-                self.core.post(self._send)
+                    self._add([fd, f"{prefix}{rest[:MAX_LINE]}\n"], tag)
+
+    flush = write_partial_lines  # called when a task ends
 
     def _prefix(self) -> str:
         name = _worker_context.current.task_name or "worker"
@@ -77,6 +107,16 @@ class TaskOutput:
             self._scheduled = False
         if lines:
             self.core.head.send(Message(MsgType.LOG_LINES, {"j": self.core.job_id, "l": lines}))
+
+
+def display(bundle: dict[str, Any]) -> bool:
+    """Send a rich display to the driver, as the running task's output; False outside a
+    worker (nothing was sent)."""
+    output = _installed
+    if output is None:
+        return False
+    output.display(bundle)
+    return True
 
 
 class _Stream(io.TextIOBase):

@@ -69,6 +69,7 @@ class TaskSpec:
         "method",
         "name",
         "num_returns",
+        "out_tag",
         "parent",
         "pins",
         "resources",
@@ -102,6 +103,7 @@ class TaskSpec:
         self.attempts = 0
         self.parent: bytes | None = None
         self.worker: bytes | None = None
+        self.out_tag: int | None = None  # the notebook cell it belongs to (_worker_context)
 
 
 def encode_args(
@@ -209,6 +211,10 @@ class TaskSubmitter:
         self.children: dict[bytes, list[bytes]] = {}  # parent task id -> child task ids
         self.streams: dict[bytes, _Stream] = {}
         self._req_ids = itertools.count(1)
+        # A driver's unfinished tasks and actor calls per notebook cell (output tag), so
+        # that interrupting a cell can cancel what it started (cancel_tag).
+        self.track_tags = core.role == "driver"
+        self.by_tag: dict[int, dict[bytes, TaskSpec]] = {}
 
     def connections(self) -> list[Connection]:
         return [c.conn for c in self.conns.values()]
@@ -294,6 +300,8 @@ class TaskSubmitter:
                     "g": _worker_context.current_gpu_ids(),
                     "res": spec.resources,
                 }
+                if spec.out_tag is not None:
+                    body["o"] = spec.out_tag
                 body["a"] = encode_args(self.core, spec, frames)
                 box.append((spec, body, frames))
                 return
@@ -308,6 +316,8 @@ class TaskSubmitter:
     # -- IO thread ---------------------------------------------------------------------
     def _submit(self, spec: TaskSpec) -> None:
         self.queued[spec.task_id] = spec
+        if spec.out_tag is not None and self.track_tags:
+            self.track(spec)
         if spec.parent is not None:
             self.children.setdefault(spec.parent, []).append(spec.task_id)
         self._when_deps_ready(spec, lambda: self._enqueue(spec))
@@ -423,6 +433,8 @@ class TaskSubmitter:
             "g": lease.gpu_ids,
             "res": spec.resources,
         }
+        if spec.out_tag is not None:
+            body["o"] = spec.out_tag
         if spec.fn_hash not in lease.conn.fns:
             lease.conn.fns.add(spec.fn_hash)
             body["fb"] = 1
@@ -604,6 +616,12 @@ class TaskSubmitter:
         """The task is over (for good): publish its results and let go of its arguments."""
         self.queued.pop(spec.task_id, None)
         self.running.pop(spec.task_id, None)
+        if spec.out_tag is not None and self.track_tags:
+            cell = self.by_tag.get(spec.out_tag)
+            if cell is not None:
+                cell.pop(spec.task_id, None)
+                if not cell:
+                    del self.by_tag[spec.out_tag]
         if spec.parent is not None:
             siblings = self.children.get(spec.parent)
             if siblings is not None:
@@ -698,6 +716,25 @@ class TaskSubmitter:
     def cancel_children(self, parent: bytes) -> None:
         for child in list(self.children.get(parent, ())):
             self.cancel(child, force=False, recursive=True)
+
+    def track(self, spec: TaskSpec) -> None:
+        self.by_tag.setdefault(spec.out_tag, {})[spec.task_id] = spec  # type: ignore[arg-type]
+
+    def cancel_tag(self, tag: int) -> tuple[int, int]:
+        """Cancel every unfinished task and actor call that carries ``tag`` (a notebook
+        cell was interrupted), with their children. Actor calls are cancelled only while
+        they wait in this process: one that was sent to its actor runs to its end.
+        Returns (how many were cancelled, how many actor calls run on)."""
+        cancelled = running_on = 0
+        for tid, spec in list(self.by_tag.get(tag, {}).items()):
+            if spec.actor_id is None:
+                self.cancel(tid, force=False, recursive=True)
+                cancelled += 1
+            elif self.core.actors.cancel_queued(spec):
+                cancelled += 1
+            else:
+                running_on += 1
+        return cancelled, running_on
 
     def fail_all(self, err: Exception) -> None:
         for spec in list(self.queued.values()) + [s for s, _ in self.running.values()]:

@@ -81,6 +81,9 @@ class WorkerProcess:
         _worker_context.set_core(self.core)
         self.functions: dict[bytes, Any] = {}
         self.current_task: bytes | None = None
+        # The tasks the main thread is in, outermost first: a blocked task runs children
+        # inline (nested), and cancelling the parent must interrupt the child it runs.
+        self.main_tasks: list[bytes] = []
         self.cancelled: set[bytes] = set()
         self.actor: Any = None
         self.actor_id: bytes | None = None
@@ -123,11 +126,12 @@ class WorkerProcess:
         self.cancelled.add(task_id)
         if recursive:
             self.core.post(self.core.tasks.cancel_children, task_id)
-        if self.current_task == task_id:
+        if task_id in self.main_tasks:
             signal.pthread_kill(self.main_ident, signal.SIGINT)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.current_task is not None and self.current_task in self.cancelled:
+        cancelled = self.cancelled
+        if any(t in cancelled for t in self.main_tasks):
             raise _Cancelled()
 
     # -- the task socket (main thread) -------------------------------------------------
@@ -216,10 +220,12 @@ class WorkerProcess:
         ctx.actor_id = self.actor_id
         core = self.core
         core.job_id = int(body.get("j", 0))
+        tag_token = _worker_context.output_tag.set(body.get("o"))
         borrows_before = core.borrow_adds
         on_main = threading.get_ident() == self.main_ident
         if on_main:
             self.current_task = tid
+            self.main_tasks.append(tid)
         try:
             if tid in self.cancelled:
                 raise _Cancelled()
@@ -231,11 +237,19 @@ class WorkerProcess:
         except _Cancelled:
             return self._plain_error_reply(body, TaskCancelledError(f"task {name} was cancelled"))
         except BaseException as exc:
+            if tid in self.cancelled:
+                # Interrupted through a child it ran inline, which ended first with the
+                # cancellation (its error then came up through the task's get).
+                return self._plain_error_reply(
+                    body, TaskCancelledError(f"task {name} was cancelled")
+                )
             return self._error_reply(body, exc, app_error=True)
         finally:
             self.output.flush()
+            _worker_context.output_tag.reset(tag_token)
             if on_main:
                 self.current_task = saved[5]
+                self.main_tasks.pop()
             self.cancelled.discard(tid)
             ctx.task_id, ctx.task_name, ctx.gpu_ids, ctx.resources, ctx.fixed_resources = saved[:5]
             if core.borrow_adds != borrows_before:
@@ -437,6 +451,7 @@ class WorkerProcess:
         ctx.actor_id = self.actor_id = aid
         self.core.job_id = int(body.get("job", 0))
         meta = self.actor_meta = body["meta"]
+        tag_token = _worker_context.output_tag.set(body.get("o"))
         try:
             cls = cloudpickle.loads(frames[0])
             args, kwargs = self._decode_args(body, frames, 1)
@@ -449,6 +464,7 @@ class WorkerProcess:
         finally:
             ctx.task_name = ""
             self.output.flush()
+            _worker_context.output_tag.reset(tag_token)
         concurrency = int(meta.get("mc") or 1)
         if meta.get("async"):
             import asyncio
@@ -514,6 +530,8 @@ class WorkerProcess:
         async with self.asem:
             ctx = _worker_context.current
             ctx.actor_id = self.actor_id
+            # This coroutine runs in a context of its own: the tag is this call's alone.
+            _worker_context.output_tag.set(body.get("o"))
             try:
                 import asyncio
                 import inspect

@@ -6,7 +6,9 @@ runtime without importing everything above them.
 
 from __future__ import annotations
 
+import contextvars
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,6 +32,25 @@ def current_gpu_ids() -> list[int]:
 
 
 current = _TaskContext()
+
+# The notebook cell that work started here belongs to (an "output tag", a small int): what
+# tasks print goes to that cell, and interrupting it cancels them (jupyter_ext/_output.py).
+# In a worker it is the running task's, set per task from its spec: a ContextVar rather
+# than a thread-local, so that concurrent calls of an async actor each keep their own.
+output_tag: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "shoal_output_tag", default=None
+)
+
+# In a driver inside IPython, the notebook layer's function that names the current cell.
+cell_tagger: Callable[[], int | None] | None = None
+
+
+def current_output_tag() -> int | None:
+    """The tag that a task or actor call submitted from here now carries (None: none)."""
+    tag = output_tag.get()
+    if tag is None and cell_tagger is not None:
+        tag = cell_tagger()
+    return tag
 
 
 def core() -> CoreWorker:
