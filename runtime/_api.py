@@ -502,7 +502,10 @@ def _check_timeout(timeout: float | None) -> None:
 def _get_list(core: CoreWorker, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
     _check_timeout(timeout)
     oids = [r.binary() for r in refs]
-    values = core.wait_values(oids, len(set(oids)), timeout)
+    # Once each: a ref named twice would be counted twice as it arrived, and the wait
+    # would end one value short.
+    unique = list(dict.fromkeys(oids))
+    values = core.wait_values(unique, len(unique), timeout)
     missing = [oid for oid in oids if oid not in values]
     if missing:
         raise GetTimeoutError(
@@ -542,7 +545,9 @@ def _note_other_failures(
     count = sum(kinds.values())
     if not count:
         return
-    listed = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    listed = ", ".join(
+        f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
     note = f"{count} more of the {len(values)} refs failed: {listed}"
     try:
         # A list of its own: a stored error's copy may share its notes with the original.

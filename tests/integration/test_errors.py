@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import threading
+import traceback
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,35 @@ def test_exception_through_await_and_future():
         asyncio.run(asyncio.wait_for(wait_for_it(), timeout=30))
     with pytest.raises(ValueError, match="bad-value"):
         fail.remote().future().result(timeout=30)
+
+
+def test_get_of_many_failed_refs_raises_one_and_counts_the_others():
+    @shoal.remote
+    def check(i):
+        if i == 0:
+            return "fine"
+        if i % 2:
+            raise ValueError(i)
+        return 1 / 0
+
+    refs = [check.remote(i) for i in range(6)]  # 0 fine, 1 3 5 ValueError, 2 4 division
+    with pytest.raises(ValueError) as info:
+        shoal.get(refs + [refs[1]], timeout=30)  # a ref named twice counts once
+    # The first failure in the list is raised; the note counts the others, by kind.
+    assert "ValueError: 1" in str(info.value)
+    note = "4 more of the 6 refs failed: 2 ValueError, 2 ZeroDivisionError"
+    assert info.value.__notes__ == [note]
+    assert traceback.format_exception(info.value)[-1] == note + "\n"  # as Python prints it
+    # Raised again, the stored error does not collect a second note.
+    with pytest.raises(ValueError) as again:
+        shoal.get(refs, timeout=30)
+    assert again.value.__notes__ == [note]
+    with pytest.raises(ValueError) as alone:
+        shoal.get(refs[1], timeout=30)
+    assert not hasattr(alone.value, "__notes__")
+    with pytest.raises(ValueError) as pair:
+        shoal.get(refs[:2], timeout=30)
+    assert not hasattr(pair.value, "__notes__")  # nothing else failed
 
 
 def test_unpicklable_keyword_argument_raises_type_error_naming_it():

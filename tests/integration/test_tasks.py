@@ -7,6 +7,9 @@ Remote functions are defined inside the tests, so that cloudpickle ships them by
 from __future__ import annotations
 
 import os
+import re
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,53 @@ def test_positional_keyword_and_variadic_arguments():
 
     result = shoal.get(combine.remote(1, 2, 3, c=4, d=5), timeout=30)
     assert result == (1, 2, (3,), 4, {"d": 5})
+
+
+def test_get_of_a_list_that_names_a_ref_twice(tmp_path, wait_path):
+    go = str(tmp_path / "go")
+
+    @shoal.remote
+    def first():
+        open(go, "w").close()
+        return "first"
+
+    @shoal.remote
+    def second():
+        wait_path(go)  # ends after `first`
+        return "second"
+
+    a, b = first.remote(), second.remote()
+    assert shoal.get([a, a, b], timeout=30) == ["first", "first", "second"]
+
+
+def test_task_output_reaches_the_driver_prefixed(capsys):
+    """Outside IPython, what tasks (and their children) print comes out of the driver's own
+    stdout and stderr, each line prefixed with the task's name and pid."""
+
+    @shoal.remote
+    def child():
+        print("from the child")
+        return 1
+
+    @shoal.remote
+    def talk():
+        print("to stdout")
+        print("to stderr", file=sys.stderr)
+        return shoal.get(child.remote())
+
+    assert shoal.get(talk.remote(), timeout=30) == 1
+    seen = ["", ""]
+
+    def arrived() -> bool:
+        out, err = capsys.readouterr()
+        seen[0] += out
+        seen[1] += err
+        return "from the child" in seen[0] and "to stdout" in seen[0] and "to stderr" in seen[1]
+
+    testing.wait_for(arrived, timeout=20)
+    assert re.search(r"^\(talk pid=\d+\) to stdout$", seen[0], re.M)
+    assert re.search(r"^\(child pid=\d+\) from the child$", seen[0], re.M)
+    assert re.search(r"^\(talk pid=\d+\) to stderr$", seen[1], re.M)
 
 
 def test_runs_in_another_process():
@@ -165,6 +215,59 @@ def test_cancel_running_task(tmp_path, gate, wait_path, force):
     shoal.cancel(ref, force=force)
     with pytest.raises(TaskCancelledError):
         shoal.get(ref, timeout=30)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["child-run-inline", "child-elsewhere"])
+def test_cancel_reaches_the_child_a_task_waits_for(tmp_path, gate, wait_path, inline):
+    """A task blocked on its child runs the child itself when it fits in its own resources
+    (in its own thread, nested): cancelling the task must stop that child too, and a child
+    on another worker through the recursive cancel."""
+    base = str(tmp_path / "p")
+    blocker_started, release = str(tmp_path / "blocker"), gate()
+
+    @shoal.remote(max_retries=0)
+    def blocker():
+        open(blocker_started, "w").close()
+        wait_path(release)
+
+    if inline:
+        # The other CPU is taken, so the child cannot get a worker of its own: its parent,
+        # blocked on it, runs it (rather than racing the lease for it).
+        held = blocker.remote()
+        testing.wait_for(lambda: os.path.exists(blocker_started), timeout=30)
+
+    @shoal.remote(max_retries=0)
+    def child(path):
+        try:
+            with open(path + ".started", "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(60)
+        finally:
+            open(path + ".stopped", "w").close()
+
+    @shoal.remote(max_retries=0, num_cpus=1 if inline else 0.5)
+    def parent(path):
+        try:
+            with open(path + ".pid", "w") as f:
+                f.write(str(os.getpid()))
+            return shoal.get(child.remote(path + ".child"))
+        finally:
+            open(path + ".stopped", "w").close()
+
+    ref = parent.remote(base)
+    testing.wait_for(lambda: os.path.exists(base + ".child.started"), timeout=30)
+    shoal.cancel(ref)
+    with pytest.raises(TaskCancelledError):
+        shoal.get(ref, timeout=30)
+    testing.wait_for(
+        lambda: os.path.exists(base + ".stopped") and os.path.exists(base + ".child.stopped"),
+        timeout=15,
+    )
+    same_process = Path(base + ".pid").read_text() == Path(base + ".child.started").read_text()
+    assert same_process == inline  # the case this test is about did happen
+    if inline:
+        Path(release).touch()
+        shoal.get(held, timeout=30)
 
 
 def test_cancel_queued_task(tmp_path, gate, rendezvous, wait_path):

@@ -275,3 +275,48 @@ def test_stop_then_reprs_cope_and_restart(ip, capsys):
     run(ip, "%cluster start --restart --cpus 2")
     assert shoal._api._cluster.address != old
     assert "2 CPUs" in capsys.readouterr().out
+
+
+# -- interrupting a cell: what it started is cancelled ------------------------------------
+def test_interrupted_cell_cancels_its_tasks_and_queued_actor_calls(ip, tmp_path, capsys):
+    """In a terminal IPython there is no kernel parent message: a cell is known by its
+    execution count. A KeyboardInterrupt that ends the cell cancels the tasks it started
+    and its actor calls still queued here (this actor is not up yet, its __init__ waits)."""
+    gate = tmp_path / "gate"
+    ip.user_ns["gate_path"] = str(gate)
+    run(
+        ip,
+        "import os, time, shoal\n"
+        "@shoal.remote\n"
+        "class Slow:\n"
+        "    def __init__(self, gate):\n"
+        "        while not os.path.exists(gate):\n"
+        "            time.sleep(0.01)\n"
+        "    def ping(self):\n"
+        "        return 'pong'\n"
+        "@shoal.remote\n"
+        "def forever():\n"
+        "    time.sleep(3600)\n"
+        "slow = Slow.remote(gate_path)",
+    )
+    capsys.readouterr()
+    result = ip.run_cell(
+        "call = slow.ping.remote()\nlong = forever.remote()\nraise KeyboardInterrupt",
+        store_history=True,
+    )
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert "Shoal cancelled 2 unfinished tasks of this cell" in capsys.readouterr().err
+    with pytest.raises(shoal.exceptions.TaskCancelledError):
+        shoal.get(ip.user_ns["long"], timeout=30)
+    gate.touch()  # the actor comes up: the cancelled call never reaches it, later ones do
+    with pytest.raises(shoal.exceptions.TaskCancelledError):
+        shoal.get(ip.user_ns["call"], timeout=30)
+    assert run(ip, "shoal.get(slow.ping.remote(), timeout=30)") == "pong"
+    # A cell that ends well cancels nothing; nor does one interrupted that started nothing.
+    run(ip, "done = forever.options(name='kept').remote()")
+    result = ip.run_cell("raise KeyboardInterrupt", store_history=True)
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert "Shoal cancelled" not in capsys.readouterr().err
+    shoal.cancel(ip.user_ns["done"])
+    with pytest.raises(shoal.exceptions.TaskCancelledError):
+        shoal.get(ip.user_ns["done"], timeout=30)
