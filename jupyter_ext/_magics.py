@@ -18,7 +18,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.display import display
 
 from ._args import HelpShown, parse_cluster
-from ._output import cancel_cell_work, cell_tags, forget_cell_tags
+from ._output import cancel_cell_work, cell_tags, forget_cell_tags, install
 from ._remote import RemoteCells
 from ._reprs import ClusterSummary, cluster_snapshot
 
@@ -153,6 +153,11 @@ def register(shell: Any) -> None:
     _patch_error_output(shell)
     cell_tags(shell)  # from now on, work submitted here carries its cell's tag
     shell.events.register("post_run_cell", _on_post_run_cell)
+    from shoal import _worker_context
+
+    core = _worker_context.maybe_core()
+    if core is not None:
+        install(core, shell)  # already connected: route its tasks' output from now on
 
 
 def _on_post_run_cell(result: Any) -> None:

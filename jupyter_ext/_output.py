@@ -392,8 +392,10 @@ def cancel_cell_work(shell: Any, count: int | None = None) -> tuple[int, int] | 
     if tags is None or core is None or core.closed:
         return None
     tag = tags.lookup(count)
-    if tag is None or tag not in core.tasks.by_tag:
+    if tag is None:
         return None
     box: list[tuple[int, int]] = []
+    # As loop work in this thread: the submissions this thread posted run first, so that
+    # work submitted just before the interrupt is known, and cancelled, too.
     core.loop.run_inline(lambda: box.append(core.tasks.cancel_tag(tag)))
-    return box[0] if box else None
+    return box[0] if box and box[0] != (0, 0) else None

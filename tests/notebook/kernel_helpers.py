@@ -88,9 +88,12 @@ class NotebookKernel:
         self.msg_ids[id(cell)] = execute_reply["parent_header"]["msg_id"]
 
     def spied(self, cell: Any) -> list[dict[str, Any]]:
-        """Every iopub message of ``cell`` so far, late ones included."""
+        """Every iopub message of ``cell`` so far, late ones included (at least those up
+        to the cell's end: the spy reads on its own, and may lag behind nbclient)."""
         assert self.spy is not None, "NotebookKernel(..., spy=True) keeps them"
-        return self.spy.messages(self.msg_ids[id(cell)])
+        msg_id = self.msg_ids[id(cell)]
+        assert self.spy.wait_idle(msg_id, timeout=20), "the spy never saw the cell end"
+        return self.spy.messages(msg_id)
 
     def spied_text(self, cell: Any, name: str = "stdout") -> str:
         return "".join(
