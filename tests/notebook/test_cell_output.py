@@ -164,6 +164,16 @@ def test_display_in_a_remote_cell_is_rich(nb):
     assert stream(cell) == "before\nafter\n"
     kinds = [o["output_type"] for o in cell.outputs]
     assert kinds.index("display_data") > 0  # after 'before'
+    # In a session actor too; the session's namespace does not keep the display function.
+    cell = no_error(
+        nb.run(
+            "%%remote --actor shown\nfrom IPython.display import Markdown\ndisplay(Markdown('*hi*'))"
+        )
+    )
+    assert displays(cell, "text/markdown") == ["*hi*"]
+    # (Spelled so that this cell does not mention it, and so gets none.)
+    cell = no_error(nb.run("%%remote --actor shown\n'disp' + 'lay' in globals()"))
+    assert result(cell) == "False"
 
 
 def test_stop_button_cancels_the_cells_tasks_and_their_children(nb, tmp_path):
