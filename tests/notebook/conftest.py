@@ -6,6 +6,8 @@
 - ``kernel_name``: a kernelspec that runs *this* interpreter (the machine's ``python3``
   kernelspec may name another ``python``), with a private IPYTHONDIR and no history file.
 - ``kernel_helpers.NotebookKernel``: a real kernel driven by nbclient, cell by cell.
+- ``head``: a cluster started by the CLI on tcp (a head and a second node on this machine),
+  for notebooks that join it with ``%cluster connect``.
 
 Kernels inherit this session's environment (SHOAL_TMPDIR, SHOAL_TEST_SESSION), so the
 clusters they start are this session's and the session's leak check covers them.
@@ -13,10 +15,13 @@ clusters they start are this session's and the session's leak check covers them.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +99,43 @@ def shell() -> Iterator[Any]:
         shoal.shutdown()
     sh.run_line_magic("unload_ext", "shoal")
     InteractiveShell.clear_instance()
+
+
+@pytest.fixture(scope="module")
+def head(
+    shoal_cli: Callable[..., Any],
+    leak_check: Callable[..., None],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, str]]:
+    """A head (2 CPUs) and a second node (1 CPU) on this machine, joined over tcp."""
+    head_dir = tempfile.mkdtemp(prefix="shoal-nb-h-", dir="/tmp")  # short: ipc paths
+    node_dir = tempfile.mkdtemp(prefix="shoal-nb-n-", dir="/tmp")
+    key_file = str(tmp_path_factory.mktemp("connect") / "cluster.key")
+    try:
+        started = shoal_cli(
+            "start", "--head", "--port", "0", "--bind", "127.0.0.1", "--key-file", key_file,
+            "--num-cpus", "2", "--temp-dir", head_dir,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stdout + started.stderr
+        address = _head_info(head_dir)["tcp"].removeprefix("tcp://")
+        joined = shoal_cli(
+            "start", "--address", address, "--key-file", key_file, "--num-cpus", "1",
+            "--temp-dir", node_dir,
+        )  # fmt: skip
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        yield {"address": address, "key_file": key_file}
+    finally:
+        stopped = [shoal_cli("stop", "--temp-dir", d) for d in (node_dir, head_dir)]
+        try:
+            leak_check("after the cluster that the notebook connected to")
+        finally:
+            shutil.rmtree(head_dir, ignore_errors=True)
+            shutil.rmtree(node_dir, ignore_errors=True)
+        for result in stopped:
+            assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _head_info(directory: str) -> dict[str, Any]:
+    [session] = glob.glob(os.path.join(directory, "session_2*"))
+    with open(os.path.join(session, "head.json")) as f:
+        return dict(json.load(f))

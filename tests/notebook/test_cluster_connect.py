@@ -4,12 +4,7 @@ disconnects without stopping it."""
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,46 +15,6 @@ from IPython.core.interactiveshell import InteractiveShell
 from shoal import _session, testing
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def head(
-    shoal_cli: Callable[..., Any],
-    leak_check: Callable[..., None],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[dict[str, str]]:
-    """A head (2 CPUs) and a second node (1 CPU) on this machine, joined over tcp."""
-    head_dir = tempfile.mkdtemp(prefix="shoal-nb-h-", dir="/tmp")  # short: ipc paths
-    node_dir = tempfile.mkdtemp(prefix="shoal-nb-n-", dir="/tmp")
-    key_file = str(tmp_path_factory.mktemp("connect") / "cluster.key")
-    try:
-        started = shoal_cli(
-            "start", "--head", "--port", "0", "--bind", "127.0.0.1", "--key-file", key_file,
-            "--num-cpus", "2", "--temp-dir", head_dir,
-        )  # fmt: skip
-        assert started.returncode == 0, started.stdout + started.stderr
-        address = _head_info(head_dir)["tcp"].removeprefix("tcp://")
-        joined = shoal_cli(
-            "start", "--address", address, "--key-file", key_file, "--num-cpus", "1",
-            "--temp-dir", node_dir,
-        )  # fmt: skip
-        assert joined.returncode == 0, joined.stdout + joined.stderr
-        yield {"address": address, "key_file": key_file}
-    finally:
-        stopped = [shoal_cli("stop", "--temp-dir", d) for d in (node_dir, head_dir)]
-        try:
-            leak_check("after the cluster that the notebook connected to")
-        finally:
-            shutil.rmtree(head_dir, ignore_errors=True)
-            shutil.rmtree(node_dir, ignore_errors=True)
-        for result in stopped:
-            assert result.returncode == 0, result.stdout + result.stderr
-
-
-def _head_info(directory: str) -> dict[str, Any]:
-    [session] = glob.glob(os.path.join(directory, "session_2*"))
-    with open(os.path.join(session, "head.json")) as f:
-        return dict(json.load(f))
 
 
 @pytest.fixture(scope="module")
