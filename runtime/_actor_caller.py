@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ._protocol import Message, MsgType
 from ._serialization import deserialize
 from ._task_submitter import STREAMING, TaskSpec, encode_args, is_local
-from .exceptions import ActorDiedError
+from .exceptions import ActorDiedError, ActorRuntimeEnvSetupError, RuntimeEnvSetupError
 
 if TYPE_CHECKING:
     from ._core import CoreWorker
@@ -225,13 +225,16 @@ class ActorCaller:
             self.pending_creation.pop(aid, None)
             st.state = "DEAD"
             message = f"the actor {body.get('cls') or ''} ({aid.hex()[:12]}) died: {body.get('reason') or 'unknown reason'}"
+            error_class = ActorDiedError
             if frames:
                 try:
                     cause = deserialize(frames[0], list(frames[1:]))
                     message += f"\n\n{cause}"
+                    if isinstance(cause, RuntimeEnvSetupError):
+                        error_class = ActorRuntimeEnvSetupError
                 except Exception:
                     pass
-            st.death = ActorDiedError(message, aid.hex(), body.get("reason") or "")
+            st.death = error_class(message, aid.hex(), body.get("reason") or "")
             self._fail(st)
             if st.address:
                 self.core.tasks.close_connection(st.address)
