@@ -454,7 +454,8 @@ class NodeScheduler:
             if w.state == "starting":
                 starting[w.env] = starting.get(w.env, 0) + 1
         task_workers = sum(1 for w in self.workers.values() if w.actor_id is None)
-        for env in sorted(set(waiting) | {""}):
+        # Work that waits first; the default pool is topped up last, with what room is left.
+        for env in [*sorted(e for e in waiting if e), ""]:
             want = waiting.get(env, 0) - starting.get(env, 0)
             if env == "":
                 want = max(want, self.pool_size - task_workers)
