@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         env["SHOAL_NODE_IP"] = node_ip  # workers also listen on tcp, for other nodes
     os.environ.update(env)
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    os.environ.pop("SHOAL_RUNTIME_ENV", None)  # a driver started inside a task had it
     zygote = None
     if os.environ.get("SHOAL_NO_ZYGOTE") != "1":
         try:

@@ -517,10 +517,16 @@ class NodeManager:
         a moment ago (the request is refused at once, with that error)."""
         if not body.get("env"):
             return ""
-        key = self.envs.key_of(body["env"])
-        error = self.envs.failure(key)
-        if error is None:
-            return key
+        try:
+            key = self.envs.key_of(body["env"])
+            error = self.envs.failure(key)
+        except ValueError as exc:  # a field this node has no plugin for
+            error = (
+                f"the runtime environment cannot be set up on node {self.node_id.hex()[:12]}: {exc}"
+            )
+        else:
+            if error is None:
+                return key
         if actor is not None:
             self.up.send(Message(M.ACTOR_LEASE_RESULT, {"aid": actor, "e": error, "env": True}))
         else:

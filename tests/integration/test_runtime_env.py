@@ -8,12 +8,9 @@ Every test that builds something points SHOAL_RUNTIME_ENV_DIR at a directory of 
 
 from __future__ import annotations
 
-import base64
 import glob
-import hashlib
 import os
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,27 +21,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def make_wheel(directory: Path, name: str, version: str, source: str) -> str:
-    """A pure-Python wheel written directly (no build tool, no network)."""
-    dist = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}/__init__.py": source,
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: shoal-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = []
-    for path, text in files.items():
-        digest = hashlib.sha256(text.encode()).digest()
-        encoded = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-        record.append(f"{path},sha256={encoded},{len(text.encode())}")
-    files[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
-    path = directory / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as zf:
-        for member, text in files.items():
-            zf.writestr(member, text)
-    return str(path)
 
 
 def builds(cache: Path) -> int:
@@ -229,7 +205,9 @@ def test_bad_envs_fail_at_the_decorator_or_init(make_cluster, cache, tmp_path, m
 # --------------------------------------------------------------------------------- pip
 
 
-def test_pip_env_is_built_once_for_concurrent_tasks(make_cluster, cache, tmp_path, shoal_cli):
+def test_pip_env_is_built_once_for_concurrent_tasks(
+    make_cluster, make_wheel, cache, tmp_path, shoal_cli
+):
     wheel = make_wheel(tmp_path, "shoal_t_wheel", "1.5", "VERSION = '1.5'\n")
     make_cluster(num_cpus=2)
     env = {"pip": [wheel]}
@@ -340,7 +318,7 @@ def test_setup_timeout_stops_a_slow_build(make_cluster, cache, tmp_path):
     assert shoal.get(shoal.remote(lambda: 2).remote(), timeout=30) == 2
 
 
-def test_env_cache_survives_a_restart(make_cluster, cache, tmp_path):
+def test_env_cache_survives_a_restart(make_cluster, make_wheel, cache, tmp_path):
     wheel = make_wheel(tmp_path, "shoal_t_cached", "2.0", "VERSION = '2.0'\n")
     project = tmp_path / "project"
     project.mkdir()
