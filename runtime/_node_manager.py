@@ -520,7 +520,7 @@ class NodeManager:
         try:
             key = self.envs.key_of(body["env"])
             error = self.envs.failure(key)
-        except ValueError as exc:  # a field this node has no plugin for
+        except (ValueError, TypeError) as exc:  # malformed, or a field it has no plugin for
             error = (
                 f"the runtime environment cannot be set up on node {self.node_id.hex()[:12]}: {exc}"
             )

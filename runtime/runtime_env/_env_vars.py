@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._plugin import RuntimeEnvPlugin, WorkerLaunch
+from ._plugin import RuntimeEnvPlugin, WorkerLaunch, require
 
 # Variables the worker itself lives by: an env may not change them.
 RESERVED = {
@@ -43,6 +43,14 @@ class EnvVarsPlugin(RuntimeEnvPlugin):
             if "\x00" in v:
                 raise ValueError(f"runtime_env env_vars[{k!r}] holds a NUL character")
         return dict(value)
+
+    def check(self, value: Any) -> None:
+        require(
+            isinstance(value, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+            and not RESERVED & set(value),
+            "env_vars must be a dict of str to str",
+        )
 
     def apply(self, value: dict[str, str], state: Any, launch: WorkerLaunch) -> None:
         if "PYTHONPATH" in value and launch.path:

@@ -19,6 +19,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,8 +340,6 @@ class _Setup:
             if not entry.ready:
                 data = self.manager.fetch(base, self._timeout())
                 self.check()
-                import shutil
-
                 shutil.rmtree(entry.path, ignore_errors=True)
                 try:
                     unpack(base, data, entry.path)

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from ..exceptions import RuntimeEnvSetupError
-from ._plugin import RuntimeEnvPlugin, SetupContext, WorkerLaunch, value_key
+from ._plugin import RuntimeEnvPlugin, SetupContext, WorkerLaunch, is_str_list, require, value_key
 
 _DICT_FIELDS = {"packages", "pip_check", "pip_install_options", "pip_version", "hashes"}
 
@@ -82,6 +82,17 @@ class PipPlugin(RuntimeEnvPlugin):
         if hashes:
             out["hashes"] = hashes
         return out
+
+    def check(self, value: Any) -> None:
+        require(
+            isinstance(value, dict)
+            and set(value) <= {"packages", "pip_check", "pip_install_options", "hashes"}
+            and is_str_list(value.get("packages"))
+            and all("\n" not in p for p in value["packages"])
+            and is_str_list(value.get("pip_install_options", []))
+            and isinstance(value.get("pip_check", False), bool),
+            "pip must be a dict of packages (a list of str), pip_install_options and pip_check",
+        )
 
     def key(self, value: dict[str, Any]) -> str:
         return value_key(value)

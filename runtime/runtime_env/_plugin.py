@@ -98,6 +98,10 @@ class RuntimeEnvPlugin:
         naming the problem."""
         return value
 
+    def check(self, value: Any) -> None:
+        """Node: a light check of a wire value as it arrives (its shape and types; no IO),
+        so that a malformed message is refused with a reason. Raise ValueError."""
+
     def resolve(self, value: Any, uploader: Uploader) -> Any:
         """Driver, before first use: the value as it travels (local things uploaded and
         replaced by URIs). Workers report it, and it makes the environment's key."""
@@ -121,6 +125,16 @@ class RuntimeEnvPlugin:
     def describe(self, value: Any) -> str:
         """A few words for `shoal status`."""
         return self.name
+
+
+def require(ok: bool, what: str) -> None:
+    """For ``check``: ValueError(what) unless ``ok``."""
+    if not ok:
+        raise ValueError(what)
+
+
+def is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def value_key(value: Any) -> str:

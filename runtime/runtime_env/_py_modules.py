@@ -9,7 +9,7 @@ import zipfile
 from typing import Any
 
 from ._packaging import is_uri, split_uri
-from ._plugin import RuntimeEnvPlugin, SetupContext, Uploader, WorkerLaunch
+from ._plugin import RuntimeEnvPlugin, SetupContext, Uploader, WorkerLaunch, require
 from ._working_dir import local_path
 
 
@@ -45,6 +45,12 @@ class PyModulesPlugin(RuntimeEnvPlugin):
                     "file or a .zip file"
                 )
         return out
+
+    def check(self, value: Any) -> None:
+        require(
+            isinstance(value, list) and all(is_uri(v) for v in value),
+            "py_modules must be a list of package URIs",
+        )
 
     def resolve(self, value: list[str], uploader: Uploader) -> list[str]:
         out = []

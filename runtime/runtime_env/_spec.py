@@ -127,11 +127,19 @@ def describe(wire: dict[str, Any]) -> str:
 
 
 def check_wire(wire: Any) -> dict[str, Any]:
-    """An env as a node receives it: a dict of known fields (it was validated by the driver;
-    this only keeps a malformed message from going further)."""
+    """An env as a node receives it, checked for shape (the driver validated it; this keeps
+    a malformed message from going further): ValueError with the reason."""
     if not isinstance(wire, dict):
         raise ValueError("a runtime env must be a dict")
-    for name in wire:
-        if name not in PLUGINS and name not in ("excludes", "config"):
+    for name, value in wire.items():
+        plugin = PLUGINS.get(name)
+        if plugin is not None:
+            plugin.check(value)
+        elif name == "config":
+            validate_config(value)
+        elif name == "excludes":
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise ValueError("excludes must be a list of str")
+        else:
             raise ValueError(f"this node has no plugin for the runtime_env field {name!r}")
     return wire

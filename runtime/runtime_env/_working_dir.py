@@ -9,7 +9,7 @@ from typing import Any
 
 from ..exceptions import RuntimeEnvSetupError
 from ._packaging import is_uri, split_uri
-from ._plugin import RuntimeEnvPlugin, SetupContext, Uploader, WorkerLaunch
+from ._plugin import RuntimeEnvPlugin, SetupContext, Uploader, WorkerLaunch, require
 
 
 def local_path(value: Any, what: str) -> str:
@@ -43,6 +43,9 @@ class WorkingDirPlugin(RuntimeEnvPlugin):
         if os.path.isfile(path) and zipfile.is_zipfile(path):
             return path
         raise ValueError(f"runtime_env working_dir {path!r} is neither a directory nor a .zip file")
+
+    def check(self, value: Any) -> None:
+        require(is_uri(value), "working_dir must be a package URI")
 
     def resolve(self, value: str, uploader: Uploader) -> str:
         if is_uri(value):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import shoal
+from shoal import testing
 from shoal.exceptions import ActorDiedError, RuntimeEnvSetupError
 
 pytestmark = pytest.mark.timeout(120)
@@ -309,12 +310,22 @@ def test_setup_timeout_stops_a_slow_build(make_cluster, cache, tmp_path):
             "packages": [str(slow)],
             "pip_install_options": ["--no-index", "--no-build-isolation"],
         },
-        "config": {"setup_timeout_seconds": 2},
+        "config": {"setup_timeout_seconds": 3},
     }
     started = time.monotonic()
+    ref = shoal.remote(runtime_env=env)(lambda: 1).remote()
+    # While it builds, the node says so (what `shoal status` shows).
+    testing.wait_for(
+        lambda: [e["state"] for e in shoal.nodes()[0]["RuntimeEnvs"]] == ["building"],
+        timeout=10,
+    )
     with pytest.raises(RuntimeEnvSetupError, match="setup_timeout_seconds"):
-        shoal.get(shoal.remote(runtime_env=env)(lambda: 1).remote(), timeout=60)
+        shoal.get(ref, timeout=60)
     assert time.monotonic() - started < 20
+    testing.wait_for(
+        lambda: [e["state"] for e in shoal.nodes()[0]["RuntimeEnvs"]] == ["failed"],
+        timeout=10,
+    )
     assert shoal.get(shoal.remote(lambda: 2).remote(), timeout=30) == 2
 
 

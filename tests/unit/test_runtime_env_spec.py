@@ -13,7 +13,7 @@ from shoal.runtime_env import RuntimeEnv, RuntimeEnvConfig
 from shoal.runtime_env._cache import EnvCache
 from shoal.runtime_env._excludes import Excludes
 from shoal.runtime_env._packaging import package_dir, package_zip, unpack
-from shoal.runtime_env._spec import describe, merge, validate
+from shoal.runtime_env._spec import check_wire, describe, merge, validate
 from shoal.runtime_env._state import env_key
 
 pytestmark = pytest.mark.timeout(20)
@@ -78,6 +78,34 @@ def test_runtime_env_classes_check_what_they_hold(tmp_path):
     assert describe({"env_vars": {"A": "1"}, "pip": {"packages": ["a", "b"]}}) == (
         "pip (a, b), env_vars (1)"
     )
+
+
+@pytest.mark.parametrize(
+    ("wire", "reason"),
+    [
+        ([], "must be a dict"),
+        ({"conda": "x"}, "no plugin for the runtime_env field 'conda'"),
+        ({"env_vars": {"A": 1}}, "env_vars must be a dict of str to str"),
+        ({"env_vars": {"SHOAL_WORKER_ID": "x"}}, "env_vars must be"),
+        ({"working_dir": "/etc"}, "working_dir must be a package URI"),
+        ({"py_modules": ["pkg://" + "a" * 32, 3]}, "py_modules must be"),
+        ({"pip": {"packages": "x"}}, "pip must be"),
+        ({"pip": {"packages": ["a"], "extra": 1}}, "pip must be"),
+        ({"excludes": "x"}, "excludes must be"),
+    ],
+)
+def test_nodes_refuse_malformed_wire_envs(wire, reason):
+    with pytest.raises(ValueError, match=reason):
+        check_wire(wire)
+    valid = {
+        "working_dir": "pkg://" + "a" * 32 + "/sub",
+        "py_modules": ["pkg://" + "b" * 32],
+        "pip": {"packages": ["x"], "pip_check": False, "pip_install_options": []},
+        "env_vars": {"A": "1"},
+        "excludes": ["*.log"],
+        "config": {"setup_timeout_seconds": 5},
+    }
+    assert check_wire(valid) is valid
 
 
 @pytest.mark.parametrize(
