@@ -395,19 +395,16 @@ class NodeManager:
                     self._act_sched(self.scheduler.handle(sch.ReturnLeaseEvent(a.worker_id)))
             elif isinstance(a, sch.Spill):
                 r = a.request
-                self.up.send(
-                    Message(
-                        M.SPILL_LEASE,
-                        {
-                            "w": r.owner,
-                            "r": r.req_id,
-                            "res": r.resources,
-                            "st": r.strategy,
-                            "avail": self.scheduler.available,
-                            "env": self.envs.spec(r.env) if r.env else None,
-                        },
-                    )
-                )
+                spill = {
+                    "w": r.owner,
+                    "r": r.req_id,
+                    "res": r.resources,
+                    "st": r.strategy,
+                    "avail": self.scheduler.available,
+                }
+                if r.env:
+                    spill["env"] = self.envs.spec(r.env)
+                self.up.send(Message(M.SPILL_LEASE, spill))
             elif isinstance(a, sch.Reject):
                 if a.actor_id is not None:
                     result: dict[str, Any] = {"aid": a.actor_id, "e": a.reason}

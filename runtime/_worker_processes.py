@@ -101,7 +101,8 @@ class WorkerProcesses:
             try:
                 self.zygote.spawn(wid.hex(), setup)
                 self.spawning.add(wid)
-                self.launches[wid] = launch
+                if launch is not None:
+                    self.launches[wid] = launch  # to start it again if the zygote goes
                 return
             except OSError:
                 self._zygote_gone()

@@ -364,3 +364,36 @@ def test_env_cache_survives_a_restart(make_cluster, make_wheel, cache, tmp_path)
     assert first == second == ("2.0", "cached", first[2])
     assert builds(cache) == 1  # the second cluster used the first one's environment
     assert os.stat(venv_ready[0]).st_mtime == ready_time
+
+
+def test_unused_entries_are_evicted_when_the_cache_is_over_its_bound(
+    make_cluster, cache, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SHOAL_RUNTIME_ENV_CACHE_BYTES", "1")  # every entry is too much
+    dirs = []
+    for name in ("first", "second"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / f"{name}_mod.py").write_text(f"NAME = {name!r}\n")
+        dirs.append(d)
+
+    def run_in(directory, module):
+        @shoal.remote(runtime_env={"working_dir": str(directory)})
+        def use(module):
+            import importlib
+            import os
+
+            return importlib.import_module(module).NAME, os.getcwd()
+
+        return shoal.get(use.remote(module), timeout=60)
+
+    make_cluster(num_cpus=1)
+    _, first_dir = run_in(dirs[0], "first_mod")
+    assert os.path.isdir(first_dir)  # in use by this node: kept though over the bound
+    shoal.shutdown()
+    make_cluster(num_cpus=1)
+    name, second_dir = run_in(dirs[1], "second_mod")
+    assert name == "second" and os.path.isdir(second_dir)
+    assert not os.path.exists(first_dir)  # nobody used it any more: evicted
+    kept = sorted(p for p in os.listdir(cache / "pkgs") if not p.endswith(".lock"))
+    assert kept == [os.path.basename(second_dir), os.path.basename(second_dir) + ".ready"]
