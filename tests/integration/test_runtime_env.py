@@ -222,15 +222,15 @@ def test_pip_env_is_built_once_for_concurrent_tasks(
 
         return shoal_t_wheel.VERSION, sys.prefix, numpy.__name__
 
+    # Six tasks, and an actor of another env (other variables) with the same requirements,
+    # all at once: one virtual environment is built, shared by both envs.
     refs = [where.remote() for _ in range(6)]
+    Holder = shoal.remote(runtime_env={**env, "env_vars": {"SHOAL_T_X": "1"}})(_holder_class())
+    holder = Holder.remote()
     results = shoal.get(refs, timeout=90)
     assert {r[0] for r in results} == {"1.5"}
     prefixes = {r[1] for r in results}
     assert len(prefixes) == 1 and prefixes.pop().startswith(str(cache / "venvs"))
-    assert builds(cache) == 1
-    # An actor with the same requirements uses the same environment: no second build.
-    Holder = shoal.remote(runtime_env={**env, "env_vars": {"SHOAL_T_X": "1"}})(_holder_class())
-    holder = Holder.remote()
     assert shoal.get(holder.version.remote(), timeout=60) == "1.5"
     assert builds(cache) == 1
     # The driver does not have the package: only the environment's workers do.
