@@ -19,10 +19,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -31,10 +27,10 @@ from typing import Any
 
 from .._protocol import Message, MsgType
 from ..exceptions import RuntimeEnvSetupError
-from ._cache import EnvCache, Timeout, default_root, max_cache_bytes
-from ._packaging import split_uri, unpack
+from ._cache import EnvCache, default_root, max_cache_bytes
 from ._plugin import WorkerLaunch
 from ._registry import ordered
+from ._setup import Setup, log_tail
 from ._spec import check_wire, describe, setup_timeout
 from ._state import ENV_VAR, env_key
 
@@ -46,7 +42,6 @@ FAILED_RETRY_SECONDS = 10.0
 # Workers of a ready env that may exit before registering, in a row, before it fails.
 START_FAILURES = 3
 BUILD_THREADS = 2
-LOG_TAIL_CHARS = 6000
 
 
 class _Env:
@@ -69,7 +64,7 @@ class _Env:
         self.since = time.monotonic()
         self.error = ""
         self.launch: WorkerLaunch | None = None
-        self.setup: _Setup | None = None
+        self.setup: Setup | None = None
         self.attempts = 0
         self.start_failures = 0  # workers that exited before registering, in a row
 
@@ -137,7 +132,7 @@ class EnvManager:
         env.start_failures = 0
         timeout = setup_timeout(env.wire)
         deadline = None if timeout is None else time.monotonic() + timeout
-        setup = env.setup = _Setup(self, key, deadline)
+        setup = env.setup = Setup(key, deadline, self.cache, self.fetch, self.children)
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 BUILD_THREADS, thread_name_prefix="shoal-env"
@@ -160,7 +155,7 @@ class EnvManager:
         env.start_failures += 1
         if env.start_failures < START_FAILURES:
             return
-        tail = _tail(log_path, 0)
+        tail = log_tail(log_path, 0)
         self._fail(
             env,
             f"its workers exit as they start ({reason}); the end of the last one's log "
@@ -220,7 +215,7 @@ class EnvManager:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self.cache.close()
 
-    def _built(self, env: _Env, setup: _Setup, future: concurrent.futures.Future[Any]) -> None:
+    def _built(self, env: _Env, setup: Setup, future: concurrent.futures.Future[Any]) -> None:
         if env.setup is not setup:
             return  # timed out (and reported) meanwhile
         env.setup = None
@@ -239,7 +234,7 @@ class EnvManager:
         self.on_ready(env.key)
         self.on_change()
 
-    def _timed_out(self, env: _Env, setup: _Setup, timeout: float) -> None:
+    def _timed_out(self, env: _Env, setup: Setup, timeout: float) -> None:
         if env.setup is not setup:
             return
         env.setup = None
@@ -284,7 +279,7 @@ class EnvManager:
             self.fetches.pop(uri, None)
 
     # -- building (a build thread) -----------------------------------------------------
-    def _build(self, wire: dict[str, Any], setup: _Setup) -> WorkerLaunch:
+    def _build(self, wire: dict[str, Any], setup: Setup) -> WorkerLaunch:
         plugins = ordered(wire)
         states = {}
         for name, plugin in plugins:
@@ -302,129 +297,3 @@ class EnvManager:
         except OSError as exc:
             log.warning("could not evict from the runtime env cache: %s", exc)
         return launch
-
-
-class _Setup:
-    """The SetupContext of one build (see _plugin.SetupContext)."""
-
-    def __init__(self, manager: EnvManager, key: str, deadline: float | None) -> None:
-        self.manager = manager
-        self.key = key
-        self.node_python = sys.executable
-        self.deadline = deadline
-        self.cancelled = False
-        self.procs: set[subprocess.Popen[bytes]] = set()
-        self._lock = threading.Lock()
-
-    def remaining(self) -> float:
-        if self.deadline is None:
-            return float("inf")
-        return max(0.0, self.deadline - time.monotonic())
-
-    def check(self) -> None:
-        if self.cancelled:
-            raise RuntimeEnvSetupError("its setup was stopped")
-        if self.remaining() <= 0:
-            raise RuntimeEnvSetupError("its setup ran out of time (setup_timeout_seconds)")
-
-    def _timeout(self) -> float | None:
-        return None if self.deadline is None else self.remaining()
-
-    def entry(self, kind: str, name: str) -> Any:
-        return _TimedEntry(self, kind, name)
-
-    def package(self, uri: str) -> str:
-        base, sub = split_uri(uri)
-        digest = base.removeprefix("pkg://")
-        with self.entry("pkgs", digest) as entry:
-            if not entry.ready:
-                data = self.manager.fetch(base, self._timeout())
-                self.check()
-                shutil.rmtree(entry.path, ignore_errors=True)
-                try:
-                    unpack(base, data, entry.path)
-                except (ValueError, OSError) as exc:
-                    raise RuntimeEnvSetupError(f"could not unpack {base}: {exc}") from None
-                entry.mark_ready()
-            return os.path.join(entry.path, *sub.split("/")) if sub else entry.path
-
-    def run(self, argv: list[str], log_path: str, env: dict[str, str] | None = None) -> int:
-        self.check()
-        guard = self.manager.children
-        with open(log_path, "ab") as out:
-            out.write(f"$ {' '.join(argv)}\n".encode())
-            out.flush()
-            with guard.child_lock:  # the node's reaper must not take this child's exit status
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,  # its own group: killed whole when time is up
-                    close_fds=True,
-                )
-                guard.other_children.add(proc.pid)
-        with self._lock:
-            self.procs.add(proc)
-        try:
-            while True:
-                try:
-                    return proc.wait(timeout=min(0.2, self._timeout() or 0.2))
-                except subprocess.TimeoutExpired:
-                    if self.cancelled or self.remaining() <= 0:
-                        _kill_group(proc)
-                        proc.wait()
-                        self.check()
-        finally:
-            with self._lock:
-                self.procs.discard(proc)
-            with guard.child_lock:
-                guard.other_children.discard(proc.pid)
-
-    def log_tail(self, log_path: str, since: int) -> str:
-        return _tail(log_path, since)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        with self._lock:
-            for proc in self.procs:
-                _kill_group(proc)
-
-
-class _TimedEntry:
-    """A cache entry held within the setup's deadline."""
-
-    def __init__(self, setup: _Setup, kind: str, name: str) -> None:
-        self.cm = setup.manager.cache.entry(
-            kind, name, setup.deadline, abort=lambda: setup.cancelled
-        )
-        self.setup = setup
-
-    def __enter__(self) -> Any:
-        try:
-            return self.cm.__enter__()
-        except Timeout:
-            raise RuntimeEnvSetupError(
-                "its setup ran out of time waiting for another build of the same environment"
-            ) from None
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self.cm.__exit__(*exc)
-
-
-def _tail(log_path: str, since: int) -> str:
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(since, os.fstat(f.fileno()).st_size - 4 * LOG_TAIL_CHARS))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return text[-LOG_TAIL_CHARS:].strip()
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
