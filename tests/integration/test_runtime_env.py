@@ -211,7 +211,7 @@ def test_pip_env_is_built_once_for_concurrent_tasks(
 ):
     wheel = make_wheel(tmp_path, "shoal_t_wheel", "1.5", "VERSION = '1.5'\n")
     make_cluster(num_cpus=2)
-    env = {"pip": [wheel]}
+    env = {"pip": {"packages": [wheel], "pip_install_options": ["--no-index"]}}
 
     @shoal.remote(runtime_env=env)
     def where():
@@ -334,7 +334,7 @@ def test_env_cache_survives_a_restart(make_cluster, make_wheel, cache, tmp_path)
     project = tmp_path / "project"
     project.mkdir()
     (project / "cached_helper.py").write_text("NAME = 'cached'\n")
-    env = {"pip": [wheel], "working_dir": str(project)}
+    env = {"pip": [wheel, "--no-index"], "working_dir": str(project)}  # an option line
 
     def run_once():
         @shoal.remote

@@ -83,7 +83,7 @@ def test_client_job_env_runs_on_a_node_in_another_network(
         "working_dir": str(project),
         "excludes": ["*.bin"],
         "py_modules": [str(modules / "hosts_single.py")],
-        "pip": [wheel],
+        "pip": {"packages": [wheel], "pip_install_options": ["--no-index"]},
         "env_vars": {"SHOAL_HOSTS_VAR": "job"},
     }
     key_file = str(hosts.dir / "cluster.key")
