@@ -17,6 +17,7 @@ from ._protocol import Message, MsgType
 from ._remote_function import _is_async, encode_call_args, make_returns
 from ._serialization import pickle_definition
 from ._task_submitter import STREAMING, TaskSpec, _Stream, encode_args
+from .runtime_env._state import call_env
 
 M = MsgType
 
@@ -60,6 +61,7 @@ class ActorClass:
         )
         self._pickled: list[Any] = _pickled if _pickled is not None else [None]
         self._meta = _method_meta(cls)
+        self._env_cache: list[Any] = [None]  # its runtime env, resolved at the first call
         self.__name__ = cls.__name__
         self.__qualname__ = cls.__qualname__
         self.__doc__ = cls.__doc__
@@ -70,6 +72,14 @@ class ActorClass:
         raise TypeError(
             f"actor class {self.__qualname__} cannot be instantiated directly; use {self.__name__}.remote(...)"
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The resolved env belongs to this process (another inherits another env).
+        return {k: v for k, v in self.__dict__.items() if k != "_env_cache"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._env_cache = [None]
 
     def options(self, **options: Any) -> ActorClass:
         return ActorClass(self._cls, {**self._options, **options}, self._pickled)
@@ -126,6 +136,9 @@ class ActorClass:
         tag = _worker_context.current_output_tag()
         if tag is not None:
             body["o"] = tag  # what __init__ prints goes to the cell that created the actor
+        runtime_env, _ = call_env(core, opts.get("runtime_env"), self._env_cache)
+        if runtime_env is not None:
+            body["env"] = runtime_env  # its worker is one of that env's
         # The actor may be placed on any node: its worker reads stored arguments by id.
         body["a"] = encode_args(core, spec, frames, local=False)
         handle_meta = {"cls": self._display_name, **meta}

@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING, Any
 from ._protocol import Message, MsgType
 from ._serialization import deserialize
 from ._task_submitter import STREAMING, TaskSpec, encode_args, is_local
-from .exceptions import ActorDiedError, TaskCancelledError
+from .exceptions import (
+    ActorDiedError,
+    ActorRuntimeEnvSetupError,
+    RuntimeEnvSetupError,
+    TaskCancelledError,
+)
 
 if TYPE_CHECKING:
     from ._core import CoreWorker
@@ -230,13 +235,16 @@ class ActorCaller:
             self.pending_creation.pop(aid, None)
             st.state = "DEAD"
             message = f"the actor {body.get('cls') or ''} ({aid.hex()[:12]}) died: {body.get('reason') or 'unknown reason'}"
+            error_class = ActorDiedError
             if frames:
                 try:
                     cause = deserialize(frames[0], list(frames[1:]))
                     message += f"\n\n{cause}"
+                    if isinstance(cause, RuntimeEnvSetupError):
+                        error_class = ActorRuntimeEnvSetupError
                 except Exception:
                     pass
-            st.death = ActorDiedError(message, aid.hex(), body.get("reason") or "")
+            st.death = error_class(message, aid.hex(), body.get("reason") or "")
             self._fail(st)
             if st.address:
                 self.core.tasks.close_connection(st.address)

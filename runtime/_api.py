@@ -101,9 +101,11 @@ def init(address: str | None = None, **kwargs: Any) -> ClusterContext:
     for key in kwargs:
         if key not in _INIT_ARGS:
             raise TypeError(f"init() got an unknown argument {key!r}")
-    from ._options import warn_not_yet
+    job_env = None
+    if kwargs.get("runtime_env") is not None:
+        from .runtime_env._spec import validate as validate_env
 
-    warn_not_yet("runtime_env", kwargs.get("runtime_env"))
+        job_env = validate_env(kwargs["runtime_env"])  # before anything starts
     with _init_lock:
         if _cluster is not None:
             if kwargs.get("ignore_reinit_error"):
@@ -126,6 +128,14 @@ def init(address: str | None = None, **kwargs: Any) -> ClusterContext:
                     )
             _cluster = _connect(address, namespace, kwargs.get("key_file"))
         core = _cluster.core
+        if job_env:
+            from .runtime_env._driver import set_job_env
+
+            try:
+                set_job_env(core, job_env)  # packages uploaded now: their errors show here
+            except BaseException:
+                shutdown()
+                raise
         _worker_context.set_core(core)
         if kwargs.get("log_to_driver", True):
             core.on_log = print_log_lines

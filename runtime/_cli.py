@@ -241,6 +241,33 @@ def _status(args: argparse.Namespace) -> None:
             )
             first = False
     console.print(table)
+    _print_runtime_envs(console, nodes)
+
+
+def _print_runtime_envs(console: Any, nodes: list[dict[str, Any]]) -> None:
+    """The runtime envs each node has set up, is setting up, or failed to set up."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = [(n, env) for n in nodes for env in n.get("RuntimeEnvs") or ()]
+    if not rows:
+        return
+    table = Table(title="Runtime environments")
+    for col in ("node", "env", "fields", "state", "workers", "error"):
+        table.add_column(col)
+    for node, env in rows:
+        state = env["state"]
+        if state == "building":
+            state = f"building ({env['for']:.0f} s)"
+        table.add_row(
+            node["NodeID"][:12],
+            env["key"][:12],
+            escape(env["what"]),
+            state,
+            str(env["workers"]),
+            escape(env.get("error") or ""),
+        )
+    console.print(table)
 
 
 def _memory(args: argparse.Namespace) -> None:

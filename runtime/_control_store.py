@@ -34,6 +34,9 @@ from . import _placement_groups as pgs
 from ._object_store import FreeCopies, LostObject, ObjectEntry, ObjectStore, ReplyObjects
 from ._protocol import Message, MsgType
 from ._resources import as_floats, describe, fits, subtract
+from ._serialization import serialize_error
+from .exceptions import RuntimeEnvSetupError
+from .runtime_env._package_store import PackageStore
 
 log = logging.getLogger("shoal.control")
 
@@ -84,6 +87,7 @@ class NodeInfo:
         self.pid = int(info.get("pid", 0))
         self.stats: dict[str, Any] = {}
         self.workers = 0
+        self.envs: list[dict[str, Any]] = []  # its runtime envs (being built, ready, failed)
         self.alive = True
         self.last_seen = time.monotonic()
         self.death_reason = ""
@@ -110,6 +114,8 @@ class ControlStore:
         self.on_exit_request: Callable[[], None] | None = None
         # Where the head's own node keeps each object (shared memory or spilled), for lists.
         self.local_places: Callable[[], dict[str, str]] | None = None
+        # Runtime env packages uploaded by drivers, fetched by nodes (set by the head).
+        self.packages: PackageStore | None = None
 
     # -- membership --------------------------------------------------------------------
     def add_node(self, node_id: bytes, link: NodeLink, info: dict[str, Any]) -> NodeInfo:
@@ -212,6 +218,7 @@ class ControlStore:
             node.total = {str(k): int(v) for k, v in body["res"].items()}
         node.stats = dict(body.get("store") or {})
         node.workers = int(body.get("workers", 0))
+        node.envs = list(body.get("envs") or [])
         if node.node_id != self.head_node:
             node.link.send(Message(M.PONG, {}))  # so that a node notices a dead head
 
@@ -275,17 +282,42 @@ class ControlStore:
             and not strategy.get("soft")
         )
         request = {"r": req, "res": res, "ns": True, "pin": pinned}
+        if body.get("env"):
+            request["env"] = body["env"]
         self.nodes[target].link.send(
             Message(M.TO_NODE, {"w": owner, "t": int(M.REQUEST_LEASE), "b": request})
         )
 
     def _n_actor_lease_result(self, node: NodeInfo, body: Any, frames: Any) -> None:
-        if body.get("e"):
+        rec = self.actors.actors.get(body["aid"])
+        if body.get("e") and body.get("env") and rec is not None:
+            # Its callers get the setup error itself (RuntimeEnvSetupError), as the cause.
+            error = RuntimeEnvSetupError(str(body["e"]))
+            rec.death_error = serialize_error(error).frames()
+            self._act_actors(
+                self.actors.lease_rejected(
+                    body["aid"], "its runtime environment could not be set up"
+                )
+            )
+        elif body.get("e"):
             self._act_actors(
                 self.actors.lease_rejected(body["aid"], "it cannot be scheduled: " + body["e"])
             )
         else:
             self._act_actors(self.actors.lease_granted(body["aid"], body["w"]))
+
+    def _n_package_fetch(self, node: NodeInfo, body: Any, frames: Any) -> None:
+        uri = str(body["uri"])
+        data = None
+        try:
+            data = self.packages.get(uri) if self.packages is not None else None
+            error = "" if data is not None else f"the head has no package {uri}"
+        except (ValueError, OSError) as exc:
+            error = str(exc)
+        if data is None:
+            node.link.send(Message(M.PACKAGE_DATA, {"uri": uri, "e": error}))
+        else:
+            node.link.send(Message(M.PACKAGE_DATA, {"uri": uri}, [data]))
 
     def _n_locate(self, node: NodeInfo, body: Any, frames: Any) -> None:
         self._act_directory(self.directory.get(node.node_id, 0, list(body["o"])))
@@ -341,6 +373,7 @@ class ControlStore:
         M.ROUTE: _n_route,
         M.SPILL_LEASE: _n_spill_lease,
         M.ACTOR_LEASE_RESULT: _n_actor_lease_result,
+        M.PACKAGE_FETCH: _n_package_fetch,
         M.LOCATE: _n_locate,
         M.OBJECT_SEALED: _n_object_sealed,
         M.OBJECT_COPIED: _n_object_copied,
@@ -625,6 +658,7 @@ class ControlStore:
                     "ObjectStore": node.stats,
                     "Address": node.address,
                     "IsHead": node.node_id == self.head_node,
+                    "RuntimeEnvs": node.envs if node.alive else [],
                     "DeathReason": node.death_reason,
                     "alive": node.alive,
                 }
@@ -660,6 +694,28 @@ class ControlStore:
         if driver is not None:
             self.send_to_process(driver, Message(M.LOG_LINES, body))
 
+    # -- runtime env packages (see runtime_env/_package_store.py) -----------------------
+    def _h_package_upload(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        reply: dict[str, Any] = {"r": body["r"]}
+        try:
+            if self.packages is None:
+                raise ValueError("this head keeps no packages")
+            if body.get("probe"):
+                reply["have"] = self.packages.has(str(body["uri"]))
+            elif len(frames) != 1:
+                raise ValueError("a package upload carries one buffer")
+            else:
+                self.packages.put(str(body["uri"]), frames[0])
+        except (ValueError, OSError) as exc:
+            reply["e"] = str(exc)
+        self.send_to_process(proc.wid, Message(M.REPLY, reply))
+
+    def _h_prepare_env(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        """eager_install: every node sets the job's env up now."""
+        for node in self.nodes.values():
+            if node.alive:
+                node.link.send(Message(M.PREPARE_ENV, {"env": body["env"]}))
+
     def _h_exit(self, proc: ProcInfo, body: Any, frames: Any) -> None:
         if proc.role == "driver" and body.get("stop_cluster") and self.on_exit_request:
             self.on_exit_request()
@@ -683,6 +739,8 @@ class ControlStore:
         M.CREATE_PG: _h_create_pg,
         M.REMOVE_PG: _h_remove_pg,
         M.PG_INFO: _h_pg_info,
+        M.PACKAGE_UPLOAD: _h_package_upload,
+        M.PREPARE_ENV: _h_prepare_env,
     }
 
     # -- actions -----------------------------------------------------------------------
@@ -714,9 +772,10 @@ class ControlStore:
                 )
             return
         subtract(self.nodes[target].available, a.resources)
-        self.nodes[target].link.send(
-            Message(M.ACTOR_LEASE, {"aid": a.actor_id, "res": a.resources})
-        )
+        lease = {"aid": a.actor_id, "res": a.resources}
+        if rec is not None and rec.creation[0].get("env"):
+            lease["env"] = rec.creation[0]["env"]
+        self.nodes[target].link.send(Message(M.ACTOR_LEASE, lease))
 
     def _act_directory(self, actions: list[Any]) -> None:
         for a in actions:

@@ -153,6 +153,9 @@ class CoreWorker:
         # A worker's way to hand back tasks queued behind the one that is about to block.
         self.on_block: Callable[[], None] | None = None
         self.on_log: Callable[[Any], None] | None = None
+        # The runtime env this process's work inherits: the job's (a driver) or its own (a
+        # worker); a runtime_env._state.EnvState, made on first use.
+        self.runtime_env: Any = None
 
         self.head = Connection(
             self.ctx,

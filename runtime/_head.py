@@ -36,6 +36,7 @@ from ._session import Session, clean_dead_sessions, remove_segments
 from ._shm import unlink
 from ._transport import Connection, LazyContext
 from ._zygote import Zygote, become_subreaper
+from .runtime_env._package_store import PackageStore
 
 log = logging.getLogger("shoal.head")
 
@@ -113,6 +114,7 @@ class Machine:
             self.control = ControlStore(node_id, self.loop.call_soon)
             self.control.on_exit_request = self.shutdown
             self.control.local_places = self._local_places
+            self.control.packages = PackageStore(os.path.join(session.path, "packages"))
             self.nm.up = _LoopLink(self.loop, self.control.on_node_message, node_id)
             self.control.add_node(
                 node_id, _LoopLink(self.loop, self.nm.on_control), self._node_info()
@@ -358,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         env["SHOAL_NODE_IP"] = node_ip  # workers also listen on tcp, for other nodes
     os.environ.update(env)
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    os.environ.pop("SHOAL_RUNTIME_ENV", None)  # a driver started inside a task had it
     zygote = None
     if os.environ.get("SHOAL_NO_ZYGOTE") != "1":
         try:

@@ -42,6 +42,7 @@ from ._transfer import STALL_SECONDS, ChunkServer, Pull, open_segment
 from ._transport import Connection, Listener
 from ._worker_processes import WorkerProcesses
 from ._zygote import Zygote
+from .runtime_env._manager import EnvManager
 
 log = logging.getLogger("shoal.node")
 
@@ -155,6 +156,16 @@ class NodeManager:
         self.by_wid: dict[bytes, _Peer] = {}
         self.next_job = 1
         self.workers = WorkerProcesses(self.loop, session.logs, zygote, self._worker_exited)
+        # Runtime envs: set up here in background threads, workers pooled by env key.
+        self.envs = EnvManager(
+            loop,
+            node_id.hex(),
+            lambda msg: self.up.send(msg),
+            self.workers,
+            lambda key: self._act_sched(self.scheduler.handle(sch.EnvReadyEvent(key))),
+            lambda key, why: self._act_sched(self.scheduler.handle(sch.EnvFailedEvent(key, why))),
+            self._resources_changed,
+        )
         self.exiting = False
         self.on_shutdown: Callable[[], None] | None = None
         # Reads of objects this node does not have yet: oid -> local readers waiting.
@@ -176,6 +187,7 @@ class NodeManager:
         self.loop.call_later(0.25, self._tick)
 
     def cleanup(self) -> None:
+        self.envs.close()
         self.workers.stop_all()
         for pull in self.pulls.values():
             pull.abort()
@@ -221,6 +233,7 @@ class NodeManager:
             "res": s.total,
             "store": self.store.stats(),
             "workers": len(s.workers),
+            "envs": self.envs.status(_count_by_env(s)),
         }
 
     def _send_update(self) -> None:
@@ -283,6 +296,9 @@ class NodeManager:
             else:
                 self._watch_pid(peer)
         else:
+            w = self.scheduler.worker(wid)
+            if w is not None and w.env:
+                self.envs.worker_started(w.env)
             # After the transport has accepted the peer, so that a grant made at once can
             # already send to it.
             self.loop.call_soon(
@@ -337,6 +353,10 @@ class NodeManager:
             self.on_shutdown()
 
     def _worker_exited(self, wid: bytes, reason: str) -> None:
+        w = self.scheduler.worker(wid)
+        if w is not None and w.state == "starting" and w.env:
+            log_path = os.path.join(self.session.logs, f"worker-{wid.hex()}.log")
+            self.envs.worker_failed(w.env, reason, log_path)
         self._process_gone(wid, reason, True)
         self._act_sched(self.scheduler.handle(sch.WorkerExitedEvent(wid, reason)))
 
@@ -375,29 +395,35 @@ class NodeManager:
                     self._act_sched(self.scheduler.handle(sch.ReturnLeaseEvent(a.worker_id)))
             elif isinstance(a, sch.Spill):
                 r = a.request
-                self.up.send(
-                    Message(
-                        M.SPILL_LEASE,
-                        {
-                            "w": r.owner,
-                            "r": r.req_id,
-                            "res": r.resources,
-                            "st": r.strategy,
-                            "avail": self.scheduler.available,
-                        },
-                    )
-                )
+                spill = {
+                    "w": r.owner,
+                    "r": r.req_id,
+                    "res": r.resources,
+                    "st": r.strategy,
+                    "avail": self.scheduler.available,
+                }
+                if r.env:
+                    spill["env"] = self.envs.spec(r.env)
+                self.up.send(Message(M.SPILL_LEASE, spill))
             elif isinstance(a, sch.Reject):
                 if a.actor_id is not None:
-                    self.up.send(Message(M.ACTOR_LEASE_RESULT, {"aid": a.actor_id, "e": a.reason}))
+                    result: dict[str, Any] = {"aid": a.actor_id, "e": a.reason}
+                    if a.env_failed:
+                        result["env"] = True
+                    self.up.send(Message(M.ACTOR_LEASE_RESULT, result))
                 else:
-                    self.send(a.owner, Message(M.LEASE_FAILED, {"r": a.req_id, "e": a.reason}))
+                    failed: dict[str, Any] = {"r": a.req_id, "e": a.reason}
+                    if a.env_failed:
+                        failed["env"] = True
+                    self.send(a.owner, Message(M.LEASE_FAILED, failed))
             elif isinstance(a, sch.Revoke):
                 self.send(a.owner, Message(M.LEASE_REVOKE, {"w": a.worker_id}))
             elif isinstance(a, sch.Queued):
                 self.send(a.owner, Message(M.LEASE_QUEUED, {"r": a.req_id}))
             elif isinstance(a, sch.StartWorker):
-                self.workers.start(a.worker_id)
+                self.workers.start(a.worker_id, self.envs.launch(a.env) if a.env else None)
+            elif isinstance(a, sch.PrepareEnv):
+                self.envs.prepare(a.env)
             elif isinstance(a, sch.KillWorker):
                 changed = True
                 self.workers.kill(a.worker_id)
@@ -472,13 +498,37 @@ class NodeManager:
             # Affinity to this very node: it waits here (hard), or may go elsewhere later.
             pinned = not strategy.get("soft")
             nospill, strategy = True, None
+        env = self._lease_env(body, wid)
+        if env is None:
+            return
         self._act_sched(
             self.scheduler.handle(
                 sch.RequestLeaseEvent(
-                    wid, int(body["r"]), res, None, nospill, strategy, pinned=pinned
+                    wid, int(body["r"]), res, None, nospill, strategy, pinned=pinned, env=env
                 )
             )
         )
+
+    def _lease_env(self, body: Any, owner: bytes = b"", actor: bytes | None = None) -> str | None:
+        """The key of the runtime env a lease asks for ("": none); None when it failed here
+        a moment ago (the request is refused at once, with that error)."""
+        if not body.get("env"):
+            return ""
+        try:
+            key = self.envs.key_of(body["env"])
+            error = self.envs.failure(key)
+        except (ValueError, TypeError) as exc:  # malformed, or a field it has no plugin for
+            error = (
+                f"the runtime environment cannot be set up on node {self.node_id.hex()[:12]}: {exc}"
+            )
+        else:
+            if error is None:
+                return key
+        if actor is not None:
+            self.up.send(Message(M.ACTOR_LEASE_RESULT, {"aid": actor, "e": error, "env": True}))
+        else:
+            self.send(owner, Message(M.LEASE_FAILED, {"r": body["r"], "e": error, "env": True}))
+        return None
 
     def _h_cancel_lease_request(self, wid: bytes, body: Any, frames: Any) -> None:
         self._act_sched(self.scheduler.handle(sch.CancelLeaseRequestEvent(wid, int(body["r"]))))
@@ -813,11 +863,17 @@ class NodeManager:
                 self._free_objects(list(body["o"]))
             elif msg.type == M.ACTOR_LEASE:
                 res = {str(k): int(v) for k, v in body["res"].items()}
-                self._act_sched(
-                    self.scheduler.handle(
-                        sch.RequestLeaseEvent(b"", 0, res, body["aid"], nospill=True)
+                env = self._lease_env(body, actor=body["aid"])
+                if env is not None:
+                    self._act_sched(
+                        self.scheduler.handle(
+                            sch.RequestLeaseEvent(b"", 0, res, body["aid"], nospill=True, env=env)
+                        )
                     )
-                )
+            elif msg.type == M.PACKAGE_DATA:
+                self.envs.on_package(body, msg.frames)
+            elif msg.type == M.PREPARE_ENV:
+                self.envs.prepare(self.envs.key_of(body["env"]))
             elif msg.type == M.BUNDLE_RESERVE:
                 self._reserve_bundle(body)
             elif msg.type == M.BUNDLE_RELEASE:
@@ -849,6 +905,13 @@ class NodeManager:
         self._act_sched(s.remove_group(body["pg"].hex()))
         _placement.release_bundle(s.total, s.available, body["pg"], int(body["i"]), bundle)
         self._resources_changed()
+
+
+def _count_by_env(s: sch.NodeScheduler) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for w in s.workers.values():
+        counts[w.env] = counts.get(w.env, 0) + 1
+    return counts
 
 
 def _spill_file(src: str, dst: str) -> str | None:

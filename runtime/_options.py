@@ -47,7 +47,6 @@ METHOD_OPTIONS = {
 # Options accepted for compatibility with Ray code that have no effect yet; a warning says
 # so once per option, rather than silently doing nothing.
 _NOT_YET = {
-    "runtime_env": "runtime environments are not supported yet; the task runs in the worker's environment",
     "max_restarts": "actors are not restarted yet; a dead actor stays dead",
     "max_task_retries": "actor calls are not retried yet",
     "max_calls": "workers are not recycled after max_calls yet",
@@ -129,6 +128,12 @@ def validate(options: dict[str, Any], allowed: set[str], what: str) -> dict[str,
         raise ValueError(
             f"scheduling_strategy must be 'DEFAULT', 'SPREAD' or a strategy object, got {strategy!r}"
         )
+    if options.get("runtime_env") is not None:
+        from .runtime_env._spec import validate as validate_env
+
+        # Checked and normalized now (paths made absolute, requirement files read), so that
+        # a missing directory or a typo in a field is reported at the decorator.
+        options["runtime_env"] = validate_env(options["runtime_env"])
     # Resources are checked now too, so errors point at the decorator.
     resource_request(options, default_cpus=1)
     return options

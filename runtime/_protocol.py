@@ -128,6 +128,11 @@ class MsgType(enum.IntEnum):
     CHUNK_ACK = 90
     PING = 91
     PONG = 92
+    # runtime environments (runtime_env/): packages through the head, eager builds
+    PACKAGE_UPLOAD = 120
+    PACKAGE_FETCH = 121
+    PACKAGE_DATA = 122
+    PREPARE_ENV = 123
 
 
 _MSG_TYPES = {int(t): t for t in MsgType}  # a dict look-up is 10x cheaper than MsgType(n)

@@ -10,6 +10,7 @@ from ._options import TASK_OPTIONS, resource_request, scheduling, validate
 from ._refs import ObjectRef, ObjectRefGenerator
 from ._serialization import check_picklable, pickle_definition
 from ._task_submitter import STREAMING, TaskSpec
+from .runtime_env._state import call_env
 
 
 def encode_call_args(
@@ -106,6 +107,7 @@ class RemoteFunction:
         self._function = fn
         self._options = validate(dict(options), TASK_OPTIONS, f"@remote on {fn.__qualname__}")
         self._pickled = _pickled if _pickled is not None else [None]  # shared by .options() copies
+        self._env_cache: list[Any] = [None]  # its runtime env, resolved at the first call
         self._resources = resource_request(self._options, default_cpus=1)
         self._scheduling = scheduling(self._options, self._resources)
         self.__name__ = getattr(fn, "__name__", "task")
@@ -120,6 +122,14 @@ class RemoteFunction:
             f"remote function {self.__qualname__} cannot be called directly; "
             f"use {self.__name__}.remote(...) to run it as a task"
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The resolved env belongs to this process (another inherits another env).
+        return {k: v for k, v in self.__dict__.items() if k != "_env_cache"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._env_cache = [None]
 
     def options(self, **options: Any) -> RemoteFunction:
         merged = {**self._options, **options}
@@ -149,7 +159,12 @@ class RemoteFunction:
         nr = opts.get("num_returns", 1)
         spec.num_returns = STREAMING if nr == "streaming" else nr
         spec.resources, spec.strategy = self._scheduling
-        spec.key = (tuple(sorted(spec.resources.items())), _strategy_key(spec.strategy))
+        spec.runtime_env, spec.env_key = call_env(core, opts.get("runtime_env"), self._env_cache)
+        spec.key = (
+            tuple(sorted(spec.resources.items())),
+            _strategy_key(spec.strategy),
+            spec.env_key,
+        )
         spec.max_retries = opts.get("max_retries", _config.DEFAULT_MAX_RETRIES)
         re = opts.get("retry_exceptions", False)
         spec.retry_exceptions = tuple(re) if isinstance(re, (list, tuple)) else bool(re)

@@ -44,6 +44,18 @@ class RuntimeContext:
         return list(_worker_context.current.gpu_ids or [])
 
     @property
+    def runtime_env(self) -> Any:
+        """The runtime env this driver's work, or this task or actor, runs with (a
+        ``shoal.runtime_env.RuntimeEnv``; packages appear as their ``pkg://`` URIs)."""
+        from .runtime_env import RuntimeEnv
+        from .runtime_env._state import state_of
+
+        return RuntimeEnv._from_wire(state_of(self._core).wire)
+
+    def get_runtime_env_string(self) -> str:
+        return str(self.runtime_env.to_json())
+
+    @property
     def namespace(self) -> str:
         return str(self._core.namespace)
 

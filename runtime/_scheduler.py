@@ -37,6 +37,7 @@ class RequestLeaseEvent:
     strategy: object = None  # "SPREAD" or a node-affinity dict: the control store decides
     queued_at: float = 0.0
     pinned: bool = False  # hard node affinity to this node: it never spills elsewhere
+    env: str = ""  # the runtime env's key: only a worker of that env will do ("": default)
 
 
 @dataclass
@@ -82,6 +83,19 @@ class TickEvent:
     pass
 
 
+@dataclass
+class EnvReadyEvent:
+    """The runtime env ``env`` is set up on this node: its workers can start."""
+
+    env: str
+
+
+@dataclass
+class EnvFailedEvent:
+    env: str
+    reason: str
+
+
 Event = (
     RequestLeaseEvent
     | CancelLeaseRequestEvent
@@ -92,6 +106,8 @@ Event = (
     | WorkerUnblockedEvent
     | OwnerGoneEvent
     | TickEvent
+    | EnvReadyEvent
+    | EnvFailedEvent
 )
 
 
@@ -111,6 +127,7 @@ class Reject:
     req_id: int
     reason: str
     actor_id: bytes | None
+    env_failed: bool = False  # its runtime env could not be set up (reason says why)
 
 
 @dataclass
@@ -140,6 +157,15 @@ class Spill:
 @dataclass
 class StartWorker:
     worker_id: bytes
+    env: str = ""
+
+
+@dataclass
+class PrepareEnv:
+    """Set up runtime env ``env`` on this node (work waits for it); EnvReady/EnvFailed
+    follow."""
+
+    env: str
 
 
 @dataclass
@@ -155,7 +181,17 @@ class NotifyWorkerLost:
     actor_id: bytes | None
 
 
-Action = Grant | Reject | Queued | Revoke | Spill | StartWorker | KillWorker | NotifyWorkerLost
+Action = (
+    Grant
+    | Reject
+    | Queued
+    | Revoke
+    | Spill
+    | StartWorker
+    | KillWorker
+    | NotifyWorkerLost
+    | PrepareEnv
+)
 
 
 @dataclass
@@ -170,6 +206,7 @@ class _Worker:
     blocked: bool = False
     idle_since: float = 0.0
     revoked: bool = False  # its owner was asked to give it back
+    env: str = ""  # the runtime env it was started in
 
 
 class NodeScheduler:
@@ -197,6 +234,9 @@ class NodeScheduler:
         # store instead of waiting here (spillback), unless it sent them here.
         self.cluster = cluster
         self._told_queued: set[int] = set()  # ids of pending requests whose owner knows
+        # Runtime envs whose workers can start, and those asked for (PrepareEnv sent).
+        self.envs_ready: set[str] = {""}
+        self.envs_asked: set[str] = set()
 
     # -- queries -----------------------------------------------------------------------
     def count(self, state: str) -> int:
@@ -240,6 +280,9 @@ class NodeScheduler:
                 return actions
             event.queued_at = self.clock()
             self.pending.append(event)
+            if event.env not in self.envs_ready and event.env not in self.envs_asked:
+                self.envs_asked.add(event.env)
+                actions.append(PrepareEnv(event.env))
         elif isinstance(event, CancelLeaseRequestEvent):
             self.pending = [
                 r for r in self.pending if not (r.owner == event.owner and r.req_id == event.req_id)
@@ -283,6 +326,20 @@ class NodeScheduler:
             actions.extend(self._reap_idle())
             if self.cluster:
                 actions.extend(self._respill())
+        elif isinstance(event, EnvReadyEvent):
+            self.envs_ready.add(event.env)
+            self.envs_asked.discard(event.env)
+        elif isinstance(event, EnvFailedEvent):
+            self.envs_asked.discard(event.env)
+            self.envs_ready.discard(event.env)
+            keep = []
+            for r in self.pending:
+                if r.env == event.env:
+                    self._told_queued.discard(id(r))
+                    actions.append(Reject(r.owner, r.req_id, event.reason, r.actor_id, True))
+                else:
+                    keep.append(r)
+            self.pending = keep
         self._schedule(actions)
         return actions
 
@@ -310,10 +367,10 @@ class NodeScheduler:
     def _infeasible(self, needed: Resources) -> str:
         return f"it asks for {describe(needed)} but this cluster has {describe(self.total)} in all"
 
-    def _new_worker(self) -> StartWorker:
+    def _new_worker(self, env: str = "") -> StartWorker:
         wid = os.urandom(8)
-        self.workers[wid] = _Worker(wid)
-        return StartWorker(wid)
+        self.workers[wid] = _Worker(wid, env=env)
+        return StartWorker(wid, env)
 
     def _release(self, w: _Worker) -> None:
         # Resources of a placement group bundle released meanwhile are gone: skip them.
@@ -336,21 +393,30 @@ class NodeScheduler:
 
     def _schedule(self, actions: list[Action]) -> None:
         if not self.pending:
-            self._replenish(actions, 0)
+            self._replenish(actions, {})
             return
-        idle = [w for w in self.workers.values() if w.state == "idle"]
-        waiting = 0
+        idle: dict[str, list[_Worker]] = {}
+        for w in self.workers.values():
+            if w.state == "idle":
+                idle.setdefault(w.env, []).append(w)
+        waiting: dict[str, int] = {}  # requests that fit but lack a worker, by env
+        for_env = 0  # requests whose runtime env is being set up
         still_pending = []
         for req in self.pending:
+            if req.env not in self.envs_ready:
+                still_pending.append(req)
+                for_env += 1
+                continue
             if not fits(self.available, req.resources):
                 still_pending.append(req)
                 if req.actor_id is None and id(req) not in self._told_queued:
                     self._told_queued.add(id(req))
                     actions.append(Queued(req.owner, req.req_id))
                 continue
-            if not idle:
+            pool = idle.get(req.env)
+            if not pool:
                 still_pending.append(req)
-                waiting += 1
+                waiting[req.env] = waiting.get(req.env, 0) + 1
                 continue
             gpu_ids: list[int] = []
             if req.resources.get("GPU"):
@@ -359,14 +425,14 @@ class NodeScheduler:
                     still_pending.append(req)
                     continue
                 gpu_ids = got
-            w = idle.pop()
+            w = pool.pop()
             self._told_queued.discard(id(req))
             subtract(self.available, req.resources)
             w.state, w.owner, w.req_id = "leased", req.owner, req.req_id
             w.resources, w.gpu_ids, w.actor_id = dict(req.resources), gpu_ids, req.actor_id
             actions.append(Grant(req.owner, req.req_id, w.worker_id, gpu_ids, req.actor_id))
         self.pending = still_pending
-        if len(still_pending) > waiting:
+        if len(still_pending) - for_env > sum(waiting.values()):
             # Some requests wait for resources: owners keep idle leases for a moment to
             # save a round trip, so ask for them back now.
             for w in self.workers.values():
@@ -375,14 +441,39 @@ class NodeScheduler:
                     actions.append(Revoke(w.owner, w.worker_id))
         self._replenish(actions, waiting)
 
-    def _replenish(self, actions: list[Action], waiting: int) -> None:
-        """Start workers for grantable requests that lack one, and keep the pool full."""
-        starting = self.count("starting")
+    def _replenish(self, actions: list[Action], waiting: dict[str, int]) -> None:
+        """Start workers for grantable requests that lack one, and keep the pool full.
+
+        The pool (``pool_size`` workers) is of the default env. A worker of another env is
+        started only for a request that waits for it; when that would make more task
+        workers than the pool's size, an idle worker of another env makes room (the oldest
+        idle first), so that many envs do not mean many idle processes.
+        """
+        starting: dict[str, int] = {}
+        for w in self.workers.values():
+            if w.state == "starting":
+                starting[w.env] = starting.get(w.env, 0) + 1
         task_workers = sum(1 for w in self.workers.values() if w.actor_id is None)
-        want = max(waiting - starting, self.pool_size - task_workers)
-        room = self.max_workers - len(self.workers)
-        for _ in range(max(0, min(want, room))):
-            actions.append(self._new_worker())
+        # Work that waits first; the default pool is topped up last, with what room is left.
+        for env in [*sorted(e for e in waiting if e), ""]:
+            want = waiting.get(env, 0) - starting.get(env, 0)
+            if env == "":
+                want = max(want, self.pool_size - task_workers)
+            for _ in range(max(0, want)):
+                if len(self.workers) >= self.max_workers:
+                    return
+                if waiting.get(env, 0) and task_workers >= self.pool_size:
+                    victim = self._idle_of_other_env(env)
+                    if victim is not None:
+                        del self.workers[victim.worker_id]
+                        actions.append(KillWorker(victim.worker_id))
+                        task_workers -= 1
+                actions.append(self._new_worker(env))
+                task_workers += 1
+
+    def _idle_of_other_env(self, env: str) -> _Worker | None:
+        idle = [w for w in self.workers.values() if w.state == "idle" and w.env != env]
+        return min(idle, key=lambda w: w.idle_since) if idle else None
 
     def _respill(self) -> list[Action]:
         """Requests that have waited here a while for resources ask the control store again:

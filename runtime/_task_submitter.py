@@ -26,6 +26,7 @@ from ._serialization import SerializedValue
 from ._transport import Connection
 from .exceptions import (
     GetTimeoutError,
+    RuntimeEnvSetupError,
     TaskCancelledError,
     TaskUnschedulableError,
     WorkerCrashedError,
@@ -60,6 +61,7 @@ class TaskSpec:
         "attempts",
         "cancelled",
         "deps",
+        "env_key",
         "fn_bytes",
         "fn_hash",
         "job",
@@ -76,6 +78,7 @@ class TaskSpec:
         "strategy",
         "retry_exceptions",
         "return_ids",
+        "runtime_env",
         "task_id",
         "worker",
     )
@@ -104,6 +107,9 @@ class TaskSpec:
         self.parent: bytes | None = None
         self.worker: bytes | None = None
         self.out_tag: int | None = None  # the notebook cell it belongs to (_worker_context)
+        # Its runtime env as it travels (None: the node's default) and that env's key.
+        self.runtime_env: dict[str, Any] | None = None
+        self.env_key = ""
 
 
 def encode_args(
@@ -176,11 +182,25 @@ class _Lease:
 class _Key:
     """The queue and leases of one resource shape."""
 
-    __slots__ = ("leases", "queue", "queued_at_head", "requests", "resources", "strategy")
+    __slots__ = (
+        "leases",
+        "queue",
+        "queued_at_head",
+        "requests",
+        "resources",
+        "runtime_env",
+        "strategy",
+    )
 
-    def __init__(self, resources: dict[str, int], strategy: Any = None) -> None:
+    def __init__(
+        self,
+        resources: dict[str, int],
+        strategy: Any = None,
+        runtime_env: dict[str, Any] | None = None,
+    ) -> None:
         self.resources = resources
         self.strategy = strategy
+        self.runtime_env = runtime_env  # leases of this key are of workers of this env
         self.queue: collections.deque[TaskSpec] = collections.deque()
         self.leases: dict[bytes, _Lease] = {}
         self.requests = 0
@@ -281,6 +301,9 @@ class TaskSubmitter:
                     continue
                 if any(limit.get(k, 0) < v for k, v in spec.resources.items()):
                     continue
+                own = self.core.runtime_env
+                if spec.env_key != (own.key if own is not None else ""):
+                    continue  # it needs a worker of another runtime env
                 key = self.keys.get(spec.key)
                 if key is None or spec not in key.queue:
                     continue  # still waiting for its arguments
@@ -371,7 +394,7 @@ class TaskSubmitter:
             return
         key = self.keys.get(spec.key)
         if key is None:
-            key = self.keys[spec.key] = _Key(spec.resources, spec.strategy)
+            key = self.keys[spec.key] = _Key(spec.resources, spec.strategy, spec.runtime_env)
         key.queue.append(spec)
         self._pump(key)
 
@@ -401,6 +424,8 @@ class TaskSubmitter:
             body: dict[str, Any] = {"r": rid, "res": key.resources}
             if key.strategy is not None:
                 body["st"] = key.strategy
+            if key.runtime_env is not None:
+                body["env"] = key.runtime_env
             self.core.head.send(Message(M.REQUEST_LEASE, body))
         if not queue:
             for lease in list(key.leases.values()):
@@ -511,7 +536,9 @@ class TaskSubmitter:
                 return
             key.requests -= 1
             key.queued_at_head.discard(body["r"])
-            err = TaskUnschedulableError(f"this task can never run: {body['e']}")
+            err: Exception = TaskUnschedulableError(f"this task can never run: {body['e']}")
+            if body.get("env"):
+                err = RuntimeEnvSetupError(body["e"])
             while key.queue:
                 spec = key.queue.popleft()
                 self._finish(spec, [("x", err)] * max(1, len(spec.return_ids)))

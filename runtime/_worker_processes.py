@@ -15,8 +15,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import _config
 from ._ioloop import IOLoop
@@ -76,26 +78,44 @@ class WorkerProcesses:
         self.fds: dict[bytes, int] = {}
         self.spawning: set[bytes] = set()  # asked of the zygote, pid not known yet
         self.env = dict(os.environ)
+        # Children that are not workers (runtime env builds run pip): reap_strays leaves
+        # them to their own wait. Taken by whoever starts one, until it is registered.
+        self.child_lock = threading.Lock()
+        self.other_children: set[int] = set()
+        self.launches: dict[bytes, Any] = {}  # for workers asked of the zygote
         if zygote is not None:
             loop.add_reader(zygote.replies, self._zygote_replies)
 
     def known(self, wid: bytes) -> bool:
         return wid in self.procs or wid in self.spawning
 
-    def start(self, wid: bytes) -> None:
-        if self.zygote is not None:
+    def start(self, wid: bytes, launch: Any = None) -> None:
+        """Start worker ``wid``; ``launch`` (a runtime_env WorkerLaunch) says how, for a
+        worker of a runtime env: forked from the zygote and set up there, unless it needs
+        an interpreter of its own."""
+        needs_exec = launch is not None and launch.needs_exec()
+        if self.zygote is not None and not needs_exec:
+            setup = None
+            if launch is not None:
+                setup = {"env": launch.env, "cwd": launch.cwd, "path": launch.path}
             try:
-                self.zygote.spawn(wid.hex())
+                self.zygote.spawn(wid.hex(), setup)
                 self.spawning.add(wid)
+                if launch is not None:
+                    self.launches[wid] = launch  # to start it again if the zygote goes
                 return
             except OSError:
                 self._zygote_gone()
         env = dict(self.env)
+        if launch is not None:
+            env.update(launch.env)
         env["SHOAL_WORKER_ID"] = wid.hex()
+        python = launch.python if launch is not None and launch.python else sys.executable
         with open(os.path.join(self.logs_dir, f"worker-{wid.hex()}.log"), "ab") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "shoal._worker"],
+                [python, "-m", "shoal._worker"],
                 env=env,
+                cwd=launch.cwd if launch is not None else None,
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -114,17 +134,19 @@ class WorkerProcesses:
         known = {p.pid for p in self.procs.values()}
         if self.zygote is not None:
             known.add(self.zygote.pid)
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return
-            if info is None or info.si_pid in known:
-                return
-            try:
-                os.waitpid(info.si_pid, 0)
-            except ChildProcessError:
-                return
+        with self.child_lock:
+            known |= self.other_children
+            while True:
+                try:
+                    info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                except ChildProcessError:
+                    return
+                if info is None or info.si_pid in known:
+                    return
+                try:
+                    os.waitpid(info.si_pid, 0)
+                except ChildProcessError:
+                    return
 
     def stop_all(self) -> None:
         """SIGTERM every worker, wait a little, SIGKILL the rest; stop the zygote."""
@@ -168,6 +190,7 @@ class WorkerProcesses:
         for worker_hex, pid in replies:
             wid = bytes.fromhex(worker_hex)
             self.spawning.discard(wid)
+            self.launches.pop(wid, None)
             try:
                 self._watch(wid, pid)
             except OSError:  # gone already
@@ -183,14 +206,16 @@ class WorkerProcesses:
         self.zygote = None
         pending, self.spawning = self.spawning, set()
         for wid in pending:
-            self.start(wid)
+            self.start(wid, self.launches.pop(wid, None))
 
 
 _PR_SET_PDEATHSIG = 1
+# Loaded here, not in the child: between fork and exec a child may not take locks that
+# another thread of the head (a runtime env build) may have held at the fork (dlopen's).
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _die_with_parent() -> None:
     """In a child before exec: get SIGKILL when the head dies, however it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.setpgid(0, 0)

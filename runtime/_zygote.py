@@ -2,7 +2,7 @@
 
     head (a child subreaper) --fork at start-up--> zygote: imports shoal._worker, then
         waits on a pipe; it has no threads and no zmq context, so forking it is safe
-    head --"<worker id>\\n"--> zygote --fork--> helper --fork--> worker
+    head --"<worker id> [setup]\\n"--> zygote --fork--> helper --fork--> worker
         the helper reports "<worker id> <pid>" and exits at once, so the worker is
         re-parented to the head (PR_SET_CHILD_SUBREAPER): the head reaps it and reads its
         exit status like any child's, and the worker's parent-death signal follows the head
@@ -16,10 +16,12 @@ of the delay before a new actor or a blocked task's extra worker can run. (Pytho
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import sys
 import time
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -56,8 +58,11 @@ class Zygote:
         self.replies = resp_r
         self._buffer = b""
 
-    def spawn(self, worker_hex: str) -> None:
-        os.write(self.requests, f"{worker_hex}\n".encode())
+    def spawn(self, worker_hex: str, setup: dict[str, Any] | None = None) -> None:
+        """Ask for a worker; ``setup`` (a runtime env's variables, working directory and
+        import path) is applied in the worker before it starts."""
+        line = worker_hex if setup is None else f"{worker_hex} {json.dumps(setup)}"
+        os.write(self.requests, f"{line}\n".encode())
 
     def read_replies(self) -> list[tuple[str, int]] | None:
         """Started workers as (worker id hex, pid); None once the zygote is gone."""
@@ -101,20 +106,20 @@ def _zygote_main(requests: int, replies: int, head_pid: int, logs_dir: str) -> N
         buffer += data
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
-            worker_hex = line.decode()
+            worker_hex, _, setup = line.decode().partition(" ")
             helper = os.fork()
             if helper == 0:
                 worker = os.fork()
                 if worker == 0:
                     os.close(requests)
                     os.close(replies)
-                    _become_worker(worker_hex, head_pid, logs_dir)
+                    _become_worker(worker_hex, head_pid, logs_dir, setup)
                 os.write(replies, f"{worker_hex} {worker}\n".encode())
                 os._exit(0)
             os.waitpid(helper, 0)
 
 
-def _become_worker(worker_hex: str, head_pid: int, logs_dir: str) -> None:
+def _become_worker(worker_hex: str, head_pid: int, logs_dir: str, setup: str) -> None:
     code = 1
     try:
         # The helper exits right after forking us; wait to be the head's child before
@@ -139,6 +144,8 @@ def _become_worker(worker_hex: str, head_pid: int, logs_dir: str) -> None:
         os.dup2(log_fd, 2)
         os.closerange(3, 1 << 16)
         os.environ["SHOAL_WORKER_ID"] = worker_hex
+        if setup:
+            _apply_setup(json.loads(setup))
         from shoal._worker import main
 
         main()
@@ -150,3 +157,11 @@ def _become_worker(worker_hex: str, head_pid: int, logs_dir: str) -> None:
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+def _apply_setup(setup: dict[str, Any]) -> None:
+    """A runtime env, in a forked worker: what a fresh process would get at its start."""
+    os.environ.update(setup.get("env") or {})
+    if setup.get("cwd"):
+        os.chdir(setup["cwd"])
+    sys.path[0:0] = list(setup.get("path") or [])

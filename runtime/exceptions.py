@@ -173,4 +173,12 @@ class TaskUnschedulableError(ShoalError):
 
 
 class RuntimeEnvSetupError(ShoalError):
-    """The runtime environment could not be set up."""
+    """The runtime environment of a task or actor could not be set up on a node (a
+    requirement that pip cannot install, a package that cannot be fetched, a setup that
+    took longer than ``setup_timeout_seconds``). The message carries the node's reason,
+    with the end of pip's output."""
+
+
+class ActorRuntimeEnvSetupError(RuntimeEnvSetupError, ActorDiedError):
+    """What calls on an actor whose runtime environment could not be set up raise: both a
+    RuntimeEnvSetupError and an ActorDiedError (the actor never started)."""

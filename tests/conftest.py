@@ -11,6 +11,8 @@
   test's own, shut down and leak-checked at teardown.
 - ``start_driver`` / ``run_driver``: driver scripts in subprocesses, killed at teardown.
 - ``shoal_cli``: runs the ``shoal`` command line.
+- ``make_wheel(directory, name, version, source)``: a pure-Python wheel written directly, for
+  runtime_env pip tests that must not touch the network.
 - ``gate``, ``wait_path`` and ``rendezvous``: cross-process synchronisation through files, so
   that tests release tasks instead of sleeping. A gate still closed at teardown is opened,
   so a failed test never leaves a task holding a CPU.
@@ -545,3 +547,39 @@ def shoal_cli(
         )
 
     return run
+
+
+# -------------------------------------------------------------------------------- wheels
+
+
+def _write_wheel(directory: Path, name: str, version: str, source: str) -> str:
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": source,
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: shoal-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for path, text in files.items():
+        digest = hashlib.sha256(text.encode()).digest()
+        encoded = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        record.append(f"{path},sha256={encoded},{len(text.encode())}")
+    files[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
+    path = Path(directory) / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, text in files.items():
+            zf.writestr(member, text)
+    return str(path)
+
+
+@pytest.fixture
+def make_wheel() -> Callable[[Path, str, str, str], str]:
+    """``make_wheel(directory, name, version, source)``: the path of a wheel of one package
+    ``name`` whose ``__init__.py`` is ``source``, written without any build tool."""
+    return _write_wheel
