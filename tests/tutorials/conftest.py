@@ -19,9 +19,6 @@ from pathlib import Path
 import pytest
 from tutorial_runner import write_kernelspec
 
-REPO = Path(__file__).resolve().parents[2]
-TUTORIALS = REPO / "tutorials"
-
 
 @pytest.fixture(scope="session")
 def tutorial_kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
