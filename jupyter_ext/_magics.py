@@ -45,6 +45,10 @@ class ShoalMagics(Magics):
         --key-file or $SHOAL_CLUSTER_KEY; `auto` joins the one `shoal start --head` started
         on this machine. Each subcommand takes -h.
         """
+        if line.split(maxsplit=1)[:1] == ["connect"]:
+            # `connect` takes no JSON, so {name} and $name are expanded as in other magics
+            # (an address kept in a variable); the other subcommands keep their braces.
+            line = self.shell.var_expand(line, depth=1)
         try:
             command, args = parse_cluster(line)
         except HelpShown:

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from . import _config, _session, _worker_context
+from . import _config, _machine, _session, _worker_context
 from ._core import CoreWorker, print_log_lines
 from ._protocol import Message, MsgType
 from ._refs import ObjectRef, ObjectRefGenerator
@@ -160,34 +160,34 @@ def _context() -> ClusterContext:
 
 
 def _default_store_memory() -> int:
-    import psutil
-
-    ram = psutil.virtual_memory().total
-    shm_free = _free_shm()
-    want = int(ram * 0.3)
-    if shm_free is not None and shm_free < want:
-        if shm_free < 2 << 30:
-            warnings.warn(
-                f"/dev/shm has only {shm_free / 2**30:.2f} GiB free, so the object store is limited to that; "
-                "in Docker, pass --shm-size to give it more",
-                stacklevel=4,
-            )
+    """30% of the RAM we may use, but no more than 90% of what /dev/shm has free: a store
+    larger than its filesystem fails writes with ENOSPC while it believes it has room."""
+    want = int(_machine.memory_total() * 0.3)
+    shm_free = _machine.shm_free()
+    if shm_free is not None and int(shm_free * 0.9) < want:
         want = int(shm_free * 0.9)
-    return max(want, 64 << 20)
+        if want < 1 << 30 and not _warned_small_shm:
+            _warn_small_shm(want)
+    return max(want, 1 << 20)
 
 
-def _free_shm() -> int | None:
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
+_warned_small_shm = False
+
+
+def _warn_small_shm(store: int) -> None:
+    global _warned_small_shm
+    _warned_small_shm = True  # once per process: a notebook restarts clusters often
+    warnings.warn(
+        f"the object store holds {store / 2**20:.0f} MiB, what /dev/shm has free; larger "
+        "sets of objects spill to disk (in Docker, --shm-size gives /dev/shm more room)",
+        stacklevel=4,
+    )
 
 
 def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
     num_cpus = kwargs.get("num_cpus")
     if num_cpus is None:
-        num_cpus = os.cpu_count() or 1
+        num_cpus = _machine.cpu_count()
     if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or num_cpus < 0:
         raise ValueError(f"num_cpus must be a number >= 0, got {num_cpus!r}")
     num_gpus = kwargs.get("num_gpus") or 0
@@ -474,7 +474,22 @@ def _call_site() -> str:
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return ""
-    return f"put() at {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+    where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    cell = _notebook_cell(frame.f_code.co_filename)
+    if cell:
+        where = f"{cell}, line {frame.f_lineno}"  # as IPython's tracebacks name a cell
+    return f"put() at {where} in {frame.f_code.co_name}"
+
+
+def _notebook_cell(filename: str) -> str:
+    """'Cell In[3]' when ``filename`` is a notebook cell's code, else ''."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    try:
+        label = shell.compile.format_code_name(filename) if shell is not None else None
+    except Exception:  # an IPython without it, or a shell without a compiler
+        return ""
+    return " ".join(label) if label else ""
 
 
 def get(refs: Any, *, timeout: float | None = None) -> Any:

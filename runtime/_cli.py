@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _start(args: argparse.Namespace) -> None:
+    from . import _machine
     from ._api import _default_store_memory, start_head_process
 
     if args.head == bool(args.address):
@@ -100,7 +101,7 @@ def _start(args: argparse.Namespace) -> None:
         isinstance(v, (int, float)) and v >= 0 for v in resources.values()
     ):
         raise ValueError("--resources must be a JSON object of name to a number >= 0")
-    num_cpus = args.num_cpus if args.num_cpus is not None else (os.cpu_count() or 1)
+    num_cpus = args.num_cpus if args.num_cpus is not None else _machine.cpu_count()
     if num_cpus < 0 or args.num_gpus < 0:
         raise ValueError("--num-cpus and --num-gpus must be >= 0")
     if args.port is not None and not 0 <= args.port < 65536:
@@ -130,9 +131,18 @@ def _start(args: argparse.Namespace) -> None:
         print(f"  session:   {session.path}")
         print("Join another machine to it with:")
         print(f"  shoal start --address {address} --key-file {key_path or session.key_path}")
-        print(
-            'Connect from Python on this machine with shoal.init(address="auto"); stop it with `shoal stop`.'
-        )
+        if args.temp_dir:
+            # address="auto" looks in $SHOAL_TMPDIR, which is not where this head lives.
+            print(
+                f'Connect from Python with shoal.init("tcp://{address}", '
+                f'key_file="{key_path or session.key_path}"); '
+                f"stop it with `shoal stop --temp-dir {args.temp_dir}`."
+            )
+        else:
+            print(
+                'Connect from Python on this machine with shoal.init(address="auto"); '
+                "stop it with `shoal stop`."
+            )
         return
     proc, session = start_head_process(
         **common,

@@ -17,11 +17,13 @@ object without coordinating with its readers.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import stat
 import struct
 import threading
+import time
 from typing import Any
 
 from ._serialization import SerializedValue
@@ -43,6 +45,35 @@ def layout_size(sv: SerializedValue) -> int:
     for buf in sv.buffers:
         pos = _align(pos + memoryview(buf).nbytes)
     return pos
+
+
+# How long a writer waits for /dev/shm to have the room the store promised it.
+RESERVE_PATIENCE_SECONDS = 1.0
+
+
+def _reserve(fd: int, size: int, mappings: WriterMappings | None) -> None:
+    """Reserve the file's pages now (posix_fallocate), so that a full /dev/shm fails here
+    with ENOSPC instead of killing the writer with SIGBUS later.
+
+    The store counts a segment's room as free once it has unlinked it (spilled, freed or
+    trimmed from its pool), but processes that still map the file hold its pages until
+    they drop their mappings: ours at once (``sweep``), other processes' within their
+    periodic sweep (0.1 s). On a /dev/shm about the size of the store that is exactly the
+    room asked for, so ENOSPC is retried for a short while before it is an error.
+    """
+    deadline = time.monotonic() + RESERVE_PATIENCE_SECONDS
+    pause = 0.005
+    while True:
+        if mappings is not None:
+            mappings.sweep()
+        try:
+            os.posix_fallocate(fd, 0, max(size, 1))
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 class WriterMappings:
@@ -145,9 +176,7 @@ def write(
     mm: mmap.mmap | None = None
     try:
         if not reuse:
-            # posix_fallocate reserves the pages now, so a full /dev/shm fails here with
-            # ENOSPC instead of killing the writer with SIGBUS later.
-            os.posix_fallocate(fd, 0, max(size, 1))
+            _reserve(fd, size, mappings)
         if mappings is not None:
             mm = mappings.mapping(fd, size)
         else:

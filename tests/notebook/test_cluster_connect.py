@@ -50,7 +50,9 @@ def all_cpus_free() -> None:
 
 
 def test_connect(ip, head, capsys):
-    run(ip, f"%cluster connect {head['address']} --key-file {head['key_file']}")
+    # The address and key file may come from variables, as in other magics' arguments.
+    ip.user_ns.update(address=head["address"], key_file=head["key_file"])
+    run(ip, "%cluster connect {address} --key-file $key_file")
     out = capsys.readouterr().out
     assert f"Shoal cluster at tcp://{head['address']} (connected in client-server mode)" in out
     assert "2 nodes, 3 CPUs" in out
