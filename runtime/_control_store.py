@@ -560,6 +560,7 @@ class ControlStore:
             resources={str(k): int(v) for k, v in body["res"].items()},
             meta=body["meta"],
             creation=(body, list(frames)),
+            max_restarts=int(body.get("mr") or 0),
         )
         try:
             actions = self.actors.create(rec)
@@ -600,7 +601,11 @@ class ControlStore:
         self.send_to_process(proc.wid, Message(M.ACTOR_INFO, {"r": body["r"], "info": info}))
 
     def _h_kill_actor(self, proc: ProcInfo, body: Any, frames: Any) -> None:
-        self._act_actors(self.actors.kill(body["aid"], "it was killed with shoal.kill()"))
+        no_restart = bool(body.get("no_restart", True))
+        reason = "it was killed with shoal.kill()"
+        if not no_restart:
+            reason = "it was killed with shoal.kill(no_restart=False)"
+        self._act_actors(self.actors.kill(body["aid"], reason, no_restart))
 
     def _h_release_actor(self, proc: ProcInfo, body: Any, frames: Any) -> None:
         rec = self.actors.actors.get(body["aid"])
@@ -772,7 +777,9 @@ class ControlStore:
                 )
             return
         subtract(self.nodes[target].available, a.resources)
-        lease = {"aid": a.actor_id, "res": a.resources}
+        lease: dict[str, Any] = {"aid": a.actor_id, "res": a.resources}
+        if rec is not None and rec.restarts_left():
+            lease["rt"] = True  # the memory monitor prefers work that can run again
         if rec is not None and rec.creation[0].get("env"):
             lease["env"] = rec.creation[0]["env"]
         self.nodes[target].link.send(Message(M.ACTOR_LEASE, lease))

@@ -95,7 +95,8 @@ class TaskSpec:
         self.strategy: Any = None  # None (default), or what _options.scheduling sends
         self.key: tuple[Any, ...] = ()
         self.max_retries = _config.DEFAULT_MAX_RETRIES
-        self.retry_exceptions: bool | tuple[type, ...] = False
+        # A bool, or exception classes (or their qualified names, for actor methods).
+        self.retry_exceptions: bool | tuple[Any, ...] = False
         self.job = 0
         self.return_ids: list[bytes] = []
         self.deps: list[Any] = []  # ObjectRefs passed at the top level
@@ -637,7 +638,10 @@ class TaskSubmitter:
         if spec.retry_exceptions is True:
             return True
         names = set(body.get("app_error_types") or ())
-        return any(f"{t.__module__}.{t.__qualname__}" in names for t in spec.retry_exceptions)  # type: ignore[union-attr]
+        return any(
+            (t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}") in names
+            for t in spec.retry_exceptions  # type: ignore[union-attr]
+        )
 
     def _finish(self, spec: TaskSpec, values: list[Value]) -> None:
         """The task is over (for good): publish its results and let go of its arguments."""
