@@ -284,6 +284,8 @@ class ControlStore:
         request = {"r": req, "res": res, "ns": True, "pin": pinned}
         if body.get("env"):
             request["env"] = body["env"]
+        if body.get("nr"):
+            request["nr"] = True  # not retriable (the memory monitor spares it longer)
         self.nodes[target].link.send(
             Message(M.TO_NODE, {"w": owner, "t": int(M.REQUEST_LEASE), "b": request})
         )
