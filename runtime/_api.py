@@ -185,6 +185,7 @@ def _free_shm() -> int | None:
 
 
 def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
+    _config.memory_monitor_settings()  # a malformed setting is reported here, not by the head
     num_cpus = kwargs.get("num_cpus")
     if num_cpus is None:
         num_cpus = os.cpu_count() or 1

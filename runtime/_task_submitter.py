@@ -605,10 +605,9 @@ class TaskSubmitter:
         if oom is not None:
             return OutOfMemoryError(
                 f"task {spec.name} failed: its worker (pid {lease.pid}, id "
-                f"{lease.worker_id.hex()[:12]}) was {reason}. {tries}, and "
-                "the memory monitor stopped it each time it was the newest retriable work on "
-                "a full node. Use less memory per task, run fewer at once (ask for more "
-                "num_cpus or memory), or raise SHOAL_MEMORY_USAGE_THRESHOLD.",
+                f"{lease.worker_id.hex()[:12]}) was {reason}. {tries[0].upper()}{tries[1:]}. "
+                "Use less memory per task, run fewer at once (ask for more num_cpus or "
+                "memory), or raise SHOAL_MEMORY_USAGE_THRESHOLD.",
                 task_name=spec.name,
                 node_id=str(oom.get("node", "")),
                 **{k: oom[k] for k in ("used", "total", "threshold", "rss") if k in oom},
