@@ -362,6 +362,14 @@ class ActorCaller:
         self._pump(st)  # the calls behind it may go now
         return True
 
+    def cancel_waiting(self, task_id: bytes) -> bool:
+        """``cancel`` of an actor call: only while it waits in this process."""
+        for st in self.actors.values():
+            for spec in st.queue:
+                if spec.task_id == task_id:
+                    return self.cancel_queued(spec)
+        return False
+
     def mark_killed(self, actor_id: bytes) -> None:
         """``kill`` was called here: calls made after it fail at once, not after the news."""
         st = self.state(actor_id)

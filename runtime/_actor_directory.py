@@ -180,8 +180,11 @@ class ActorDirectory:
             actions.append(KillActorWorker(rec.worker_id))
         return actions
 
-    def worker_exited(self, worker_id: bytes, reason: str) -> list[Action]:
-        """The actor's worker is gone (``reason``: how it ended, or that its node died)."""
+    def worker_exited(self, worker_id: bytes, reason: str, cause: str = "") -> list[Action]:
+        """The actor's worker is gone: ``reason`` says how the process ended ("killed by
+        signal SIGKILL (9)"); ``cause``, when given, replaces "its worker process died
+        (reason)" as what callers are told (e.g. "its node ... died"). With restarts
+        left the actor restarts, else it is dead."""
         aid = self.by_worker.pop(worker_id, None)
         if aid is None:
             return []
@@ -190,7 +193,7 @@ class ActorDirectory:
             return []
         if rec.death_reason:  # killed for good, released, or its owner exited
             return self._die(aid, rec.death_reason)
-        cause = rec.kill_cause or f"its worker process died ({reason})"
+        cause = rec.kill_cause or cause or f"its worker process died ({reason})"
         rec.kill_cause = ""
         return self._restart_or_die(rec, cause)
 

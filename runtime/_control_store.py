@@ -757,6 +757,8 @@ class ControlStore:
                 self._place_actor(a)
             elif isinstance(a, ad.BecomeActor):
                 body, frames = a.record.creation
+                if a.record.num_restarts:
+                    body = {**body, "restarts": a.record.num_restarts}
                 self.send_to_process(a.worker_id, Message(M.BECOME_ACTOR, body, frames))
             elif isinstance(a, ad.Publish):
                 info = a.record.info()

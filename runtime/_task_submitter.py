@@ -781,10 +781,12 @@ class TaskSubmitter:
             return
         entry = self.running.get(task_id)
         if entry is None:
+            # An actor call still waiting here (for its actor or its arguments) ends now.
+            self.core.actors.cancel_waiting(task_id)
             return
         spec, lease = entry
         if lease is None or lease is INLINE:
-            return  # actor calls, and children run inline by this very worker, go on
+            return  # actor calls sent, and children run inline by this very worker, go on
         spec.cancelled = True
         self.core.head.send(
             Message(

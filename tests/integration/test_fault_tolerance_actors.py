@@ -18,7 +18,12 @@ import psutil
 import pytest
 import shoal
 from shoal import testing
-from shoal.exceptions import ActorDiedError, ActorError, ActorUnavailableError
+from shoal.exceptions import (
+    ActorDiedError,
+    ActorError,
+    ActorUnavailableError,
+    TaskCancelledError,
+)
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("fresh_cluster")]
 
@@ -231,8 +236,7 @@ def test_max_task_retries_resends_calls_in_flight_exactly_in_order(tmp_path):
         def __init__(self):
             with open(log, "a") as f:
                 f.write(f"init {os.getpid()}\n")
-            with open(log) as f:
-                self.first_life = len(f.readlines()) == 1
+            self.first_life = not shoal.get_runtime_context().was_current_actor_reconstructed
 
         def block(self):
             with open(log, "a") as f:
@@ -399,3 +403,30 @@ def test_named_and_detached_actors_keep_their_name_across_restarts(tmp_path):
         return False
 
     testing.wait_for(name_free, timeout=15)  # once the head saw the worker go
+
+
+def test_cancel_of_a_call_waiting_for_a_restarting_actor(tmp_path, gate):
+    log, slow = str(tmp_path / "log"), gate()
+
+    @shoal.remote(max_restarts=1)
+    class SlowRestart:
+        def __init__(self):
+            with open(log, "a") as f:
+                f.write("init\n")
+            if shoal.get_runtime_context().was_current_actor_reconstructed:
+                deadline = time.monotonic() + 60
+                while not os.path.exists(slow) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+
+        def pid(self):
+            return os.getpid()
+
+    a = SlowRestart.remote()
+    _kill9(shoal.get(a.pid.remote(), timeout=30))
+    testing.wait_for(lambda: len(_lines(log)) == 2, timeout=30)
+    waiting, kept = a.pid.remote(), a.pid.remote()
+    shoal.cancel(waiting)
+    with pytest.raises(TaskCancelledError):
+        shoal.get(waiting, timeout=30)
+    Path(slow).touch()
+    assert shoal.get(kept, timeout=30) > 0

@@ -329,6 +329,16 @@ def test_released_and_orphaned_actors_are_not_restarted(directory):
     assert orphan.state == DEAD and "owner" in orphan.death_reason
 
 
+def test_a_cause_given_with_the_worker_exit_is_what_callers_are_told(directory):
+    rec = alive_actor(directory, max_restarts=1)
+    directory.worker_exited(b"worker-1", "lost", cause="its node ab12 died (no heartbeat)")
+    assert rec.state == RESTARTING and rec.restart_reason == "its node ab12 died (no heartbeat)"
+    directory.lease_granted(rec.actor_id, b"worker-2")
+    directory.ready(rec.actor_id, "ipc:///b", 2)
+    directory.worker_exited(b"worker-2", "lost", cause="its node cd34 died (left)")
+    assert rec.death_reason.startswith("its node cd34 died (left), and it has no restarts left")
+
+
 def test_a_restart_that_cannot_be_placed_fails_with_both_reasons(directory):
     rec = alive_actor(directory, max_restarts=1)
     directory.worker_exited(b"worker-1", "its node abc sent nothing for 30 s")
