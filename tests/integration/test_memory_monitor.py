@@ -82,10 +82,12 @@ def test_a_task_that_allocates_past_the_threshold_gets_out_of_memory_error(tmp_p
     text = str(err)
     assert "task hog failed" in text and "killed by the memory monitor" in text
     assert "SHOAL_MEMORY_USAGE_THRESHOLD" in text and "It ran 2 times (max_retries=1)" in text
-    # The figures: the node was over the threshold, and the worker held a good part of it.
+    # The figures: the node was over the threshold, and what the victim held. (Not how
+    # much: other programs on this machine, shared memory included, move the node's use
+    # too, so the last attempt may have been stopped early on.)
     assert err.threshold == pytest.approx(tight_cluster, abs=1e-4)
     assert err.total > 0 and err.used > err.threshold * err.total
-    assert err.rss > 100 * MB, f"the victim held only {err.rss / MB:.0f} MB"
+    assert 10 * MB < err.rss < err.total
     assert err.task_name == "hog" and err.node_id
     # Two attempts, the second after the back-off (0.5 s after the first stop).
     starts = sorted(float(name.split("-")[0]) for name in os.listdir(tmp_path))
