@@ -35,6 +35,10 @@ def method(**options: Any) -> Any:
 
 def _method_meta(cls: type) -> dict[str, Any]:
     methods: dict[str, Any] = {}
+    # Retry options given with @method: name -> [max_task_retries or None, retry_exceptions
+    # as a bool or a list of exception class names]. Names, so that the meta travels as it
+    # is (a handle got with get_actor has them too).
+    retries: dict[str, Any] = {}
     is_async = False
     for name in dir(cls):
         if name.startswith("__") and name != "__call__":
@@ -44,9 +48,25 @@ def _method_meta(cls: type) -> dict[str, Any]:
             continue
         opts = getattr(member, "__shoal_method_options__", {})
         methods[name] = opts.get("num_returns", 1)
+        if "max_task_retries" in opts or "retry_exceptions" in opts:
+            retries[name] = [
+                opts.get("max_task_retries"),
+                exception_names(opts.get("retry_exceptions", False)),
+            ]
         if _is_async(member):
             is_async = True
-    return {"methods": methods, "async": is_async}
+    meta: dict[str, Any] = {"methods": methods, "async": is_async}
+    if retries:
+        meta["retries"] = retries
+    return meta
+
+
+def exception_names(retry_exceptions: Any) -> Any:
+    """``retry_exceptions`` as it travels: a bool, or the classes' qualified names (the
+    worker reports the qualified names of a failed call's exception class and its bases)."""
+    if isinstance(retry_exceptions, (list, tuple)):
+        return [f"{t.__module__}.{t.__qualname__}" for t in retry_exceptions]
+    return bool(retry_exceptions)
 
 
 class ActorClass:
@@ -106,6 +126,9 @@ class ActorClass:
         meta = dict(self._meta)
         mc = opts.get("max_concurrency")
         meta["mc"] = mc if mc is not None else (1000 if meta["async"] else 1)
+        max_restarts = opts.get("max_restarts") or 0
+        if opts.get("max_task_retries"):
+            meta["mtr"] = opts["max_task_retries"]  # what callers resend after a restart
         name = opts.get("name") or ""
         namespace = opts.get("namespace")
         if namespace is None:
@@ -133,6 +156,8 @@ class ActorClass:
             "job": core.job_id,
             "kw": spec.kwnames,
         }
+        if max_restarts:
+            body["mr"] = max_restarts
         tag = _worker_context.current_output_tag()
         if tag is not None:
             body["o"] = tag  # what __init__ prints goes to the cell that created the actor
@@ -144,7 +169,8 @@ class ActorClass:
         handle_meta = {"cls": self._display_name, **meta}
         if name:
             handle_meta["name"] = name
-        core.actors.created(aid, spec)
+        # A restartable actor's arguments stay pinned while it may be created again.
+        core.actors.created(aid, spec, keep=max_restarts != 0)
         if name:
             reply = core.request(Message(M.CREATE_ACTOR, body, frames))
             if "e" in reply.body:
@@ -276,7 +302,13 @@ class ActorMethod:
         spec.name = self._call_name
         nr = self._options.get("num_returns", self._num_returns)
         spec.num_returns = STREAMING if nr == "streaming" else nr
-        spec.max_retries = 0
+        retries = self._handle._meta.get("retries", {}).get(self._name) or (None, False)
+        mtr = self._options.get("max_task_retries", retries[0])
+        spec.max_retries = int(mtr if mtr is not None else self._handle._meta.get("mtr", 0))
+        if "retry_exceptions" in self._options:
+            spec.retry_exceptions = _as_spec_retry(self._options["retry_exceptions"])
+        else:
+            spec.retry_exceptions = _as_spec_retry(retries[1])
         spec.job = core.job_id
         spec.parent = _worker_context.current.task_id
         spec.out_tag = _worker_context.current_output_tag()
@@ -287,3 +319,8 @@ class ActorMethod:
             core.tasks.streams[spec.task_id] = _Stream()
         core.actors.call(spec)
         return result
+
+
+def _as_spec_retry(value: Any) -> bool | tuple[Any, ...]:
+    """retry_exceptions for a TaskSpec: a bool, or classes and qualified class names."""
+    return tuple(value) if isinstance(value, (list, tuple)) else bool(value)

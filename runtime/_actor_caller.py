@@ -3,10 +3,14 @@
     handle.method.remote() --spec--> [IO thread] per-actor queue
     ACTOR_UPDATE ALIVE (address) --> connect, push queued calls in submission order
     TASK_DONE                    --> resolve the call's return values
+    ACTOR_UPDATE RESTARTING      --> calls in flight are resent (max_task_retries) or fail
+                                     with ActorUnavailableError; new calls wait
     ACTOR_UPDATE DEAD (reason)   --> fail queued and in-flight calls with ActorDiedError
 
 A call waits in the queue until the calls before it were pushed and its own owned
-arguments are ready, which is what keeps one caller's calls in order.
+arguments are ready, which is what keeps one caller's calls in order. Calls resent after
+a restart go back to the front of the queue in the order they were first sent, so the
+restarted actor runs them before anything submitted later (at-least-once, in order).
 
 The fast path of a synchronous call wakes no thread of this process: the calling thread
 pushes the call itself, holding the IO loop (``IOLoop.run_inline``), and then, in ``get``,
@@ -27,6 +31,7 @@ from ._task_submitter import STREAMING, TaskSpec, encode_args, is_local
 from .exceptions import (
     ActorDiedError,
     ActorRuntimeEnvSetupError,
+    ActorUnavailableError,
     RuntimeEnvSetupError,
     TaskCancelledError,
 )
@@ -67,6 +72,9 @@ class ActorCaller:
         self.core = core
         self.actors: dict[bytes, _ActorState] = {}
         self.pending_creation: dict[bytes, Any] = {}  # actor id -> creation spec (pins args)
+        # Actors of this owner that may be restarted: their creation specs stay pinned
+        # until they are dead, not only until they are first alive.
+        self.restartable: set[bytes] = set()
         # Parked connections a call was pushed on by a thread that holds the loop: that
         # thread probably reads the reply itself next (a synchronous call), so the loop
         # thread is not woken to watch them now. Watched again by ``flush_lazy``: at the
@@ -84,9 +92,12 @@ class ActorCaller:
     def call(self, spec: TaskSpec) -> None:
         self.core.loop.run_inline(self._call, spec)
 
-    def created(self, actor_id: bytes, creation: Any) -> None:
-        """The creator owns the actor and is subscribed by the head already."""
+    def created(self, actor_id: bytes, creation: Any, keep: bool = False) -> None:
+        """The creator owns the actor and is subscribed by the head already. ``keep``: the
+        actor may be restarted, so its arguments are kept until it is dead."""
         self.pending_creation[actor_id] = creation
+        if keep:
+            self.restartable.add(actor_id)
         self.core.post(self._mark_subscribed, actor_id)
 
     def _mark_subscribed(self, actor_id: bytes) -> None:
@@ -110,7 +121,9 @@ class ActorCaller:
         if st.state == "DEAD":
             self._fail(st)
             return
-        if st.state != "ALIVE" or st.waiting_deps:
+        if st.state != "ALIVE" or st.waiting_deps or st.conn.conn.broken:
+            # (A broken connection: the worker is gone, and the head's notice of what
+            # follows, a restart or the end, is on its way. The calls wait for it.)
             return
         tasks = self.core.tasks
         while st.queue:
@@ -134,9 +147,13 @@ class ActorCaller:
             if err is not None:
                 tasks._finish(spec, [err] * max(1, len(spec.return_ids)))
                 continue
-            self._push(st, spec)
+            if not self._push(st, spec):
+                return
 
-    def _push(self, st: _ActorState, spec: TaskSpec) -> None:
+    def _push(self, st: _ActorState, spec: TaskSpec) -> bool:
+        """Send one call; False when the connection broke as it was sent (the worker is
+        gone): then the call is back at the front of the queue, since it surely did not
+        run, and waits for the head's notice of a restart or of the end."""
         spec.attempts += 1
         st.in_flight[spec.task_id] = spec
         self.core.tasks.running[spec.task_id] = (spec, None)
@@ -154,11 +171,18 @@ class ActorCaller:
         body["a"] = encode_args(self.core, spec, frames, is_local(st.conn.conn))
         conn = st.conn.conn
         conn.send(Message(M.ACTOR_CALL, body, frames))
+        if conn.broken:
+            spec.attempts -= 1
+            del st.in_flight[spec.task_id]
+            self.core.tasks.running.pop(spec.task_id, None)
+            st.queue.appendleft(spec)
+            return False
         if conn.parked:
             if self.core.loop.in_own_thread():
                 conn.unpark()
             else:
                 self._lazy.add(conn)
+        return True
 
     # -- reading replies in the waiting thread (loop work: hold the loop) --------------
     def flush_lazy(self) -> None:
@@ -214,6 +238,17 @@ class ActorCaller:
         if st is not None:
             st.in_flight.pop(spec.task_id, None)
         tasks = self.core.tasks
+        if (
+            st is not None
+            and body.get("app_error")
+            and spec.num_returns != STREAMING
+            and st.state != "DEAD"
+            and tasks._should_retry_app_error(spec, body)
+        ):
+            # retry_exceptions: sent again before the calls still queued behind it.
+            st.queue.appendleft(spec)
+            self._pump(st)
+            return
         if spec.num_returns == STREAMING:
             tasks._end_stream(spec, int(body.get("n", 0)))
             tasks._finish(spec, [])
@@ -224,16 +259,12 @@ class ActorCaller:
         aid = body["aid"]
         st = self.state(aid)
         state = body["state"]
-        if state == "ALIVE" and st.state == "PENDING":
-            self.pending_creation.pop(aid, None)
-            st.state = "ALIVE"
-            st.address = body["addr"]
-            st.conn = self.core.tasks.connection(st.address)
-            self._pump(st)
-        elif state == "DEAD":
+        if state == "DEAD":
             # Also when already marked dead by a local kill(): calls in flight end here.
             self.pending_creation.pop(aid, None)
+            self.restartable.discard(aid)
             st.state = "DEAD"
+            self._take_unread_replies(st)
             message = f"the actor {body.get('cls') or ''} ({aid.hex()[:12]}) died: {body.get('reason') or 'unknown reason'}"
             error_class = ActorDiedError
             if frames:
@@ -246,9 +277,73 @@ class ActorCaller:
                     pass
             st.death = error_class(message, aid.hex(), body.get("reason") or "")
             self._fail(st)
+            self._disconnect(st)
+            return
+        if st.state == "DEAD":
+            return  # killed from this process; the head's DEAD notice follows
+        if state == "RESTARTING":
+            st.state = "RESTARTING"
+            self._instance_lost(st, body)
+        elif state == "ALIVE":
+            address = body["addr"]
+            if st.state == "ALIVE" and st.address == address:
+                return
             if st.address:
-                self.core.tasks.close_connection(st.address)
-                st.conn = None
+                st.state = "RESTARTING"
+                self._instance_lost(st, body)  # a restart this process did not hear of
+            if aid not in self.restartable:
+                self.pending_creation.pop(aid, None)
+            st.state = "ALIVE"
+            st.address = address
+            st.conn = self.core.tasks.connection(address)
+            self._pump(st)
+
+    def _take_unread_replies(self, st: _ActorState) -> None:
+        """Replies the dead worker sent before it died may still be unread on its
+        connection (the head's notice came another way): take them first, so that a call
+        that finished is neither failed nor run again."""
+        if st.conn is not None and st.in_flight and not st.conn.conn.closed:
+            read = getattr(st.conn.conn, "handle_readable", None)
+            if read is not None:
+                read()
+
+    def _disconnect(self, st: _ActorState) -> None:
+        if st.address:
+            self.core.tasks.close_connection(st.address)
+        st.conn = None
+        st.address = ""
+
+    def _instance_lost(self, st: _ActorState, body: dict[str, Any]) -> None:
+        """The actor's worker is gone and the actor restarts (``st.state`` says so already,
+        so that nothing is pushed meanwhile): the calls it had are resent in the order
+        they were first sent (``max_task_retries``), or fail."""
+        self._take_unread_replies(st)
+        self._disconnect(st)
+        reason = body.get("reason") or "its worker died"
+        label = f"the actor {body.get('cls') or ''} ({st.actor_id.hex()[:12]})"
+        tasks = self.core.tasks
+        resend: list[TaskSpec] = []
+        for spec in list(st.in_flight.values()):  # in the order they were sent
+            tasks.running.pop(spec.task_id, None)
+            if spec.num_returns != STREAMING and (
+                spec.max_retries < 0 or spec.attempts <= spec.max_retries
+            ):
+                resend.append(spec)
+                continue
+            if spec.max_retries == 0:
+                why = "it is not sent again because max_task_retries is 0"
+            else:
+                why = f"it was sent {spec.attempts} times (max_task_retries={spec.max_retries})"
+            err = ActorUnavailableError(
+                f"{label} is being restarted: {reason}. The call {spec.name} had been sent "
+                f"to it and may or may not have run; {why}. Calls made from now on wait "
+                "for the restarted actor.",
+                st.actor_id.hex(),
+                reason,
+            )
+            tasks._finish(spec, [("x", err)] * max(1, len(spec.return_ids)))
+        st.in_flight.clear()
+        st.queue.extendleft(reversed(resend))
 
     def cancel_queued(self, spec: TaskSpec) -> bool:
         """Cancel a call that has not been sent to its actor yet (it waits for the actor
@@ -267,6 +362,14 @@ class ActorCaller:
         self._pump(st)  # the calls behind it may go now
         return True
 
+    def cancel_waiting(self, task_id: bytes) -> bool:
+        """``cancel`` of an actor call: only while it waits in this process."""
+        for st in self.actors.values():
+            for spec in st.queue:
+                if spec.task_id == task_id:
+                    return self.cancel_queued(spec)
+        return False
+
     def mark_killed(self, actor_id: bytes) -> None:
         """``kill`` was called here: calls made after it fail at once, not after the news."""
         st = self.state(actor_id)
@@ -275,7 +378,7 @@ class ActorCaller:
             st.death = ActorDiedError(
                 f"the actor ({actor_id.hex()[:12]}) died: it was killed with shoal.kill()",
                 actor_id.hex(),
-                "killed",
+                "it was killed with shoal.kill()",
             )
             # Calls already sent may still finish; the rest fail now.
             err = st.death

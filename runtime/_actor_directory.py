@@ -3,17 +3,32 @@
     owner --CREATE_ACTOR--> directory --RequestActorLease--> scheduler --Grant-->
     directory --BecomeActor--> worker --ACTOR_READY--> directory --Publish ALIVE--> callers
     worker exits / kill / owner gone --> directory --Publish DEAD (with the reason)
+    worker exits, restarts left  --> directory --Publish RESTARTING, RequestActorLease
+                                 --> ... --Publish ALIVE (new address)
+
+States: PENDING (being created) -> ALIVE -> RESTARTING -> ALIVE ... -> DEAD. Every change
+goes through ``_transition`` (the hook ``on_transition`` sees each one, with its cause).
+
+Restarts (``max_restarts``, -1 for no limit): when an actor's worker dies, whatever the
+cause (the process crashed, was killed by the memory monitor or by
+``kill(no_restart=False)``, or its node died: the control store calls ``worker_exited``
+for each actor of a dead node), the actor is created again from its kept creation message
+(the constructor runs again with the same arguments) on any node that fits. It is not
+restarted when it was killed for good (``kill()``), released by its owner, when its owner
+exited, or when its constructor raised (that would only fail again).
 
 Callers send method calls straight to the actor's worker; the directory is only asked for
-the address (SUBSCRIBE_ACTOR) and tells subscribers when the actor dies. No IO here.
+the address (SUBSCRIBE_ACTOR) and tells subscribers when the actor restarts or dies. No IO
+here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-PENDING, ALIVE, DEAD = "PENDING", "ALIVE", "DEAD"
+PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
 
 
 @dataclass
@@ -36,6 +51,14 @@ class ActorRecord:
     death_error: Any = None  # frames of a serialized constructor exception
     subscribers: set[bytes] = field(default_factory=set)
     released: bool = False
+    max_restarts: int = 0  # -1: no limit
+    num_restarts: int = 0
+    restart_reason: str = ""  # why it was restarted last
+    # kill(no_restart=False) asked for its worker to be stopped: the cause of the restart.
+    kill_cause: str = ""
+
+    def restarts_left(self) -> bool:
+        return self.max_restarts < 0 or self.num_restarts < self.max_restarts
 
     def info(self) -> dict[str, Any]:
         return {
@@ -48,8 +71,10 @@ class ActorRecord:
             "ns": self.namespace,
             "cls": self.class_name,
             "meta": self.meta,
-            "reason": self.death_reason,
+            "reason": self.death_reason if self.state == DEAD else self.restart_reason,
             "detached": self.detached,
+            "nr": self.num_restarts,
+            "mr": self.max_restarts,
         }
 
 
@@ -88,6 +113,15 @@ class ActorDirectory:
         self.actors: dict[bytes, ActorRecord] = {}
         self.names: dict[tuple[str, str], bytes] = {}
         self.by_worker: dict[bytes, bytes] = {}
+        # Called after every state change: (record, previous state, cause). For the state
+        # API's actor events; the record's ``state`` is the new state.
+        self.on_transition: Callable[[ActorRecord, str, str], None] | None = None
+
+    def _transition(self, rec: ActorRecord, state: str, cause: str) -> None:
+        """The one place where an actor's state changes."""
+        previous, rec.state = rec.state, state
+        if self.on_transition is not None:
+            self.on_transition(rec, previous, cause)
 
     def lookup_name(self, name: str, namespace: str) -> ActorRecord | None:
         aid = self.names.get((namespace, name))
@@ -103,6 +137,7 @@ class ActorDirectory:
             self.names[(record.namespace, record.name)] = record.actor_id
         self.actors[record.actor_id] = record
         record.subscribers.add(record.owner)
+        self._transition(record, PENDING, "created")
         return [RequestActorLease(record.actor_id, record.resources)]
 
     def lease_granted(self, actor_id: bytes, worker_id: bytes) -> list[Action]:
@@ -116,39 +151,80 @@ class ActorDirectory:
         return [BecomeActor(worker_id, rec)]
 
     def lease_rejected(self, actor_id: bytes, reason: str) -> list[Action]:
+        rec = self.actors.get(actor_id)
+        if rec is not None and rec.state == RESTARTING:
+            reason = f"it could not be restarted after {rec.restart_reason}: {reason}"
         return self._die(actor_id, reason)
 
     def ready(self, actor_id: bytes, address: str, pid: int) -> list[Action]:
         rec = self.actors.get(actor_id)
-        if rec is None or rec.state != PENDING:
+        if rec is None or rec.state not in (PENDING, RESTARTING):
             return []
-        rec.state, rec.address, rec.pid = ALIVE, address, pid
-        rec.creation = None  # the constructor ran; its arguments can go
+        rec.address, rec.pid = address, pid
+        self._transition(rec, ALIVE, "its constructor finished")
+        if not rec.restarts_left():
+            rec.creation = None  # it will not run again; its arguments can go
         return [Publish(list(rec.subscribers), rec)]
 
     def constructor_failed(self, actor_id: bytes, error: Any) -> list[Action]:
+        """Its constructor raised: dead, without a restart (as in Ray: it would raise again)."""
         rec = self.actors.get(actor_id)
         if rec is None:
             return []
         rec.death_error = error
-        actions = self._die(actor_id, "its constructor raised an exception")
+        reason = "its constructor raised an exception"
+        if rec.num_restarts:
+            reason += f" (when it was restarted for the {_nth(rec.num_restarts)} time)"
+        actions = self._die(actor_id, reason)
         if rec.worker_id:
             actions.append(KillActorWorker(rec.worker_id))
         return actions
 
-    def worker_exited(self, worker_id: bytes, reason: str) -> list[Action]:
+    def worker_exited(self, worker_id: bytes, reason: str, cause: str = "") -> list[Action]:
+        """The actor's worker is gone: ``reason`` says how the process ended ("killed by
+        signal SIGKILL (9)"); ``cause``, when given, replaces "its worker process died
+        (reason)" as what callers are told (e.g. "its node ... died"). With restarts
+        left the actor restarts, else it is dead."""
         aid = self.by_worker.pop(worker_id, None)
         if aid is None:
             return []
         rec = self.actors[aid]
-        if rec.state == DEAD:
+        if rec.state == DEAD or rec.worker_id != worker_id:
             return []
-        return self._die(aid, rec.death_reason or f"its worker process died ({reason})")
+        if rec.death_reason:  # killed for good, released, or its owner exited
+            return self._die(aid, rec.death_reason)
+        cause = rec.kill_cause or cause or f"its worker process died ({reason})"
+        rec.kill_cause = ""
+        return self._restart_or_die(rec, cause)
 
-    def kill(self, actor_id: bytes, reason: str) -> list[Action]:
+    def _restart_or_die(self, rec: ActorRecord, cause: str) -> list[Action]:
+        if rec.restarts_left() and rec.creation is not None and not rec.released:
+            rec.num_restarts += 1
+            rec.restart_reason = cause
+            rec.worker_id, rec.address, rec.pid = b"", "", 0
+            self._transition(rec, RESTARTING, cause)
+            return [
+                Publish(list(rec.subscribers), rec),
+                RequestActorLease(rec.actor_id, rec.resources),
+            ]
+        if rec.max_restarts != 0:
+            cause += (
+                f", and it has no restarts left (restarted {rec.num_restarts} of "
+                f"max_restarts={rec.max_restarts} times)"
+            )
+        return self._die(rec.actor_id, cause)
+
+    def kill(self, actor_id: bytes, reason: str, no_restart: bool = True) -> list[Action]:
+        """Stop the actor's worker. For good (``no_restart``), or as a crash would: the
+        actor is then restarted when it has restarts left."""
         rec = self.actors.get(actor_id)
         if rec is None or rec.state == DEAD:
             return []
+        if not no_restart:
+            if rec.state != ALIVE or not rec.worker_id:
+                return []  # being created or restarted already
+            rec.kill_cause = reason
+            return [KillActorWorker(rec.worker_id)]
         rec.death_reason = reason
         if rec.worker_id:
             return [KillActorWorker(rec.worker_id)]
@@ -182,11 +258,16 @@ class ActorDirectory:
         rec = self.actors.get(actor_id)
         if rec is None or rec.state == DEAD:
             return []
-        rec.state = DEAD
         rec.death_reason = rec.death_reason or reason
+        self._transition(rec, DEAD, rec.death_reason)
         rec.creation = None
         if rec.name and self.names.get((rec.namespace, rec.name)) == actor_id:
             del self.names[(rec.namespace, rec.name)]
         subs = list(rec.subscribers)
         rec.subscribers.clear()
         return [Publish(subs, rec)]
+
+
+def _nth(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"

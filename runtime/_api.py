@@ -185,6 +185,7 @@ def _warn_small_shm(store: int) -> None:
 
 
 def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
+    _config.memory_monitor_settings()  # a malformed setting is reported here, not by the head
     num_cpus = kwargs.get("num_cpus")
     if num_cpus is None:
         num_cpus = _machine.cpu_count()
@@ -641,14 +642,19 @@ def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> No
 
 # -- actors ----------------------------------------------------------------------------
 def kill(actor: Any, *, no_restart: bool = True) -> None:
-    """End an actor now; its pending and later calls fail with ActorDiedError."""
+    """End an actor now; its pending and later calls fail with ActorDiedError.
+
+    With ``no_restart=False`` its worker is stopped as if it had crashed: an actor with
+    restarts left (``max_restarts``) is restarted, and its calls behave as after a crash.
+    """
     from ._actor import ActorHandle
 
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"kill() expects an ActorHandle, got {type(actor).__name__}")
     core = _auto_init()
-    core.post(core.actors.mark_killed, actor._actor_id)
-    core.send_head(Message(M.KILL_ACTOR, {"aid": actor._actor_id, "no_restart": no_restart}))
+    if no_restart:
+        core.post(core.actors.mark_killed, actor._actor_id)
+    core.send_head(Message(M.KILL_ACTOR, {"aid": actor._actor_id, "no_restart": bool(no_restart)}))
 
 
 def get_actor(name: str, namespace: str | None = None) -> Any:

@@ -47,6 +47,10 @@ class RelayConnection:
         self.core = core
         self.address = address
 
+    @property
+    def broken(self) -> bool:
+        return self.closed
+
     def lend_is_live(self) -> bool:
         return False
 

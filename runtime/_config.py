@@ -53,3 +53,45 @@ CLIENT_PING_SECONDS = min(2.0, CLIENT_TIMEOUT_SECONDS / 5)
 # heard nothing from the head for this long (the head answers each report, sent every
 # second) stops, with its workers. Issue 7 adds finer health checks.
 NODE_TIMEOUT_SECONDS = float(os.environ.get("SHOAL_NODE_TIMEOUT", 30))
+
+# The memory monitor (see _memory_monitor.py): each node checks its memory use every
+# period and, above the threshold (a fraction of the node's memory, or of its cgroup's
+# limit), stops the worker of the newest retriable task. As in Ray: 250 ms, 0.95. Either
+# set to 0 turns the monitor off.
+DEFAULT_MEMORY_USAGE_THRESHOLD = 0.95
+DEFAULT_MEMORY_MONITOR_PERIOD = 0.25
+
+# A task whose worker the memory monitor stopped is retried (within max_retries) after
+# a delay that doubles with each such stop, from the first value up to the second: memory
+# takes a moment to be freed, and running it again at once would only stop it again.
+OOM_RETRY_DELAY_SECONDS = 0.5
+OOM_RETRY_MAX_DELAY_SECONDS = 10.0
+
+
+def memory_monitor_settings() -> tuple[float, float]:
+    """(threshold, period) from SHOAL_MEMORY_USAGE_THRESHOLD and
+    SHOAL_MEMORY_MONITOR_PERIOD; ValueError naming the variable when one is malformed."""
+    threshold = _env_float(
+        "SHOAL_MEMORY_USAGE_THRESHOLD", DEFAULT_MEMORY_USAGE_THRESHOLD, "a fraction from 0 to 1"
+    )
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"SHOAL_MEMORY_USAGE_THRESHOLD must be a fraction from 0 to 1 (0 turns the "
+            f"memory monitor off), got {threshold!r}"
+        )
+    period = _env_float(
+        "SHOAL_MEMORY_MONITOR_PERIOD", DEFAULT_MEMORY_MONITOR_PERIOD, "a number of seconds"
+    )
+    if period < 0:
+        raise ValueError(f"SHOAL_MEMORY_MONITOR_PERIOD must be >= 0 seconds, got {period!r}")
+    return threshold, period
+
+
+def _env_float(name: str, default: float, what: str) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be {what}, got {text!r}") from None

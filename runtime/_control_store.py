@@ -284,6 +284,8 @@ class ControlStore:
         request = {"r": req, "res": res, "ns": True, "pin": pinned}
         if body.get("env"):
             request["env"] = body["env"]
+        if body.get("nr"):
+            request["nr"] = True  # not retriable (the memory monitor spares it longer)
         self.nodes[target].link.send(
             Message(M.TO_NODE, {"w": owner, "t": int(M.REQUEST_LEASE), "b": request})
         )
@@ -560,6 +562,7 @@ class ControlStore:
             resources={str(k): int(v) for k, v in body["res"].items()},
             meta=body["meta"],
             creation=(body, list(frames)),
+            max_restarts=int(body.get("mr") or 0),
         )
         try:
             actions = self.actors.create(rec)
@@ -600,7 +603,11 @@ class ControlStore:
         self.send_to_process(proc.wid, Message(M.ACTOR_INFO, {"r": body["r"], "info": info}))
 
     def _h_kill_actor(self, proc: ProcInfo, body: Any, frames: Any) -> None:
-        self._act_actors(self.actors.kill(body["aid"], "it was killed with shoal.kill()"))
+        no_restart = bool(body.get("no_restart", True))
+        reason = "it was killed with shoal.kill()"
+        if not no_restart:
+            reason = "it was killed with shoal.kill(no_restart=False)"
+        self._act_actors(self.actors.kill(body["aid"], reason, no_restart))
 
     def _h_release_actor(self, proc: ProcInfo, body: Any, frames: Any) -> None:
         rec = self.actors.actors.get(body["aid"])
@@ -750,6 +757,8 @@ class ControlStore:
                 self._place_actor(a)
             elif isinstance(a, ad.BecomeActor):
                 body, frames = a.record.creation
+                if a.record.num_restarts:
+                    body = {**body, "restarts": a.record.num_restarts}
                 self.send_to_process(a.worker_id, Message(M.BECOME_ACTOR, body, frames))
             elif isinstance(a, ad.Publish):
                 info = a.record.info()
@@ -772,7 +781,9 @@ class ControlStore:
                 )
             return
         subtract(self.nodes[target].available, a.resources)
-        lease = {"aid": a.actor_id, "res": a.resources}
+        lease: dict[str, Any] = {"aid": a.actor_id, "res": a.resources}
+        if rec is not None and rec.restarts_left():
+            lease["rt"] = True  # the memory monitor prefers work that can run again
         if rec is not None and rec.creation[0].get("env"):
             lease["env"] = rec.creation[0]["env"]
         self.nodes[target].link.send(Message(M.ACTOR_LEASE, lease))

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _config, _placement
+from . import _memory_monitor as mem
 from . import _scheduler as sch
 from ._ioloop import IOLoop
 from ._object_store import (
@@ -180,11 +181,48 @@ class NodeManager:
         # clients are streaming in.
         self.relays: dict[tuple[bytes, str], Connection] = {}
         self.uploads: dict[bytes, tuple[int, bytes]] = {}  # oid -> (fd, client)
+        threshold, period = _config.memory_monitor_settings()
+        self.memory = mem.MemoryMonitor(threshold, period)
+        # Workers the memory monitor stopped, until their exit is handled: the figures
+        # that say why (their owners get them with the news of the death).
+        self.oom_victims: dict[bytes, dict[str, Any]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         self._act_sched(self.scheduler.start())
         self.loop.call_later(0.25, self._tick)
+        if self.memory.enabled:
+            self.loop.call_later(self.memory.period, self._check_memory)
+
+    # -- memory ------------------------------------------------------------------------
+    def _check_memory(self) -> None:
+        try:
+            figures = self.memory.check(self._oom_candidates)
+        except Exception:  # a failed reading must not stop the checks
+            log.exception("the memory monitor could not read the node's memory")
+            figures = None
+        if figures is not None:
+            wid = figures["w"]
+            figures["node"] = self.node_id.hex()
+            self.oom_victims[wid] = figures
+            kind = "actor worker" if figures["actor"] else "worker"
+            log.warning("stopping %s %s: %s", kind, wid.hex(), mem.describe(figures))
+            self.workers.kill(wid)
+        self.loop.call_later(self.memory.period, self._check_memory)
+
+    def _oom_candidates(self) -> list[mem.Candidate]:
+        """Leased workers (tasks and actors): drivers and this process never are."""
+        out = []
+        for w in self.scheduler.workers.values():
+            peer = self.by_wid.get(w.worker_id)
+            if w.state != "leased" or peer is None:
+                continue
+            out.append(
+                mem.Candidate(
+                    w.worker_id, peer.pid, w.actor_id is not None, w.retriable, w.leased_at
+                )
+            )
+        return out
 
     def cleanup(self) -> None:
         self.envs.close()
@@ -357,8 +395,13 @@ class NodeManager:
         if w is not None and w.state == "starting" and w.env:
             log_path = os.path.join(self.session.logs, f"worker-{wid.hex()}.log")
             self.envs.worker_failed(w.env, reason, log_path)
+        self.memory.exited(wid)
+        oom = self.oom_victims.get(wid)
+        if oom is not None:
+            reason = mem.describe(oom)  # what actors and owners report as the cause
         self._process_gone(wid, reason, True)
         self._act_sched(self.scheduler.handle(sch.WorkerExitedEvent(wid, reason)))
+        self.oom_victims.pop(wid, None)
 
     # -- sending -----------------------------------------------------------------------
     def send(self, wid: bytes, msg: Message) -> bool:
@@ -402,6 +445,8 @@ class NodeManager:
                     "st": r.strategy,
                     "avail": self.scheduler.available,
                 }
+                if not r.retriable:
+                    spill["nr"] = True
                 if r.env:
                     spill["env"] = self.envs.spec(r.env)
                 self.up.send(Message(M.SPILL_LEASE, spill))
@@ -429,7 +474,11 @@ class NodeManager:
                 self.workers.kill(a.worker_id)
             elif isinstance(a, sch.NotifyWorkerLost) and a.actor_id is None:
                 changed = True
-                self.send(a.owner, Message(M.WORKER_DIED, {"w": a.worker_id, "e": a.reason}))
+                died: dict[str, Any] = {"w": a.worker_id, "e": a.reason}
+                oom = self.oom_victims.get(a.worker_id)
+                if oom is not None:
+                    died["oom"] = {k: v for k, v in oom.items() if k != "w"}
+                self.send(a.owner, Message(M.WORKER_DIED, died))
         if changed or actions:
             self._resources_changed()
 
@@ -504,7 +553,15 @@ class NodeManager:
         self._act_sched(
             self.scheduler.handle(
                 sch.RequestLeaseEvent(
-                    wid, int(body["r"]), res, None, nospill, strategy, pinned=pinned, env=env
+                    wid,
+                    int(body["r"]),
+                    res,
+                    None,
+                    nospill,
+                    strategy,
+                    pinned=pinned,
+                    env=env,
+                    retriable=not body.get("nr"),
                 )
             )
         )
@@ -867,7 +924,15 @@ class NodeManager:
                 if env is not None:
                     self._act_sched(
                         self.scheduler.handle(
-                            sch.RequestLeaseEvent(b"", 0, res, body["aid"], nospill=True, env=env)
+                            sch.RequestLeaseEvent(
+                                b"",
+                                0,
+                                res,
+                                body["aid"],
+                                nospill=True,
+                                env=env,
+                                retriable=bool(body.get("rt")),
+                            )
                         )
                     )
             elif msg.type == M.PACKAGE_DATA:

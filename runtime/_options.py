@@ -47,8 +47,6 @@ METHOD_OPTIONS = {
 # Options accepted for compatibility with Ray code that have no effect yet; a warning says
 # so once per option, rather than silently doing nothing.
 _NOT_YET = {
-    "max_restarts": "actors are not restarted yet; a dead actor stays dead",
-    "max_task_retries": "actor calls are not retried yet",
     "max_calls": "workers are not recycled after max_calls yet",
     "concurrency_groups": "concurrency groups are not supported yet; max_concurrency applies",
     "max_pending_calls": "max_pending_calls is not enforced yet",

@@ -160,12 +160,15 @@ class RemoteFunction:
         spec.num_returns = STREAMING if nr == "streaming" else nr
         spec.resources, spec.strategy = self._scheduling
         spec.runtime_env, spec.env_key = call_env(core, opts.get("runtime_env"), self._env_cache)
+        spec.max_retries = opts.get("max_retries", _config.DEFAULT_MAX_RETRIES)
         spec.key = (
             tuple(sorted(spec.resources.items())),
             _strategy_key(spec.strategy),
             spec.env_key,
+            # Leases say whether their tasks can be retried (the memory monitor stops
+            # workers of retriable tasks first), so such tasks do not share leases.
+            spec.max_retries != 0,
         )
-        spec.max_retries = opts.get("max_retries", _config.DEFAULT_MAX_RETRIES)
         re = opts.get("retry_exceptions", False)
         spec.retry_exceptions = tuple(re) if isinstance(re, (list, tuple)) else bool(re)
         spec.job = core.job_id

@@ -56,6 +56,13 @@ class RuntimeContext:
         return str(self.runtime_env.to_json())
 
     @property
+    def was_current_actor_reconstructed(self) -> bool:
+        """In an actor: whether this is a restart of it (``max_restarts``), i.e. its
+        constructor ran before in another worker. False in its first life and outside
+        actors."""
+        return _worker_context.actor_restarts > 0
+
+    @property
     def namespace(self) -> str:
         return str(self._core.namespace)
 

@@ -38,6 +38,9 @@ class RequestLeaseEvent:
     queued_at: float = 0.0
     pinned: bool = False  # hard node affinity to this node: it never spills elsewhere
     env: str = ""  # the runtime env's key: only a worker of that env will do ("": default)
+    # Its work can run again if its worker is stopped (tasks with retries, actors with
+    # restarts): the memory monitor stops such workers first.
+    retriable: bool = True
 
 
 @dataclass
@@ -207,6 +210,8 @@ class _Worker:
     idle_since: float = 0.0
     revoked: bool = False  # its owner was asked to give it back
     env: str = ""  # the runtime env it was started in
+    leased_at: float = 0.0  # when its lease was granted (the memory monitor's order)
+    retriable: bool = True  # what it runs may run again (RequestLeaseEvent.retriable)
 
 
 class NodeScheduler:
@@ -430,6 +435,7 @@ class NodeScheduler:
             subtract(self.available, req.resources)
             w.state, w.owner, w.req_id = "leased", req.owner, req.req_id
             w.resources, w.gpu_ids, w.actor_id = dict(req.resources), gpu_ids, req.actor_id
+            w.leased_at, w.retriable = self.clock(), req.retriable
             actions.append(Grant(req.owner, req.req_id, w.worker_id, gpu_ids, req.actor_id))
         self.pending = still_pending
         if len(still_pending) - for_env > sum(waiting.values()):

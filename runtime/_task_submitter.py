@@ -26,6 +26,7 @@ from ._serialization import SerializedValue
 from ._transport import Connection
 from .exceptions import (
     GetTimeoutError,
+    OutOfMemoryError,
     RuntimeEnvSetupError,
     TaskCancelledError,
     TaskUnschedulableError,
@@ -71,6 +72,7 @@ class TaskSpec:
         "method",
         "name",
         "num_returns",
+        "oom_kills",
         "out_tag",
         "parent",
         "pins",
@@ -95,7 +97,8 @@ class TaskSpec:
         self.strategy: Any = None  # None (default), or what _options.scheduling sends
         self.key: tuple[Any, ...] = ()
         self.max_retries = _config.DEFAULT_MAX_RETRIES
-        self.retry_exceptions: bool | tuple[type, ...] = False
+        # A bool, or exception classes (or their qualified names, for actor methods).
+        self.retry_exceptions: bool | tuple[Any, ...] = False
         self.job = 0
         self.return_ids: list[bytes] = []
         self.deps: list[Any] = []  # ObjectRefs passed at the top level
@@ -104,6 +107,7 @@ class TaskSpec:
         self.method = ""
         self.cancelled = False
         self.attempts = 0
+        self.oom_kills = 0  # times the memory monitor stopped its worker (its back-off)
         self.parent: bytes | None = None
         self.worker: bytes | None = None
         self.out_tag: int | None = None  # the notebook cell it belongs to (_worker_context)
@@ -188,6 +192,7 @@ class _Key:
         "queued_at_head",
         "requests",
         "resources",
+        "retriable",
         "runtime_env",
         "strategy",
     )
@@ -197,10 +202,12 @@ class _Key:
         resources: dict[str, int],
         strategy: Any = None,
         runtime_env: dict[str, Any] | None = None,
+        retriable: bool = True,
     ) -> None:
         self.resources = resources
         self.strategy = strategy
         self.runtime_env = runtime_env  # leases of this key are of workers of this env
+        self.retriable = retriable  # its tasks have retries (max_retries != 0)
         self.queue: collections.deque[TaskSpec] = collections.deque()
         self.leases: dict[bytes, _Lease] = {}
         self.requests = 0
@@ -394,7 +401,9 @@ class TaskSubmitter:
             return
         key = self.keys.get(spec.key)
         if key is None:
-            key = self.keys[spec.key] = _Key(spec.resources, spec.strategy, spec.runtime_env)
+            key = self.keys[spec.key] = _Key(
+                spec.resources, spec.strategy, spec.runtime_env, spec.max_retries != 0
+            )
         key.queue.append(spec)
         self._pump(key)
 
@@ -426,6 +435,8 @@ class TaskSubmitter:
                 body["st"] = key.strategy
             if key.runtime_env is not None:
                 body["env"] = key.runtime_env
+            if not key.retriable:
+                body["nr"] = True
             self.core.head.send(Message(M.REQUEST_LEASE, body))
         if not queue:
             for lease in list(key.leases.values()):
@@ -545,9 +556,11 @@ class TaskSubmitter:
         elif msg.type == M.WORKER_DIED:
             lease = self.leases.get(body["w"])
             if lease is not None:
-                self._lease_lost(lease, body["e"])
+                self._lease_lost(lease, body["e"], body.get("oom"))
 
-    def _lease_lost(self, lease: _Lease, reason: str) -> None:
+    def _lease_lost(self, lease: _Lease, reason: str, oom: dict[str, Any] | None = None) -> None:
+        """The leased worker died (``oom``: the memory monitor stopped it, and why): its
+        tasks run again if they have retries left, else fail with the reason."""
         self._drop_lease(lease)
         self.close_connection(lease.conn.conn.address)  # the worker is gone for good
         if lease.idle_timer is not None:
@@ -564,14 +577,51 @@ class TaskSubmitter:
                 )
             elif spec.attempts <= spec.max_retries or spec.max_retries < 0:
                 self.queued[spec.task_id] = spec
-                lease.key.queue.appendleft(spec)
+                if oom is None:
+                    lease.key.queue.appendleft(spec)
+                else:
+                    spec.oom_kills += 1
+                    delay = min(
+                        _config.OOM_RETRY_MAX_DELAY_SECONDS,
+                        _config.OOM_RETRY_DELAY_SECONDS * 2 ** (spec.oom_kills - 1),
+                    )
+                    self.core.loop.call_later(delay, self._retry_after_oom, spec, lease.key)
             else:
-                err = WorkerCrashedError(
-                    f"task {spec.name} failed: its worker (pid {lease.pid}, id {lease.worker_id.hex()[:12]}) "
-                    f"died ({reason}) on each of {spec.attempts} attempts"
-                )
+                err = self._death_error(spec, lease, reason, oom)
                 self._finish(spec, [("x", err)] * max(1, len(spec.return_ids)))
         self._pump(lease.key)
+
+    def _retry_after_oom(self, spec: TaskSpec, key: _Key) -> None:
+        if spec.cancelled or self.queued.get(spec.task_id) is not spec:
+            return  # cancelled (or failed) while it waited
+        key.queue.appendleft(spec)
+        self._pump(key)
+
+    def _death_error(
+        self, spec: TaskSpec, lease: _Lease, reason: str, oom: dict[str, Any] | None
+    ) -> Exception:
+        tries = f"it ran {spec.attempts} time{'s' if spec.attempts != 1 else ''}"
+        tries += f" (max_retries={spec.max_retries})"
+        if oom is not None:
+            return OutOfMemoryError(
+                f"task {spec.name} failed: its worker (pid {lease.pid}, id "
+                f"{lease.worker_id.hex()[:12]}) was {reason}. {tries[0].upper()}{tries[1:]}. "
+                "Use less memory per task, run fewer at once (ask for more num_cpus or "
+                "memory), or raise SHOAL_MEMORY_USAGE_THRESHOLD.",
+                task_name=spec.name,
+                node_id=str(oom.get("node", "")),
+                **{k: oom[k] for k in ("used", "total", "threshold", "rss") if k in oom},
+            )
+        return WorkerCrashedError(
+            f"task {spec.name} failed: its worker (pid {lease.pid}, id "
+            f"{lease.worker_id.hex()[:12]}) died ({reason}) while running it; {tries}, and "
+            "its worker died each time",
+            task_name=spec.name,
+            pid=lease.pid,
+            worker_id=lease.worker_id.hex(),
+            reason=reason,
+            attempts=spec.attempts,
+        )
 
     def on_worker_message(self, msg: Message) -> None:
         if msg.type == M.TASK_DONE:
@@ -637,7 +687,10 @@ class TaskSubmitter:
         if spec.retry_exceptions is True:
             return True
         names = set(body.get("app_error_types") or ())
-        return any(f"{t.__module__}.{t.__qualname__}" in names for t in spec.retry_exceptions)  # type: ignore[union-attr]
+        return any(
+            (t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}") in names
+            for t in spec.retry_exceptions  # type: ignore[union-attr]
+        )
 
     def _finish(self, spec: TaskSpec, values: list[Value]) -> None:
         """The task is over (for good): publish its results and let go of its arguments."""
@@ -728,10 +781,12 @@ class TaskSubmitter:
             return
         entry = self.running.get(task_id)
         if entry is None:
+            # An actor call still waiting here (for its actor or its arguments) ends now.
+            self.core.actors.cancel_waiting(task_id)
             return
         spec, lease = entry
         if lease is None or lease is INLINE:
-            return  # actor calls, and children run inline by this very worker, go on
+            return  # actor calls sent, and children run inline by this very worker, go on
         spec.cancelled = True
         self.core.head.send(
             Message(

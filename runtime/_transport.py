@@ -394,6 +394,12 @@ class Connection:
     def closed(self) -> bool:
         return self._stream is None or self._stream.closed
 
+    @property
+    def broken(self) -> bool:
+        """Nothing sent now can arrive: the stream ended (the peer is gone), or never was."""
+        stream = self._stream
+        return stream is None or stream.closed or stream.eof
+
     def attach(self, loop: IOLoop, on_readable: Callable[[], None] | None = None) -> None:
         """Read (calling ``on_readable``, by default ``handle_readable``) and flush from
         ``loop``'s thread from now on."""

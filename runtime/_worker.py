@@ -449,6 +449,7 @@ class WorkerProcess:
         aid = body["aid"]
         ctx = _worker_context.current
         ctx.actor_id = self.actor_id = aid
+        _worker_context.actor_restarts = int(body.get("restarts", 0))
         self.core.job_id = int(body.get("job", 0))
         meta = self.actor_meta = body["meta"]
         tag_token = _worker_context.output_tag.set(body.get("o"))

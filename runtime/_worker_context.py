@@ -33,6 +33,10 @@ def current_gpu_ids() -> list[int]:
 
 current = _TaskContext()
 
+# In an actor's worker: how many times the actor had been restarted when this worker
+# became it (0 in its first life, and outside actors).
+actor_restarts = 0
+
 # The notebook cell that work started here belongs to (an "output tag", a small int): what
 # tasks print goes to that cell, and interrupting it cancels them (jupyter_ext/_output.py).
 # In a worker it is the running task's, set per task from its spec: a ContextVar rather

@@ -2,7 +2,7 @@
 through pidfds, reaping them, and killing them.
 
     WorkerProcesses.start(wid) --> zygote fork (pid reported later) or Popen
-    pidfd readable             --> reap, then on_exit(wid, "exit code 1" / "killed by signal SIGKILL")
+    pidfd readable             --> reap, then on_exit(wid, "exit code 1" / "killed by signal SIGKILL (9)")
 
 Only IO here; what a death means (leases, actors, objects) is the head's business.
 """
@@ -176,10 +176,7 @@ class WorkerProcesses:
         self.loop.remove_reader(fd)
         os.close(fd)
         code = proc.wait()
-        reason = (
-            f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        )
-        self.on_exit(wid, reason)
+        self.on_exit(wid, exit_reason(code))
 
     def _zygote_replies(self) -> None:
         assert self.zygote is not None
@@ -207,6 +204,17 @@ class WorkerProcesses:
         pending, self.spawning = self.spawning, set()
         for wid in pending:
             self.start(wid, self.launches.pop(wid, None))
+
+
+def exit_reason(code: int) -> str:
+    """How a process ended, from its exit code as ``waitstatus_to_exitcode`` gives it."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "signal"
+        return f"killed by signal {name} ({-code})"
+    return f"exit code {code}"
 
 
 _PR_SET_PDEATHSIG = 1

@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "ActorDiedError",
+    "ActorError",
     "ActorUnavailableError",
     "GetTimeoutError",
     "ObjectLostError",
@@ -125,11 +126,38 @@ def _rebuild_task_error(message: str, fields: dict[str, Any]) -> TaskError:
 
 
 class WorkerCrashedError(ShoalError):
-    """The worker process running a task died, and the task has no retries left."""
+    """The worker process running a task died, and the task has no retries left.
+
+    Attributes: ``task_name``, ``pid`` and ``worker_id`` (hex) of the last worker that ran
+    it, ``reason`` (how that worker ended: "killed by signal SIGKILL (9)", "exit code 1")
+    and ``attempts``.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        task_name: str = "",
+        pid: int = 0,
+        worker_id: str = "",
+        reason: str = "",
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.task_name = task_name
+        self.pid = pid
+        self.worker_id = worker_id
+        self.reason = reason
+        self.attempts = attempts
+
+    def __reduce__(self) -> Any:
+        return (
+            type(self),
+            (str(self), self.task_name, self.pid, self.worker_id, self.reason, self.attempts),
+        )
 
 
-class ActorDiedError(ShoalError):
-    """The actor is dead: killed, crashed, failed in its constructor, or out of restarts."""
+class ActorError(ShoalError):
+    """Base class of ActorDiedError and ActorUnavailableError (Ray's RayActorError)."""
 
     def __init__(self, message: str = "", actor_id: str = "", reason: str = "") -> None:
         super().__init__(message)
@@ -140,8 +168,15 @@ class ActorDiedError(ShoalError):
         return (type(self), (str(self), self.actor_id, self.reason))
 
 
-class ActorUnavailableError(ShoalError):
-    """The actor cannot be reached right now."""
+class ActorDiedError(ActorError):
+    """The actor is dead for good: killed, its process or node died with no restarts left,
+    its constructor raised, or its owner exited. ``reason`` says which."""
+
+
+class ActorUnavailableError(ActorError):
+    """The actor is being restarted: a call that was running or sent when its worker died,
+    and that may not be retried (``max_task_retries``), fails with this error. It may or
+    may not have run. Calls made from now on wait for the restarted actor."""
 
 
 class GetTimeoutError(ShoalError, TimeoutError):
@@ -165,7 +200,36 @@ class ObjectStoreFullError(ShoalError, MemoryError):
 
 
 class OutOfMemoryError(ShoalError, MemoryError):
-    """The node ran low on memory and the task's worker was stopped to protect it."""
+    """The node ran low on memory and the task's worker was stopped to protect it.
+
+    Attributes (bytes, and a fraction for the threshold): ``used`` and ``total`` memory of
+    the node when the monitor acted, ``threshold``, ``rss`` of the worker it stopped,
+    ``task_name`` and ``node_id`` (hex).
+    """
+
+    def __init__(self, message: str = "", **figures: Any) -> None:
+        super().__init__(message)
+        self.used = int(figures.get("used", 0))
+        self.total = int(figures.get("total", 0))
+        self.threshold = float(figures.get("threshold", 0.0))
+        self.rss = int(figures.get("rss", 0))
+        self.task_name = str(figures.get("task_name", ""))
+        self.node_id = str(figures.get("node_id", ""))
+
+    def __reduce__(self) -> Any:
+        figures = {
+            "used": self.used,
+            "total": self.total,
+            "threshold": self.threshold,
+            "rss": self.rss,
+            "task_name": self.task_name,
+            "node_id": self.node_id,
+        }
+        return (_rebuild_oom, (str(self), figures))
+
+
+def _rebuild_oom(message: str, figures: dict[str, Any]) -> OutOfMemoryError:
+    return OutOfMemoryError(message, **figures)
 
 
 class TaskUnschedulableError(ShoalError):
