@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 # cgroup v2 is mounted here in containers and on modern hosts; v1 files are read as a
 # fallback (older Docker hosts).
@@ -55,18 +56,81 @@ def cpu_count() -> int:
     return max(1, count)
 
 
-def _cgroup_memory_limit() -> int | None:
-    text = _read(f"{_CGROUP}/memory.max") or _read(f"{_CGROUP}/memory/memory.limit_in_bytes")
-    if not text or text == "max":
+@dataclass
+class MemoryReading:
+    used: int  # bytes in use that the kernel cannot simply drop (not the page cache)
+    total: int  # bytes the processes here may use: the machine's, or a smaller cgroup limit
+    source: str  # "system", "cgroup v1" or "cgroup v2"
+
+    @property
+    def fraction(self) -> float:
+        return self.used / self.total if self.total > 0 else 0.0
+
+
+def cgroup_reading(
+    root: str = _CGROUP, proc_self_cgroup: str = "/proc/self/cgroup"
+) -> MemoryReading | None:
+    """Usage and limit of this process's cgroup (v2, else v1); None when there is no
+    limit or no cgroup file to read. The page cache that the kernel can drop (inactive
+    file pages) is not counted as used, as the kernel would reclaim it before an OOM."""
+    for path in _v2_dirs(root, proc_self_cgroup):
+        limit = _read_int(os.path.join(path, "memory.max"))
+        current = _read_int(os.path.join(path, "memory.current"))
+        if limit is not None and current is not None:
+            inactive = _stat(os.path.join(path, "memory.stat")).get("inactive_file", 0)
+            return MemoryReading(max(0, current - inactive), limit, "cgroup v2")
+    v1 = os.path.join(root, "memory")
+    limit = _read_int(os.path.join(v1, "memory.limit_in_bytes"))
+    usage = _read_int(os.path.join(v1, "memory.usage_in_bytes"))
+    if limit is not None and usage is not None:
+        inactive = _stat(os.path.join(v1, "memory.stat")).get("total_inactive_file", 0)
+        return MemoryReading(max(0, usage - inactive), limit, "cgroup v1")
+    return None
+
+
+def _v2_dirs(root: str, proc_self_cgroup: str) -> list[str]:
+    """Where this process's cgroup v2 files may be: its own cgroup (from
+    /proc/self/cgroup, line "0::/path"), then the root of the mount (inside a container
+    with its own cgroup namespace, that root is the container's cgroup)."""
+    dirs = []
+    try:
+        with open(proc_self_cgroup) as f:
+            for line in f:
+                if line.startswith("0::"):
+                    rel = line[3:].strip().lstrip("/")
+                    if rel:
+                        dirs.append(os.path.join(root, rel))
+    except OSError:
+        pass
+    dirs.append(root)
+    return dirs
+
+
+def _read_int(path: str) -> int | None:
+    """An integer file of the cgroup fs; None when missing or "max" (no limit)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
         return None
-    limit = int(text)
-    # cgroup v1 reports "no limit" as a huge number near 2**63.
-    return limit if limit < 1 << 60 else None
+    if not text.isdigit():
+        return None
+    value = int(text)
+    # cgroup v1 writes "no limit" as a huge number (a page-rounded 2**63 - 1).
+    return None if value >= 1 << 62 else value
 
 
-def _cgroup_memory_used() -> int | None:
-    text = _read(f"{_CGROUP}/memory.current") or _read(f"{_CGROUP}/memory/memory.usage_in_bytes")
-    return int(text) if text else None
+def _stat(path: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if value.strip().isdigit():
+                    out[key] = int(value)
+    except OSError:
+        pass
+    return out
 
 
 def _meminfo(field: str) -> int | None:
@@ -83,8 +147,8 @@ def _meminfo(field: str) -> int | None:
 def memory_total() -> int:
     """RAM this process may use: the host's, capped by a cgroup memory limit."""
     total = _meminfo("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = _cgroup_memory_limit()
-    return min(total, limit) if limit is not None else total
+    limited = cgroup_reading()
+    return min(total, limited.total) if limited is not None else total
 
 
 def memory_available() -> int:
@@ -92,9 +156,9 @@ def memory_available() -> int:
     available = _meminfo("MemAvailable")
     if available is None:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    limit, used = _cgroup_memory_limit(), _cgroup_memory_used()
-    if limit is not None and used is not None:
-        available = min(available, max(0, limit - used))
+    limited = cgroup_reading()
+    if limited is not None:
+        available = min(available, max(0, limited.total - limited.used))
     return available
 
 

@@ -20,29 +20,19 @@ No IO but reading /proc and /sys; the node manager does the killing.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
+from ._machine import MemoryReading, cgroup_reading
+
 # How long after a kill the monitor waits for the victim to exit before it may pick
 # another one (a process that takes longer to die is probably stuck in the kernel).
 VICTIM_GRACE_SECONDS = 5.0
 
 GIB = 1 << 30
-
-
-@dataclass
-class MemoryReading:
-    used: int  # bytes in use that the kernel cannot simply drop (not the page cache)
-    total: int  # bytes the processes here may use: the machine's, or a smaller cgroup limit
-    source: str  # "system", "cgroup v1" or "cgroup v2"
-
-    @property
-    def fraction(self) -> float:
-        return self.used / self.total if self.total > 0 else 0.0
 
 
 @dataclass
@@ -71,70 +61,6 @@ def read_memory(
     if limited is not None and 0 < limited.total < system.total:
         return limited
     return system
-
-
-def cgroup_reading(root: str, proc_self_cgroup: str) -> MemoryReading | None:
-    """Usage and limit of this process's cgroup (v2, else v1); None when there is no
-    limit or no cgroup file to read. The page cache that the kernel can drop (inactive
-    file pages) is not counted as used, as the kernel would reclaim it before an OOM."""
-    for path in _v2_dirs(root, proc_self_cgroup):
-        limit = _read_int(os.path.join(path, "memory.max"))
-        current = _read_int(os.path.join(path, "memory.current"))
-        if limit is not None and current is not None:
-            inactive = _stat(os.path.join(path, "memory.stat")).get("inactive_file", 0)
-            return MemoryReading(max(0, current - inactive), limit, "cgroup v2")
-    v1 = os.path.join(root, "memory")
-    limit = _read_int(os.path.join(v1, "memory.limit_in_bytes"))
-    usage = _read_int(os.path.join(v1, "memory.usage_in_bytes"))
-    if limit is not None and usage is not None:
-        inactive = _stat(os.path.join(v1, "memory.stat")).get("total_inactive_file", 0)
-        return MemoryReading(max(0, usage - inactive), limit, "cgroup v1")
-    return None
-
-
-def _v2_dirs(root: str, proc_self_cgroup: str) -> list[str]:
-    """Where this process's cgroup v2 files may be: its own cgroup (from
-    /proc/self/cgroup, line "0::/path"), then the root of the mount (inside a container
-    with its own cgroup namespace, that root is the container's cgroup)."""
-    dirs = []
-    try:
-        with open(proc_self_cgroup) as f:
-            for line in f:
-                if line.startswith("0::"):
-                    rel = line[3:].strip().lstrip("/")
-                    if rel:
-                        dirs.append(os.path.join(root, rel))
-    except OSError:
-        pass
-    dirs.append(root)
-    return dirs
-
-
-def _read_int(path: str) -> int | None:
-    """An integer file of the cgroup fs; None when missing or "max" (no limit)."""
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    if not text.isdigit():
-        return None
-    value = int(text)
-    # cgroup v1 writes "no limit" as a huge number (a page-rounded 2**63 - 1).
-    return None if value >= 1 << 62 else value
-
-
-def _stat(path: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if value.strip().isdigit():
-                    out[key] = int(value)
-    except OSError:
-        pass
-    return out
 
 
 def rss_of(pid: int) -> int:
