@@ -169,6 +169,10 @@ class CoreWorker:
             self._on_head_message,
             self._on_refused,
             linger_ms=1000,
+            # A client's connection crosses networks: when it breaks, it is resumed within
+            # the grace period (CLIENT_TIMEOUT_SECONDS) without losing a message.
+            resumable=client,
+            on_lost=self._connection_lost,
         )
         self._welcomed = threading.Event()
         self.head.attach(self.loop, self._head_readable)
@@ -228,8 +232,15 @@ class CoreWorker:
                 os.close(self._head_pidfd)
 
     def _head_readable(self) -> None:
-        self._last_heard = time.monotonic()
-        self.head.handle_readable()
+        if self.client:
+            # A message, not just readability: a connection that fails while the client
+            # tries to resume is readable too (its end), but nothing was heard from the head.
+            received = self.head.received
+            self.head.handle_readable()
+            if self.head.received != received:
+                self._last_heard = time.monotonic()
+        else:
+            self.head.handle_readable()
         if not self._welcomed.is_set() and self.head.welcome is not None:
             self._welcomed.set()
 
@@ -239,6 +250,7 @@ class CoreWorker:
             return
         silent = time.monotonic() - self._last_heard
         if silent > _config.CLIENT_TIMEOUT_SECONDS:
+            self.head.close(0)  # no more attempts to resume it
             self._lose_cluster(
                 f"disconnected: nothing was heard from the cluster at {self.head.address} "
                 f"for {silent:.0f} s"
@@ -253,6 +265,11 @@ class CoreWorker:
             if self.closed or self.lost_reason:
                 return False
         return True
+
+    def _connection_lost(self, reason: str) -> None:
+        """A client's broken connection could not be resumed (the head forgot it)."""
+        if not self.closed and not self.lost_reason:
+            self._lose_cluster(f"disconnected: {reason}")
 
     def _on_refused(self, reason: str) -> None:
         self.lost_reason = f"the cluster refused this connection: {reason}"

@@ -195,6 +195,7 @@ class Stream:
         "max_frame_size",
         "max_frames",
         "sock",
+        "tcp",
         "verified",
     )
 
@@ -211,6 +212,7 @@ class Stream:
             except OSError:
                 pass
         self.sock = sock
+        self.tcp = sock.family == _socket.AF_INET  # its messages are sealed (_sealing.py)
         self.fd = sock.fileno()
         self.max_frames = max_frames
         self.max_frame_size = max_frame_size

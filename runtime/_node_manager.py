@@ -277,9 +277,12 @@ class NodeManager:
             self.next_job += 1
             welcome["job"] = peer.job
             if body.get("client"):
-                # Its pid is on another machine: it is watched through its pings.
+                # Its pid is on another machine: it is watched through its pings. A broken
+                # connection may be resumed until that timeout drops it (_process_gone
+                # forgets it in the listener): its work and objects stay until then.
                 peer.client = True
                 peer.last_seen = time.monotonic()
+                welcome["resumable"] = True
             else:
                 self._watch_pid(peer)
         else:

@@ -62,6 +62,22 @@ class RecordingSigner(Signer):
         return frames
 
 
+def record_writes(monkeypatch: pytest.MonkeyPatch, conn: Connection) -> list[list[bytes]]:
+    """From now on, a copy of every frame list ``conn`` writes to its socket: exactly what
+    goes on the wire (sealed, on tcp), in order."""
+    sent: list[list[bytes]] = []
+    stream = conn._stream
+    real = _local_transport.Stream.write
+
+    def write(self: Any, frames: Any) -> None:
+        if self is stream:
+            sent.append([bytes(f) for f in frames])
+        real(self, frames)
+
+    monkeypatch.setattr(_local_transport.Stream, "write", write)
+    return sent
+
+
 def wire(frames: list[bytes]) -> bytes:
     """``frames`` as the local transport puts them on a Unix socket."""
     return struct.pack(f"<{len(frames) + 1}I", len(frames), *map(len, frames)) + b"".join(frames)
@@ -163,6 +179,8 @@ class Env:
         # Both carriers frame alike now (tcp no longer uses zmq): a bad message ends the
         # connection on either.
         self.framed = True
+        # After the handshake, tcp messages are sealed (AES-GCM), ipc ones signed (HMAC).
+        self.tcp = address.startswith("tcp://")
         self.server = Server(ctx, address, self.loop)
         self.address = self.server.address
         self.conns: list[Connection] = []
@@ -559,12 +577,13 @@ def test_rejections_are_logged_at_a_bounded_rate(ipc_env, monkeypatch, caplog):
 # -- replay ---------------------------------------------------------------------------------
 
 
-def test_a_replayed_hello_from_a_new_socket_is_refused(env):
+def test_a_replayed_hello_from_a_new_socket_is_refused(env, monkeypatch):
     recorder = RecordingSigner(KEY)
     conn, got = env.connect(signer=recorder)
     env.handshake(conn)
+    writes = record_writes(monkeypatch, conn)
     env.round_trip(conn, got, "original")
-    hello, data = recorder.sent[0], recorder.sent[1]
+    hello, data = recorder.sent[0], writes[0]
 
     raw = env.raw()
     raw.send(hello)
@@ -594,12 +613,12 @@ def _inject(conn: Connection, frames: list[bytes]) -> None:
         conn.sock.send_multipart(frames)
 
 
-def test_a_replayed_message_on_its_own_connection_is_dropped(env):
-    recorder = RecordingSigner(KEY)
-    conn, got = env.connect(signer=recorder)
+def test_a_replayed_message_on_its_own_connection_is_dropped(env, monkeypatch):
+    conn, got = env.connect()
     env.handshake(conn)
+    writes = record_writes(monkeypatch, conn)
     env.round_trip(conn, got, "once")
-    replay = recorder.sent[1]
+    replay = writes[0]
 
     _inject(conn, replay)
     env.wait_rejections(1, "replayed or reordered")
@@ -612,16 +631,18 @@ def test_a_replayed_message_on_its_own_connection_is_dropped(env):
 
 
 def test_a_flipped_byte_in_a_later_message_drops_the_peer(env):
-    recorder = RecordingSigner(KEY)
-    conn, got = env.connect(signer=recorder)
+    conn, got = env.connect()
     env.handshake(conn)
     env.round_trip(conn, got, "before")
-    frames = RecordingSigner(KEY)
-    good_next = frames.encode(Message(MsgType.PUSH_TASK, {"p": "flipped"}), 3)
+    msg = Message(MsgType.PUSH_TASK, {"p": "flipped"})
+    if env.tcp:  # sealed, as the connection would seal its next message
+        good_next = conn._sealer.seal(msg, conn._send_seq + 1)
+    else:
+        good_next = Signer(KEY).encode(msg, conn._send_seq + 1)
     flipped = bytearray(good_next[0])
     flipped[-2] ^= 0x01
     _inject(conn, [bytes(flipped)])
-    env.wait_rejections(1, "signature mismatch")
+    env.wait_rejections(1, "authentication failed" if env.tcp else "signature mismatch")
     assert "flipped" not in env.server.payloads()
     assert env.server.listener.peers == {}
     env.assert_still_serving()
