@@ -11,6 +11,11 @@
 Nothing on the client needs shared memory with the cluster, nor a route to its workers.
 Chunks move in a window (a few in flight), so a large object is never buffered whole in a
 queue: the sender waits for acknowledgements, the receiver asks for the next chunks.
+
+The connection is a resumable session (``_transport._Session``): when it breaks, it is
+dialled again and what either side did not get is resent, so work in flight, and a put or
+get in the middle of its chunks, carries on; past CLIENT_TIMEOUT_SECONDS both sides give
+up (the client's waits fail with "disconnected", the head frees what the client held).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ tcp port let any unauthenticated peer abort the process (a routing-id collision 
 assertion in libzmq); here the listener numbers its peers itself and a peer has no say.
 
 This module only moves frame lists; it never looks inside them (the frames are MAGIC |
-signature | header, then large buffers), and ``_transport.py`` verifies them. One message
+signature | header, then large buffers, or their sealed forms on tcp), and
+``_transport.py`` verifies them. One message
 on the wire, little-endian:
 
     frame count (u32) | each frame's length (count x u32) | the frames' bytes, in order

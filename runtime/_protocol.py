@@ -16,6 +16,9 @@ the transport drops anything not above the last seen value, which defeats replay
 first message on every connection is HELLO (from the connecting side) or WELCOME (the
 answer), carrying a fresh random connection id; a connection id is accepted once per
 process lifetime.
+
+On tcp connections only the HELLO and WELCOME (or REFUSED) are signed this way; every
+later message is sealed with AES-GCM under keys of that connection (``_sealing.py``).
 """
 
 from __future__ import annotations

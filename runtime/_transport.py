@@ -1,8 +1,10 @@
 """Authenticated connections: a ``Listener`` that accepts peers and a ``Connection`` to one.
 
 The transport moves frames and enforces the protocol's rules before anything reaches the
-application: size and frame-count bounds, the HMAC signature, the HELLO/WELCOME handshake
-with version checks, and rising sequence numbers. A peer that breaks a rule is dropped
+application: size and frame-count bounds, the HMAC signature (ipc, and every handshake)
+or the AES-GCM seal (tcp, after the handshake: ``_sealing.py``), the HELLO/WELCOME
+handshake with version checks, and rising sequence numbers. Sessions the application
+marks resumable survive a broken connection (``_Session``). A peer that breaks a rule is dropped
 (forgotten, and its socket closed) and logged at a bounded rate; the process keeps serving
 everyone else.
 

@@ -16,6 +16,11 @@ target below gets, at its tcp port:
   replayed, a genuine message with one byte flipped in a buffer frame, too many frames,
   an empty frame.
 
+On tcp, every message after the handshake is sealed (AES-GCM, keys derived from the
+cluster key and both connection ids): the test's ``Wire`` derives them as a genuine peer
+does, so "genuine" messages are sealed ones, and a wrong key's are sealed with keys
+derived from the wrong key.
+
 After each attack: the target sent nothing at all (raw attacks) and closed the connection
 where it must, or it closed the connection without a word after a message it dropped, or
 it sent a REFUSED where a refusal is due (and then closed). The target process is
