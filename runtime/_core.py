@@ -31,6 +31,7 @@ from . import _config, _shm
 from ._ids import IdFactory, owner_of
 from ._ioloop import IOLoop
 from ._protocol import Message, MsgType, Signer
+from ._sealing import trim_spares
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize_error
 from ._transport import LEND_STALE_SECONDS, Connection, LazyContext
 from .exceptions import (
@@ -154,6 +155,11 @@ class CoreWorker:
         self.on_block: Callable[[], None] | None = None
         self.on_log: Callable[[Any], None] | None = None
 
+        self.client_objects: Any = None
+        if client:
+            from ._client import ClientObjects
+
+            self.client_objects = ClientObjects(self)
         self.head = Connection(
             self.ctx,
             self.signer,
@@ -173,17 +179,15 @@ class CoreWorker:
             # the grace period (CLIENT_TIMEOUT_SECONDS) without losing a message.
             resumable=client,
             on_lost=self._connection_lost,
+            # Chunks of a large get are opened (decrypted) straight into their place.
+            sink=self.client_objects.sink if client else None,
         )
         self._welcomed = threading.Event()
         self.head.attach(self.loop, self._head_readable)
         self.tasks = TaskSubmitter(self)
         self.actors = ActorCaller(self)
-        self.client_objects: Any = None
         self._last_heard = time.monotonic()
         if client:
-            from ._client import ClientObjects
-
-            self.client_objects = ClientObjects(self)
             self.loop.call_later(0.0, self._ping)
         if head_pid is not None:
             try:
@@ -257,6 +261,7 @@ class CoreWorker:
             )
             return
         self.head.send(Message(M.PING, {}))
+        trim_spares()
         self.loop.call_later(_config.CLIENT_PING_SECONDS, self._ping)
 
     def _wait_event_sem(self, sem: threading.Semaphore) -> bool:
@@ -466,6 +471,7 @@ class CoreWorker:
             # A client's process is on another machine: say goodbye, so that the head lets
             # its leases and objects go now rather than when it stops hearing from it.
             self.head.send(Message(M.EXIT, {"bye": True}))
+            self.head.finish()
 
     # -- reference counting ------------------------------------------------------------
     def incref(self, oid: bytes) -> None:

@@ -263,6 +263,7 @@ class Machine:
         self.exiting = True
         if self.head_conn is not None:
             self.head_conn.send(Message(M.NODE_LEAVE, {}))
+            self.head_conn.finish()
         if self.control is not None:
             for node in self.control.nodes.values():
                 if node.alive and node.node_id != self.node_id:

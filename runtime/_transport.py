@@ -36,7 +36,7 @@ import cloudpickle
 from . import _config
 from . import _local_transport as _local
 from ._protocol import Message, MsgType, ProtocolError, Signer
-from ._sealing import TAG, Sealer, resume_proof, session_keys
+from ._sealing import TAG, Sealer, Sink, resume_proof, session_keys
 
 if TYPE_CHECKING:
     from ._ioloop import IOLoop, TimerHandle
@@ -254,8 +254,16 @@ class Listener:
     never sees the break.
     """
 
-    def __init__(self, ctx: Any, signer: Signer, on_hello: OnHello, on_message: OnMessage) -> None:
+    def __init__(
+        self,
+        ctx: Any,
+        signer: Signer,
+        on_hello: OnHello,
+        on_message: OnMessage,
+        sink: Sink | None = None,
+    ) -> None:
         self._signer = signer
+        self._sink = sink  # where large frames of sealed messages may be opened (_sealing)
         self._on_hello = on_hello
         self._on_message = on_message
         self.peers: dict[bytes, _PeerState] = {}
@@ -432,7 +440,7 @@ class Listener:
         try:
             if opener is not None:
                 seq = state.recv_seq + 1
-                msg = opener.open(frames, seq)
+                msg = opener.open(frames, seq, self._sink)
             else:
                 msg, seq = self._signer.decode(frames)
                 if seq <= state.recv_seq:
@@ -511,6 +519,7 @@ class Listener:
         self._write(state, Message(MsgType.WELCOME, body))
         if stream.tcp and keys is not None:  # everything after the WELCOME is sealed
             state.sealer, state.opener = keys.incoming, keys.outgoing
+            stream.scratch = []
 
     def _resume(self, peer: bytes, conn_id: bytes, resume: Any, seq: int) -> None:
         """A HELLO that resumes a session on the new connection ``peer`` (raises
@@ -554,6 +563,7 @@ class Listener:
         if stream.tcp:
             keys = session_keys(self._signer.key, conn_id, my_conn)
             state.sealer, state.opener = keys.incoming, keys.outgoing
+            stream.scratch = []
         self._watch(owner, stream)
         for msg in session.outbox:  # what the peer did not get, sealed anew
             self._write(state, msg)
@@ -615,8 +625,10 @@ class Connection:
         linger_ms: int = 0,
         resumable: bool = False,
         on_lost: Callable[[str], None] | None = None,
+        sink: Sink | None = None,
     ) -> None:
         self.address = address
+        self._sink = sink  # where large frames of sealed messages may be opened (_sealing)
         self._signer = signer
         self._on_message = on_message
         self._on_refused = on_refused
@@ -643,6 +655,7 @@ class Connection:
         self._pending: list[Message] = []  # tcp: sent before the WELCOME
         self.session: _Session | None = None
         self._gone = False  # a session ended for good: closed, or its resume refused
+        self._finishing = False  # the application said goodbye: an end is not a break
         self._retry: TimerHandle | None = None
         self._retry_delay = RESUME_FIRST_DELAY
         self.received = 0  # verified messages, handshakes included
@@ -825,14 +838,19 @@ class Connection:
             stream.verified = True
         stream.continue_soon()
 
+    def finish(self) -> None:
+        """The application ends its session (it said goodbye): when the connection ends
+        from now on, that is the end, not a break to resume."""
+        self._finishing = True
+
     def _broken(self, reason: str) -> None:
-        if self.session is not None and not self._gone:
+        if self.session is not None and not self._gone and not self._finishing:
             self._lost_link(reason)
         else:
             self.close(0)  # no lingering for a peer that breaks the rules
 
     def _ended(self, stream: _local.Stream) -> None:
-        if self.session is not None and not self._gone:
+        if self.session is not None and not self._gone and not self._finishing:
             self._lost_link(stream.error or "the connection was closed")
             return
         self.close(0)
@@ -852,7 +870,7 @@ class Connection:
         try:
             if opener is not None:
                 seq = self._recv_seq + 1
-                msg = opener.open(frames, seq)
+                msg = opener.open(frames, seq, self._sink)
             else:
                 msg, seq = self._signer.decode(frames)
                 if seq <= self._recv_seq:
@@ -928,8 +946,9 @@ class Connection:
             session.ack_sent, session.unacked_bytes = session.delivered, 0
         self._handshaken = True
         self._retry_delay = RESUME_FIRST_DELAY
-        if keys is not None and not self.local:
+        if keys is not None and not self.local and self._stream is not None:
             self._sealer, self._opener = keys.outgoing, keys.incoming
+            self._stream.scratch = []
         if resumed and session is not None:
             for msg in session.outbox:  # what the listener did not get, sealed anew
                 self._write(msg)
