@@ -310,11 +310,6 @@ class Listener:
         if stream is not None:
             stream.close()
 
-    def connected(self, peer: bytes) -> bool:
-        """``peer`` is accepted and its connection is up (not waiting to resume)."""
-        state = self.peers.get(peer)
-        return state is not None and state.stream is not None
-
     def send(self, peer: bytes, msg: Message) -> bool:
         """Send to an accepted peer; False when that peer is gone. A resumable peer whose
         connection broke gets the message when it resumes."""
@@ -688,11 +683,6 @@ class Connection:
         if self.session is not None:
             return self._gone  # between two connections a session is still open
         return self._stream is None or self._stream.closed
-
-    @property
-    def resuming(self) -> bool:
-        """A session whose connection broke, not resumed yet."""
-        return self.session is not None and not self._gone and not self._handshaken
 
     def attach(self, loop: IOLoop, on_readable: Callable[[], None] | None = None) -> None:
         """Read (calling ``on_readable``, by default ``handle_readable``) and flush from

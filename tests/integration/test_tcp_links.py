@@ -1,6 +1,7 @@
-"""A client's tcp link to a head, through a forwarding proxy of the test's own (real sockets,
-``tcp_proxy.py``) between ``shoal.init("tcp://PROXY", key_file=...)`` in this process and a
-head started with ``shoal start --head --port 0``.
+"""tcp links to a head, through a forwarding proxy of the test's own (real sockets,
+``tcp_proxy.py``): a client (``shoal.init("tcp://PROXY", key_file=...)`` in this process)
+and a node (``shoal start --address PROXY``), and a head started with
+``shoal start --head --port 0``.
 
 - What crosses the wire is encrypted: a marker put, passed to a task and returned by it
   never appears in the bytes the proxy forwarded, and everything comes back right.
@@ -8,6 +9,8 @@ head started with ``shoal start --head --port 0``.
   period: while idle, with tasks and actor calls in flight (their results are made while
   the client is cut off), and in the middle of a large get and a large put. Every result
   is right and nothing runs twice (an actor's counter is incremented exactly N times).
+- A node's link to the head resumes the same way: the node stays the same node, and work
+  placed on it runs before and after.
 - A client cut off for longer than SHOAL_CLIENT_TIMEOUT (3 s here, on both sides) gets the
   clear "disconnected" error, nothing hangs, and the head frees what the client held (its
   object and its actor).
@@ -144,6 +147,11 @@ class Counter:
     def echo(self, text: str) -> str:
         return text[::-1]
 
+    def node(self) -> str:
+        import shoal
+
+        return shoal.get_runtime_context().get_node_id()
+
     def pid(self) -> int:
         import os
 
@@ -249,6 +257,61 @@ def test_a_large_put_resumes_after_a_reset_in_its_middle(proxy: TcpProxy, head: 
     ref = shoal.put(arr)
     assert proxy.resets == 1, "the transfer was not cut"
     assert shoal.get(checksum.remote(ref), timeout=60) == (n * 8, int(arr[:: 1 << 17].sum()))
+
+
+@shoal.remote
+def node_id() -> str:
+    import shoal
+
+    return shoal.get_runtime_context().get_node_id()
+
+
+def test_a_node_link_resumes_after_a_reset(
+    head: Head, shoal_cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    from shoal.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    proxy = TcpProxy(head.upstream)
+    node_dir = tempfile.mkdtemp(prefix="shoal-cl-node-", dir="/tmp")
+    try:
+        joined = shoal_cli(
+            "start", "--address", proxy.address, "--key-file", head.key_file,
+            "--num-cpus", "1", "--temp-dir", node_dir,
+        )  # fmt: skip
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        [session] = glob.glob(os.path.join(node_dir, "session_2*"))
+        with open(os.path.join(session, "head.json")) as f:
+            node = json.load(f)["node_id"]
+        shoal.init(f"tcp://{head.upstream[0]}:{head.upstream[1]}", key_file=head.key_file)
+        on_node = NodeAffinitySchedulingStrategy(node, soft=False)
+        assert shoal.get(node_id.options(scheduling_strategy=on_node).remote(), timeout=30) == node
+
+        # An actor placed on the node while its link is down: the head's request for a
+        # worker there waits in the link's session and goes when the node resumes it.
+        placed: list[Any] = []
+
+        def place_actor() -> None:
+            actor = Counter.options(scheduling_strategy=on_node).remote()
+            placed.append((actor, actor.node.remote()))
+
+        _cut_off(proxy, while_down=place_actor)
+        testing.wait_for(lambda: proxy.accepted >= 2, timeout=20, interval=0.01)
+
+        [(actor, where)] = placed
+        assert shoal.get(where, timeout=60) == node
+        assert shoal.get(actor.inc.remote(), timeout=30) == 1
+        refs = [node_id.options(scheduling_strategy=on_node).remote() for _ in range(5)]
+        assert shoal.get(refs, timeout=60) == [node] * 5
+        nodes = [n for n in shoal.nodes() if n["NodeID"] == node]
+        assert len(shoal.nodes()) == 2 and nodes and nodes[0]["Alive"]
+        assert proxy.resets == 1
+    finally:
+        if shoal.is_initialized():
+            shoal.shutdown()
+        stopped = shoal_cli("stop", "--temp-dir", node_dir)  # before the proxy goes
+        proxy.close()
+        shutil.rmtree(node_dir, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
 # ------------------------------------------------------------------ past the grace period
