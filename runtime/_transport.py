@@ -689,9 +689,11 @@ class Connection:
         ``loop``'s thread from now on."""
         self._loop = loop
         callback = on_readable or self.handle_readable
+        self._on_readable = callback
         if self._stream is not None:
-            self._on_readable = callback
             self._stream.attach(loop, self._loop_readable)
+        elif self.session is not None and not self._gone:
+            self._lost_link(self.error or "the connection broke")  # before attach: dial now
         else:
             loop.call_soon(self._refused, self.error)
 
