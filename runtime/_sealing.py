@@ -54,6 +54,7 @@ SPARE_MAX = 16 * 1024 * 1024 + TAG
 SPARES = 8
 
 _nonce = struct.Struct("<QI").pack
+_aad_one = struct.Struct("<4sII").pack  # MAGIC and the length table of a one-frame message
 
 CONNECTING_TO_LISTENING = b"shoal/3 tcp connecting->listening"
 LISTENING_TO_CONNECTING = b"shoal/3 tcp listening->connecting"
@@ -79,6 +80,10 @@ class Sealer:
         self._into = _INTO if hasattr(self._aead, "encrypt_into") else 1 << 62
 
     def seal(self, msg: Message, seq: int) -> list[Any]:
+        if not msg.frames:  # most messages: one frame, and a shorter way
+            header = _packers.packer.pack((msg.type.value, seq, msg.body, ()))
+            aad = _aad_one(MAGIC, 1, len(header) + TAG)
+            return [self._aead.encrypt(_nonce(seq, 0), header, aad)]
         small, wire = split_small(msg.frames)
         header = _packers.packer.pack((msg.type.value, seq, msg.body, small))
         lens = [len(header) + TAG]
@@ -113,7 +118,10 @@ class Sealer:
         lens = [len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames]
         if min(lens) < TAG:
             raise ProtocolError("a sealed frame shorter than its tag")
-        aad = MAGIC + struct.pack(f"<{len(lens) + 1}I", len(lens), *lens)
+        if len(lens) == 1:
+            aad = _aad_one(MAGIC, 1, lens[0])
+        else:
+            aad = MAGIC + struct.pack(f"<{len(lens) + 1}I", len(lens), *lens)
         aead = self._aead
         try:
             header = aead.decrypt(_nonce(seq, 0), frames[0], aad)
