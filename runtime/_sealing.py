@@ -86,6 +86,10 @@ class Sealer:
             return [self._aead.encrypt(_nonce(seq, 0), header, aad)]
         small, wire = split_small(msg.frames)
         header = _packers.packer.pack((msg.type.value, seq, msg.body, small))
+        if not wire:
+            return [
+                self._aead.encrypt(_nonce(seq, 0), header, _aad_one(MAGIC, 1, len(header) + TAG))
+            ]
         lens = [len(header) + TAG]
         for buf in wire:
             lens.append((len(buf) if isinstance(buf, bytes) else memoryview(buf).nbytes) + TAG)

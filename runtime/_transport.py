@@ -123,7 +123,7 @@ LEND_STALE_SECONDS = 1.0
 # Resumable sessions (see ``_Session``). A receiver acknowledges what it got after this many
 # messages or bytes, or this long after the first one it has not acknowledged yet: that
 # bounds what a sender keeps for resending.
-ACK_EVERY = 64
+ACK_EVERY = 256
 ACK_BYTES = 16 * 1024 * 1024
 ACK_DELAY = 0.2
 # A broken connection is dialled again after this long, doubling up to the maximum; an
