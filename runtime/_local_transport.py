@@ -68,6 +68,9 @@ COPY_LIMIT = 16 * 1024
 # The largest frame read into a stream's reusable scratch buffers (see ``Stream.scratch``):
 # chunks of large objects (8 MiB) are; the rare larger frame gets a buffer of its own.
 SCRATCH_LIMIT = 16 * 1024 * 1024 + 64
+# Only a message's first frames (its header and first buffer: all a chunk has) use them, so
+# that a message of many large buffers leaves no more than this many behind.
+SCRATCH_FRAMES = 2
 # A message up to this size is joined into one bytes object and sent with one send(): for
 # small messages that is cheaper than building an iovec.
 JOIN_LIMIT = 64 * 1024
@@ -496,7 +499,7 @@ class Stream:
                 continue
             # A large frame: its own buffer, filled first from what is buffered.
             scratch = self.scratch
-            if scratch is not None and n <= SCRATCH_LIMIT:
+            if scratch is not None and n <= SCRATCH_LIMIT and i < SCRATCH_FRAMES:
                 # Sealed: the owner opens (decrypts) the frame into a buffer of its own
                 # before it reads the next message, so this buffer is used again.
                 while len(scratch) <= i:
