@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/_workloads.py --system shoal|ray|none --bench NAME --duration SECONDS
-    python benchmarks/_workloads.py --zmq-chunk-server PORT plain|hmac   (internal helper)
+    python benchmarks/_workloads.py --zmq-chunk-server PORT plain|hmac|aes   (internal helper)
 
 Prints exactly one line starting with ``BENCH_RESULT `` followed by a JSON
 object: ``{"bench": ..., "system": ..., "value": <float>, "unit": ..., ...}``
@@ -123,7 +123,14 @@ ZMQ_HMAC = Bench(
     description="the same stream with HMAC-SHA256 of every chunk (signed by the sender, "
     "verified by the receiver)",
 )
-REFERENCES: list[Bench] = [MEMCPY, ZMQ_RAW, ZMQ_HMAC]
+ZMQ_AES = Bench(
+    "raw zmq transfer + AES-256-GCM",
+    "GB/s",
+    systems=("none",),
+    description="the same stream sealed with AES-256-GCM, as Shoal's tcp links are (the "
+    "sender encrypts each chunk into a buffer it reuses, the receiver decrypts into one)",
+)
+REFERENCES: list[Bench] = [MEMCPY, ZMQ_RAW, ZMQ_HMAC, ZMQ_AES]
 ALL_BENCHES = {b.name: b for b in [*BENCHMARKS, *REFERENCES]}
 
 # Object transfer between two nodes (and its raw zmq references).
@@ -956,10 +963,17 @@ def _client_ray(bench: str, duration: float) -> dict:
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
+def _aes():  # an AESGCM (imported here: the runner itself does not need it)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(b"k" * 32)
+
+
 def _zmq_chunk_server(port: int, mode: str) -> None:
     """The sending end of the raw zmq stream: a ROUTER that answers each request with one
     TRANSFER_CHUNK message (zero-copy from one buffer), preceded by its HMAC-SHA256 in
-    "hmac" mode. Exits on b"stop", when its parent dies, or after 5 idle minutes."""
+    "hmac" mode, sealed with AES-256-GCM in "aes" mode (a counter as the nonce). Exits on
+    b"stop", when its parent dies, or after 5 idle minutes."""
     import hashlib
     import hmac
 
@@ -968,6 +982,7 @@ def _zmq_chunk_server(port: int, mode: str) -> None:
     parent = os.getppid()
     data = os.urandom(TRANSFER_CHUNK)
     keyed = hmac.new(b"k" * 32, digestmod=hashlib.sha256)
+    sealer, sealed, counter = _aes(), [bytearray(TRANSFER_CHUNK + 16) for _ in range(8)], 0
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -985,6 +1000,12 @@ def _zmq_chunk_server(port: int, mode: str) -> None:
                 h = keyed.copy()
                 h.update(data)
                 sock.send_multipart([ident, h.digest(), data], copy=False)
+            elif mode == "aes":
+                counter += 1
+                # At most TRANSFER_WINDOW chunks are unsent: a buffer is free when it comes round.
+                out = sealed[counter % len(sealed)]
+                sealer.encrypt_into(counter.to_bytes(12, "little"), data, b"", out)
+                sock.send_multipart([ident, counter.to_bytes(12, "little"), out], copy=False)
             else:
                 sock.send_multipart([ident, data], copy=False)
     finally:
@@ -995,7 +1016,8 @@ def _zmq_chunk_server(port: int, mode: str) -> None:
 def raw_zmq_transfer(mode: str, timeout: float) -> dict:
     """Pulls TRANSFER_BYTES from a server process in TRANSFER_CHUNK messages with
     TRANSFER_WINDOW requests in flight (the shape of Shoal's pull), over tcp loopback;
-    in "hmac" mode the receiver verifies each chunk's HMAC-SHA256. One warm-up pull,
+    in "hmac" mode the receiver verifies each chunk's HMAC-SHA256, in "aes" mode it
+    decrypts (and so verifies) each AES-256-GCM sealed chunk. One warm-up pull,
     then RAW_TRIALS timed pulls (each well under a second, so more than TRIALS)."""
     import hashlib
     import hmac
@@ -1012,6 +1034,8 @@ def raw_zmq_transfer(mode: str, timeout: float) -> dict:
         stdin=subprocess.DEVNULL,
     )
     keyed = hmac.new(b"k" * 32, digestmod=hashlib.sha256)
+    opener = _aes() if mode == "aes" else None
+    plain = bytearray(TRANSFER_CHUNK)
     n = TRANSFER_BYTES // TRANSFER_CHUNK
 
     def pull() -> float:
@@ -1030,7 +1054,9 @@ def raw_zmq_transfer(mode: str, timeout: float) -> dict:
                 h.update(frames[1].buffer)
                 if not hmac.compare_digest(h.digest(), frames[0].bytes):
                     raise WorkloadError("raw zmq transfer: bad signature")
-            if frames[-1].buffer.nbytes != TRANSFER_CHUNK:
+            elif opener is not None:
+                opener.decrypt_into(frames[0].bytes, frames[1].buffer, b"", plain)
+            if frames[-1].buffer.nbytes != TRANSFER_CHUNK + (16 if opener else 0):
                 raise WorkloadError("raw zmq transfer: short chunk")
             received += 1
             if sent < n:
@@ -1063,6 +1089,8 @@ def run(system: str, bench: str, duration: float, timeout: float) -> dict:
         return raw_zmq_transfer("plain", timeout)
     if bench == ZMQ_HMAC.name:
         return raw_zmq_transfer("hmac", timeout)
+    if bench == ZMQ_AES.name:
+        return raw_zmq_transfer("aes", timeout)
     if bench == "object transfer between two nodes":
         return transfer_shoal(timeout) if system == "shoal" else transfer_ray(timeout)
     if bench == "cold start":

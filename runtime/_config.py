@@ -45,7 +45,8 @@ RESPILL_SECONDS = 0.2
 # Client-server mode: a client pings the head every CLIENT_TIMEOUT_SECONDS / 5 (at most
 # every 2 s); the head drops a client it has not heard from for this long, and a client
 # that has not heard from the head for this long fails what it waits for (disconnected).
-# Shorter losses are ridden out: TCP keeps the connection and delivers what was queued.
+# Shorter losses are ridden out: TCP keeps the connection and delivers what was queued,
+# and a connection that breaks meanwhile is resumed (the grace period is this timeout).
 CLIENT_TIMEOUT_SECONDS = float(os.environ.get("SHOAL_CLIENT_TIMEOUT", 30))
 CLIENT_PING_SECONDS = min(2.0, CLIENT_TIMEOUT_SECONDS / 5)
 

@@ -31,6 +31,7 @@ from . import _config, _shm
 from ._ids import IdFactory, owner_of
 from ._ioloop import IOLoop
 from ._protocol import Message, MsgType, Signer
+from ._sealing import trim_spares
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize_error
 from ._transport import LEND_STALE_SECONDS, Connection, LazyContext
 from .exceptions import (
@@ -157,6 +158,11 @@ class CoreWorker:
         # worker); a runtime_env._state.EnvState, made on first use.
         self.runtime_env: Any = None
 
+        self.client_objects: Any = None
+        if client:
+            from ._client import ClientObjects
+
+            self.client_objects = ClientObjects(self)
         self.head = Connection(
             self.ctx,
             self.signer,
@@ -172,17 +178,19 @@ class CoreWorker:
             self._on_head_message,
             self._on_refused,
             linger_ms=1000,
+            # A client's connection crosses networks: when it breaks, it is resumed within
+            # the grace period (CLIENT_TIMEOUT_SECONDS) without losing a message.
+            resumable=client,
+            on_lost=self._connection_lost,
+            # Chunks of a large get are opened (decrypted) straight into their place.
+            sink=self.client_objects.sink if client else None,
         )
         self._welcomed = threading.Event()
         self.head.attach(self.loop, self._head_readable)
         self.tasks = TaskSubmitter(self)
         self.actors = ActorCaller(self)
-        self.client_objects: Any = None
         self._last_heard = time.monotonic()
         if client:
-            from ._client import ClientObjects
-
-            self.client_objects = ClientObjects(self)
             self.loop.call_later(0.0, self._ping)
         if head_pid is not None:
             try:
@@ -231,8 +239,15 @@ class CoreWorker:
                 os.close(self._head_pidfd)
 
     def _head_readable(self) -> None:
-        self._last_heard = time.monotonic()
-        self.head.handle_readable()
+        if self.client:
+            # A message, not just readability: a connection that fails while the client
+            # tries to resume is readable too (its end), but nothing was heard from the head.
+            received = self.head.received
+            self.head.handle_readable()
+            if self.head.received != received:
+                self._last_heard = time.monotonic()
+        else:
+            self.head.handle_readable()
         if not self._welcomed.is_set() and self.head.welcome is not None:
             self._welcomed.set()
 
@@ -242,12 +257,14 @@ class CoreWorker:
             return
         silent = time.monotonic() - self._last_heard
         if silent > _config.CLIENT_TIMEOUT_SECONDS:
+            self.head.close(0)  # no more attempts to resume it
             self._lose_cluster(
                 f"disconnected: nothing was heard from the cluster at {self.head.address} "
                 f"for {silent:.0f} s"
             )
             return
         self.head.send(Message(M.PING, {}))
+        trim_spares()
         self.loop.call_later(_config.CLIENT_PING_SECONDS, self._ping)
 
     def _wait_event_sem(self, sem: threading.Semaphore) -> bool:
@@ -256,6 +273,11 @@ class CoreWorker:
             if self.closed or self.lost_reason:
                 return False
         return True
+
+    def _connection_lost(self, reason: str) -> None:
+        """A client's broken connection could not be resumed (the head forgot it)."""
+        if not self.closed and not self.lost_reason:
+            self._lose_cluster(f"disconnected: {reason}")
 
     def _on_refused(self, reason: str) -> None:
         self.lost_reason = f"the cluster refused this connection: {reason}"
@@ -452,6 +474,7 @@ class CoreWorker:
             # A client's process is on another machine: say goodbye, so that the head lets
             # its leases and objects go now rather than when it stops hearing from it.
             self.head.send(Message(M.EXIT, {"bye": True}))
+            self.head.finish()
 
     # -- reference counting ------------------------------------------------------------
     def incref(self, oid: bytes) -> None:

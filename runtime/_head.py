@@ -156,6 +156,10 @@ class Machine:
             self._from_head,
             refused.append,
             linger_ms=1000,
+            # A broken link is resumed (see _transport._Session) until NODE_TIMEOUT_SECONDS
+            # without a word from the head stops this node (``_tick``).
+            resumable=True,
+            on_lost=self._head_forgot_us,
         )
         # Shorter than what `shoal start` waits for us, so that it gets our reason.
         deadline = time.monotonic() + 0.8 * _config.START_TIMEOUT_SECONDS
@@ -180,6 +184,10 @@ class Machine:
         self.nm.up = self.head_conn
         self.head_conn.attach(self.loop)
 
+    def _head_forgot_us(self, reason: str) -> None:
+        log.error("%s; this node stops", reason)
+        self.shutdown()
+
     def _from_head(self, msg: Message) -> None:
         self.heard_from_head = time.monotonic()
         if msg.type == M.NODE_LEAVE:
@@ -202,13 +210,24 @@ class Machine:
             raise ProtocolError("a node's HELLO needs its resources")
         node = self.control.add_node(node_id, _ListenerLink(self.nm, ident), body)
         self.node_idents[ident] = node_id
-        return {"number": node.number, "head": self.node_id}
+        # A broken link is resumed until the node is declared dead (``_forget_dead_nodes``).
+        return {"number": node.number, "head": self.node_id, "resumable": True}
 
     def _node_message(self, ident: bytes, msg: Message) -> None:
         assert self.control is not None
         node_id = self.node_idents.get(ident)
         if node_id is not None:
             self.control.on_node_message(node_id, msg)
+
+    def _forget_dead_nodes(self) -> None:
+        """A node that left or was declared dead cannot resume its link: what the head
+        kept for it goes."""
+        assert self.control is not None
+        for ident, node_id in list(self.node_idents.items()):
+            node = self.control.nodes.get(node_id)
+            if node is None or not node.alive:
+                del self.node_idents[ident]
+                self.nm.listener.forget(ident)
 
     # -- lifecycle ---------------------------------------------------------------------
     def run(self) -> None:
@@ -246,6 +265,7 @@ class Machine:
         self.exiting = True
         if self.head_conn is not None:
             self.head_conn.send(Message(M.NODE_LEAVE, {}))
+            self.head_conn.finish()
         if self.control is not None:
             for node in self.control.nodes.values():
                 if node.alive and node.node_id != self.node_id:
@@ -264,6 +284,7 @@ class Machine:
         if self.control is not None:
             self.control.check_nodes()
             self.control.retry_groups()
+            self._forget_dead_nodes()
         elif time.monotonic() - self.heard_from_head > NODE_TIMEOUT_SECONDS:
             # The head answers every report (once a second): it is gone. Stop, so that no
             # node and no worker is left running for a cluster that no longer exists.

@@ -8,7 +8,8 @@ tcp port let any unauthenticated peer abort the process (a routing-id collision 
 assertion in libzmq); here the listener numbers its peers itself and a peer has no say.
 
 This module only moves frame lists; it never looks inside them (the frames are MAGIC |
-signature | header, then large buffers), and ``_transport.py`` verifies them. One message
+signature | header, then large buffers, or their sealed forms on tcp), and
+``_transport.py`` verifies them. One message
 on the wire, little-endian:
 
     frame count (u32) | each frame's length (count x u32) | the frames' bytes, in order
@@ -64,6 +65,12 @@ READ_BUFFER = 64 * 1024
 # Frames up to this size are copied out of the read buffer; a bigger one is read straight
 # into a buffer of its own.
 COPY_LIMIT = 16 * 1024
+# The largest frame read into a stream's reusable scratch buffers (see ``Stream.scratch``):
+# chunks of large objects (8 MiB) are; the rare larger frame gets a buffer of its own.
+SCRATCH_LIMIT = 16 * 1024 * 1024 + 64
+# Only a message's first frames (its header and first buffer: all a chunk has) use them, so
+# that a message of many large buffers leaves no more than this many behind.
+SCRATCH_FRAMES = 2
 # A message up to this size is joined into one bytes object and sent with one send(): for
 # small messages that is cheaper than building an iovec.
 JOIN_LIMIT = 64 * 1024
@@ -194,7 +201,9 @@ class Stream:
         "leftover",
         "max_frame_size",
         "max_frames",
+        "scratch",
         "sock",
+        "tcp",
         "verified",
     )
 
@@ -211,6 +220,12 @@ class Stream:
             except OSError:
                 pass
         self.sock = sock
+        self.tcp = sock.family == _socket.AF_INET  # its messages are sealed (_sealing.py)
+        # Buffers to read large frames into, by their place in a message, used again for
+        # each message: set by an owner that copies every large frame out of a message
+        # before it asks for the next one (it decrypts them). None: each large frame gets
+        # a buffer of its own, handed on.
+        self.scratch: list[bytearray] | None = None
         self.fd = sock.fileno()
         self.max_frames = max_frames
         self.max_frame_size = max_frame_size
@@ -233,7 +248,7 @@ class Stream:
         self._drained = False  # the last read took less than it asked for
         self._lens: tuple[int, ...] | None = None  # frame lengths of the message being read
         self._frames: list[Any] = []
-        self._big: bytearray | None = None  # a large frame being read straight into place
+        self._big: memoryview | None = None  # a large frame being read straight into place
         self._big_view: memoryview | None = None
         self._big_got = 0
 
@@ -472,7 +487,7 @@ class Stream:
                 if self._big_got < n:
                     return None
                 # Read-only, as a value in shared memory is: the receiver must not write it.
-                frames.append(memoryview(self._big).toreadonly())
+                frames.append(self._big.toreadonly())
                 self._big = self._big_view = None
                 continue
             if n <= COPY_LIMIT:
@@ -483,14 +498,24 @@ class Stream:
                 self._start = start + n
                 continue
             # A large frame: its own buffer, filled first from what is buffered.
-            big = bytearray(n)
+            scratch = self.scratch
+            if scratch is not None and n <= SCRATCH_LIMIT and i < SCRATCH_FRAMES:
+                # Sealed: the owner opens (decrypts) the frame into a buffer of its own
+                # before it reads the next message, so this buffer is used again.
+                while len(scratch) <= i:
+                    scratch.append(bytearray(0))
+                if len(scratch[i]) < n:
+                    scratch[i] = bytearray(n)
+                big = memoryview(scratch[i])[:n]
+            else:
+                big = memoryview(bytearray(n))
             take = min(avail, n)
             big[:take] = self._view[start : start + take]
             self._start = start + take
             if self._start == self._end:
                 self._start = self._end = 0
             self._big = big
-            self._big_view = memoryview(big)
+            self._big_view = big
             self._big_got = take
 
     # -- closing -----------------------------------------------------------------------

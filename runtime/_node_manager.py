@@ -36,10 +36,11 @@ from ._object_store import (
 )
 from ._protocol import Message, MsgType, ProtocolError, Signer
 from ._resources import fits
+from ._sealing import trim_spares
 from ._session import Session
 from ._shm import copy_file, free_bytes, unlink
 from ._task_submitter import pick_address
-from ._transfer import STALL_SECONDS, ChunkServer, Pull, open_segment
+from ._transfer import CHUNK_SIZE, STALL_SECONDS, ChunkServer, Pull, open_segment
 from ._transport import Connection, Listener
 from ._worker_processes import WorkerProcesses
 from ._zygote import Zygote
@@ -127,7 +128,13 @@ class NodeManager:
         self.node_id = node_id
         self.signer = signer
         self.number = 0  # given by the control store: it numbers jobs started here
-        self.listener = Listener(ctx, signer, self._on_hello, self._on_message)
+        # Chunks of objects streamed in (a client's put over tcp) are opened (decrypted)
+        # into one staging buffer and written from there: handled at once, each before the
+        # next message is read, so the buffer is free again by then.
+        self._staging: bytearray | None = None
+        self.listener = Listener(
+            ctx, signer, self._on_hello, self._on_message, sink=self._chunk_sink(M.PUSH_CHUNK)
+        )
         self.address = self.listener.bind(session.socket_address("h"))
         self.tcp_address = ""  # where other nodes (and, on the head, nodes) reach us
         self.listener.attach(self.loop)
@@ -241,6 +248,7 @@ class NodeManager:
 
     def _tick(self) -> None:
         self.workers.reap_strays()
+        trim_spares()
         self._act_sched(self.scheduler.handle(sch.TickEvent()))
         self._act_store(self.store.expire_pool())
         now = time.monotonic()
@@ -328,9 +336,12 @@ class NodeManager:
             self.next_job += 1
             welcome["job"] = peer.job
             if body.get("client"):
-                # Its pid is on another machine: it is watched through its pings.
+                # Its pid is on another machine: it is watched through its pings. A broken
+                # connection may be resumed until that timeout drops it (_process_gone
+                # forgets it in the listener): its work and objects stay until then.
                 peer.client = True
                 peer.last_seen = time.monotonic()
+                welcome["resumable"] = True
             else:
                 self._watch_pid(peer)
         else:
@@ -843,6 +854,16 @@ class NodeManager:
         except OSError as exc:
             self._finish_pull(pull, f"no room for it in this node's shared memory: {exc}")
 
+    def _chunk_sink(self, mtype: MsgType) -> Callable[[MsgType, Any, int, int], Any]:
+        def sink(t: MsgType, body: Any, index: int, n: int) -> Any:
+            if t != mtype or index != 0 or n > CHUNK_SIZE:
+                return None
+            if self._staging is None:
+                self._staging = bytearray(CHUNK_SIZE)
+            return memoryview(self._staging)[:n]
+
+        return sink
+
     def _node_conn(self, address: str) -> Connection:
         conn = self.node_conns.get(address)
         if conn is None:
@@ -852,6 +873,7 @@ class NodeManager:
                 address,
                 {"role": "puller", "node": self.node_id},
                 functools.partial(self._on_chunk, address),
+                sink=self._chunk_sink(M.CHUNK),  # written to the segment at once
             )
             conn.attach(self.loop)
             self.node_conns[address] = conn

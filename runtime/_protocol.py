@@ -16,6 +16,9 @@ the transport drops anything not above the last seen value, which defeats replay
 first message on every connection is HELLO (from the connecting side) or WELCOME (the
 answer), carrying a fresh random connection id; a connection id is accepted once per
 process lifetime.
+
+On tcp connections only the HELLO and WELCOME (or REFUSED) are signed this way; every
+later message is sealed with AES-GCM under keys of that connection (``_sealing.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"SHL" + bytes([PROTOCOL_VERSION])
 SIGNATURE_SIZE = 32
 PREFIX_SIZE = len(MAGIC) + SIGNATURE_SIZE
@@ -128,6 +131,8 @@ class MsgType(enum.IntEnum):
     CHUNK_ACK = 90
     PING = 91
     PONG = 92
+    # transport: a resumable session's acknowledgement (never reaches the application)
+    ACK = 93
     # runtime environments (runtime_env/): packages through the head, eager builds
     PACKAGE_UPLOAD = 120
     PACKAGE_FETCH = 121
@@ -167,12 +172,26 @@ class Message:
         return f"Message({self.type.name}, {self.body!r}, {len(self.frames)} frames)"
 
 
+def split_small(buffers: Sequence[Any]) -> tuple[Sequence[Any], Sequence[Any]]:
+    """The leading buffers that travel inside the header, and the rest (frames of their own)."""
+    small = 0
+    total = 0
+    for buf in buffers:
+        n = len(buf) if isinstance(buf, bytes) else memoryview(buf).nbytes
+        if n > SMALL_BUFFER or total + n > SMALL_TOTAL:
+            break
+        total += n
+        small += 1
+    return buffers[:small], buffers[small:]
+
+
 class Signer:
     """Signs and verifies frame lists with the cluster key."""
 
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise ValueError("the cluster key must be at least 16 bytes")
+        self.key = key  # tcp connections derive their keys from it (_sealing.py)
         # Keyed once: copying a keyed HMAC is cheaper than keying a new one per message. The
         # C object inside hmac.HMAC (when OpenSSL provides it) has the same copy, update and
         # digest; using it directly halves the cost of signing a small message.
@@ -191,20 +210,11 @@ class Signer:
         return h.digest()
 
     def encode(self, msg: Message, seq: int) -> list[Any]:
-        buffers = msg.frames
-        if not buffers:
+        if not msg.frames:
             header = _packers.packer.pack((msg.type.value, seq, msg.body, ()))
             return [MAGIC + self.signature(header, ()) + header]
-        small = 0
-        total = 0
-        for buf in buffers:
-            n = len(buf) if isinstance(buf, bytes) else memoryview(buf).nbytes
-            if n > SMALL_BUFFER or total + n > SMALL_TOTAL:
-                break
-            total += n
-            small += 1
-        wire = buffers[small:]
-        header = _packers.packer.pack((msg.type.value, seq, msg.body, buffers[:small]))
+        small, wire = split_small(msg.frames)
+        header = _packers.packer.pack((msg.type.value, seq, msg.body, small))
         return [MAGIC + self.signature(header, wire) + header, *wire]
 
     def decode(self, frames: Sequence[Any]) -> tuple[Message, int]:

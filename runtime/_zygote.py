@@ -98,6 +98,13 @@ def _zygote_main(requests: int, replies: int, head_pid: int, logs_dir: str) -> N
         signal.signal(sig, signal.SIG_DFL)
     import shoal._worker  # noqa: F401  (the point of the zygote: imported once, shared by all)
 
+    if os.environ.get("SHOAL_NODE_IP"):
+        # This node's workers take tcp connections (from other nodes), which are sealed:
+        # import ``cryptography`` once here rather than in each worker's first call (~8 ms).
+        from shoal._sealing import preload
+
+        preload()
+
     buffer = b""
     while True:
         data = os.read(requests, 4096)

@@ -16,6 +16,11 @@ target below gets, at its tcp port:
   replayed, a genuine message with one byte flipped in a buffer frame, too many frames,
   an empty frame.
 
+On tcp, every message after the handshake is sealed (AES-GCM, keys derived from the
+cluster key and both connection ids): the test's ``Wire`` derives them as a genuine peer
+does, so "genuine" messages are sealed ones, and a wrong key's are sealed with keys
+derived from the wrong key.
+
 After each attack: the target sent nothing at all (raw attacks) and closed the connection
 where it must, or it closed the connection without a word after a message it dropped, or
 it sent a REFUSED where a refusal is due (and then closed). The target process is
@@ -59,6 +64,7 @@ import pytest
 import shoal
 from shoal import testing
 from shoal._protocol import MAGIC, Message, MsgType, Signer
+from shoal._sealing import SessionKeys, session_keys
 from shoal._session import read_key_file
 from shoal._transport import version_info
 from shoal.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -450,6 +456,11 @@ class Wire:
         self.sock = socket.create_connection(("127.0.0.1", target.port), timeout=5)
         self.data = b""
         self.seq = 0
+        self.recv_seq = 0
+        self.hello_conn = b""
+        # After the WELCOME every message is sealed with keys derived from both connection
+        # ids (shoal._sealing): these are ours and the target's, as a genuine peer has them.
+        self.keys: SessionKeys | None = None
 
     def close(self) -> None:
         self.sock.close()
@@ -493,16 +504,25 @@ class Wire:
     def sign(
         self, msg: Message, seq: int | None = None, signer: Signer | None = None
     ) -> list[bytes]:
-        """Frames for ``msg``: signed with the cluster key (or ``signer``), as bytes."""
+        """Frames for ``msg`` as bytes: signed with the cluster key (or ``signer``'s) during
+        the handshake, sealed with this connection's keys (derived from ``signer``'s key
+        when given) after it."""
         if seq is None:
             self.seq += 1
             seq = self.seq
+        if self.keys is not None and msg.type != M.HELLO:
+            keys = self.keys
+            if signer is not None:
+                keys = session_keys(signer.key, self.hello_conn, self.welcome_conn)
+            return [bytes(f) for f in keys.outgoing.seal(msg, seq)]
         return [bytes(f) for f in (signer or self.cluster.signer).encode(msg, seq)]
 
     def hello(self) -> list[bytes]:
         """A genuine HELLO with a fresh connection id, as another node's puller sends."""
-        self.seq = 0
-        body = {"conn": os.urandom(16), **version_info(), "role": "puller", "node": os.urandom(16)}
+        self.seq = self.recv_seq = 0
+        self.keys = None
+        self.hello_conn = os.urandom(16)
+        body = {"conn": self.hello_conn, **version_info(), "role": "puller", "node": os.urandom(16)}
         return self.sign(Message(M.HELLO, body))
 
     def pull(self, seq: int | None = None, buffer: bytes | None = None) -> list[bytes]:
@@ -513,7 +533,13 @@ class Wire:
     def recv(self, what: str) -> Message:
         frames = self._message(time.monotonic() + 5)
         assert frames is not None, f"{self.target.name}: closed where {what} was due"
+        self.recv_seq += 1
+        if self.keys is not None:
+            return self.keys.incoming.open(frames, self.recv_seq)
         msg, _ = self.cluster.signer.decode(frames)  # answers are signed with the real key
+        if msg.type == M.WELCOME:
+            self.welcome_conn = msg.body["conn"]
+            self.keys = session_keys(self.cluster.key, self.hello_conn, self.welcome_conn)
         return msg
 
     def nothing_answered(self, what: str) -> None:

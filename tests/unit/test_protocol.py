@@ -81,7 +81,7 @@ def test_another_key_does_not_verify(frames):
         Signer(b"x" * 32).decode(frames)
 
 
-@pytest.mark.parametrize("magic", [b"SHL\x01", b"SHL\x03", b"ZMQ\x02", b""])
+@pytest.mark.parametrize("magic", [b"SHL\x01", b"SHL\x02", b"SHL\x04", b"ZMQ\x03", b""])
 def test_bad_magic_or_version(signer, frames, magic):
     frames[0] = magic + frames[0][len(MAGIC) :]
     with pytest.raises(ProtocolError, match="magic"):

@@ -62,6 +62,22 @@ class RecordingSigner(Signer):
         return frames
 
 
+def record_writes(monkeypatch: pytest.MonkeyPatch, conn: Connection) -> list[list[bytes]]:
+    """From now on, a copy of every frame list ``conn`` writes to its socket: exactly what
+    goes on the wire (sealed, on tcp), in order."""
+    sent: list[list[bytes]] = []
+    stream = conn._stream
+    real = _local_transport.Stream.write
+
+    def write(self: Any, frames: Any) -> None:
+        if self is stream:
+            sent.append([bytes(f) for f in frames])
+        real(self, frames)
+
+    monkeypatch.setattr(_local_transport.Stream, "write", write)
+    return sent
+
+
 def wire(frames: list[bytes]) -> bytes:
     """``frames`` as the local transport puts them on a Unix socket."""
     return struct.pack(f"<{len(frames) + 1}I", len(frames), *map(len, frames)) + b"".join(frames)
@@ -139,7 +155,8 @@ class Server:
 
     def _on_hello(self, peer: bytes, body: dict[str, Any]) -> dict[str, Any]:
         self.hellos.append(body)
-        return {"greeting": "welcome"}
+        # A session is resumable only when the HELLO asked for it too (Connection(resumable)).
+        return {"greeting": "welcome", "resumable": True}
 
     def _on_message(self, peer: bytes, msg: Message) -> None:
         self.messages.append(msg)
@@ -163,6 +180,8 @@ class Env:
         # Both carriers frame alike now (tcp no longer uses zmq): a bad message ends the
         # connection on either.
         self.framed = True
+        # After the handshake, tcp messages are sealed (AES-GCM), ipc ones signed (HMAC).
+        self.tcp = address.startswith("tcp://")
         self.server = Server(ctx, address, self.loop)
         self.address = self.server.address
         self.conns: list[Connection] = []
@@ -559,12 +578,13 @@ def test_rejections_are_logged_at_a_bounded_rate(ipc_env, monkeypatch, caplog):
 # -- replay ---------------------------------------------------------------------------------
 
 
-def test_a_replayed_hello_from_a_new_socket_is_refused(env):
+def test_a_replayed_hello_from_a_new_socket_is_refused(env, monkeypatch):
     recorder = RecordingSigner(KEY)
     conn, got = env.connect(signer=recorder)
     env.handshake(conn)
+    writes = record_writes(monkeypatch, conn)
     env.round_trip(conn, got, "original")
-    hello, data = recorder.sent[0], recorder.sent[1]
+    hello, data = recorder.sent[0], writes[0]
 
     raw = env.raw()
     raw.send(hello)
@@ -594,12 +614,12 @@ def _inject(conn: Connection, frames: list[bytes]) -> None:
         conn.sock.send_multipart(frames)
 
 
-def test_a_replayed_message_on_its_own_connection_is_dropped(env):
-    recorder = RecordingSigner(KEY)
-    conn, got = env.connect(signer=recorder)
+def test_a_replayed_message_on_its_own_connection_is_dropped(env, monkeypatch):
+    conn, got = env.connect()
     env.handshake(conn)
+    writes = record_writes(monkeypatch, conn)
     env.round_trip(conn, got, "once")
-    replay = recorder.sent[1]
+    replay = writes[0]
 
     _inject(conn, replay)
     env.wait_rejections(1, "replayed or reordered")
@@ -612,16 +632,18 @@ def test_a_replayed_message_on_its_own_connection_is_dropped(env):
 
 
 def test_a_flipped_byte_in_a_later_message_drops_the_peer(env):
-    recorder = RecordingSigner(KEY)
-    conn, got = env.connect(signer=recorder)
+    conn, got = env.connect()
     env.handshake(conn)
     env.round_trip(conn, got, "before")
-    frames = RecordingSigner(KEY)
-    good_next = frames.encode(Message(MsgType.PUSH_TASK, {"p": "flipped"}), 3)
+    msg = Message(MsgType.PUSH_TASK, {"p": "flipped"})
+    if env.tcp:  # sealed, as the connection would seal its next message
+        good_next = conn._sealer.seal(msg, conn._send_seq + 1)
+    else:
+        good_next = Signer(KEY).encode(msg, conn._send_seq + 1)
     flipped = bytearray(good_next[0])
     flipped[-2] ^= 0x01
     _inject(conn, [bytes(flipped)])
-    env.wait_rejections(1, "signature mismatch")
+    env.wait_rejections(1, "authentication failed" if env.tcp else "signature mismatch")
     assert "flipped" not in env.server.payloads()
     assert env.server.listener.peers == {}
     env.assert_still_serving()
@@ -752,3 +774,156 @@ def test_a_pickle_in_an_unauthenticated_message_is_never_loaded(env, good, tmp_p
     env.pump(lambda: "control" in env.server.payloads())
     assert control.exists()
     assert not target.exists()
+
+
+# -- tcp: sealed messages --------------------------------------------------------------------
+
+
+def test_tcp_messages_are_sealed_and_ipc_ones_only_signed(env, monkeypatch):
+    conn, got = _good(env)
+    writes = record_writes(monkeypatch, conn)
+    marker = b"a marker in clear text"
+    conn.send(Message(MsgType.LOG_LINES, {"p": "marked"}, [marker * 10, marker * 5000]))
+    env.pump(lambda: any(m.type == MsgType.LOG_LINES for m in got))
+    (echo,) = [m for m in got if m.type == MsgType.LOG_LINES]
+    assert [bytes(f) for f in echo.frames] == [marker * 10, marker * 5000]
+    sent = b"".join(b"".join(frames) for frames in writes)
+    assert (marker in sent) is (not env.tcp)
+    assert (b"marked" in sent) is (not env.tcp)
+
+
+def test_a_sealed_message_with_a_flipped_byte_in_a_large_frame_is_dropped(tcp_env):
+    env = tcp_env
+    conn, got = _good(env)
+    frames = conn._sealer.seal(
+        Message(MsgType.PUT_OBJECT, {"p": "flipped"}, [pickle.dumps(0), os.urandom(100_000)]),
+        conn._send_seq + 1,
+    )
+    assert len(frames) == 2  # the large buffer is a frame of its own
+    big = bytearray(frames[1])
+    big[50_000] ^= 0x01
+    _inject(conn, [frames[0], bytes(big)])
+    env.wait_rejections(1, "authentication failed")
+    assert "flipped" not in env.server.payloads()
+    env.pump(lambda: conn.closed)
+    env.assert_still_serving()
+
+
+# -- resumable sessions ----------------------------------------------------------------------
+
+
+def _resumable(env: Env) -> tuple[Connection, list[Message], list[str]]:
+    got: list[Message] = []
+    lost: list[str] = []
+    conn = Connection(
+        env.ctx,
+        Signer(KEY),
+        env.address,
+        {"role": "resumer"},
+        got.append,
+        resumable=True,
+        on_lost=lost.append,
+    )
+    conn.attach(env.loop)
+    env.conns.append(conn)
+    env.handshake(conn)
+    assert conn.session is not None
+    return conn, got, lost
+
+
+def _peer_of(env: Env) -> bytes:
+    [peer] = [p for p, st in env.server.listener.peers.items() if st.session is not None]
+    return peer
+
+
+def _reset(sock: Any) -> None:
+    """Close with an RST: SO_LINGER on, with a zero timeout."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.mark.parametrize("side", ["listener", "connection"])
+def test_a_session_resumes_after_a_reset_without_loss_or_duplicates(tcp_env, side):
+    env = tcp_env
+    conn, got, lost = _resumable(env)
+    peer = _peer_of(env)
+    listener = env.server.listener
+    for n in range(100):
+        conn.send(Message(MsgType.PUSH_TASK, {"p": n}))
+    env.pump(lambda: len(got) == 100)
+
+    if side == "listener":  # the listener's end noticed first (and resets the other)
+        _reset(listener._streams[peer].sock)
+        listener._drop(peer)
+    else:  # the connecting end did: the listener learns of it from the resuming HELLO
+        _reset(conn._stream.sock)
+        conn._lost_link("a test reset")
+    assert conn.session is not None and not conn.closed
+    # Both sides keep sending meanwhile: nothing is lost.
+    for n in range(100, 150):
+        conn.send(Message(MsgType.PUSH_TASK, {"p": n}))
+    for n in range(10):
+        assert listener.send(peer, Message(MsgType.LOG_LINES, {"pushed": n}))
+
+    env.pump(lambda: len([m for m in got if m.type == MsgType.TASK_DONE]) == 150, timeout=10)
+    env.pump(lambda: len([m for m in got if m.type == MsgType.LOG_LINES]) == 10)
+    assert env.server.payloads() == list(range(150))  # each once, in order
+    assert [m.body["echo"]["p"] for m in got if m.type == MsgType.TASK_DONE] == list(range(150))
+    assert [m.body["pushed"] for m in got if m.type == MsgType.LOG_LINES] == list(range(10))
+    assert _peer_of(env) == peer and len(env.server.hellos) == 1  # the same peer, no new HELLO
+    assert lost == []
+    # Acknowledgements empty both sides' outboxes.
+    state = listener.peers[peer]
+    env.pump(lambda: not conn.session.outbox and state.session and not state.session.outbox)
+
+
+def test_a_session_the_listener_forgot_cannot_resume(tcp_env):
+    env = tcp_env
+    conn, got, lost = _resumable(env)
+    peer = _peer_of(env)
+    _reset(env.server.listener._streams[peer].sock)
+    env.server.listener._drop(peer)
+    env.server.listener.forget(peer)  # the application's grace period ran out
+    conn.send(Message(MsgType.PUSH_TASK, {"p": "too late"}))
+    env.pump(lambda: lost)
+    assert "refused to resume" in lost[0] and "no such session" in lost[0]
+    assert conn.closed
+    env.wait_rejections(1, "no such session")
+    assert "too late" not in env.server.payloads()
+    env.assert_still_serving()
+
+
+def test_a_resume_needs_the_proof_of_its_session(tcp_env):
+    env = tcp_env
+    conn, got, lost = _resumable(env)
+    peer = _peer_of(env)
+    session = conn.session
+    raw = env.raw()
+    forged = {
+        "conn": os.urandom(16),
+        **_transport.version_info(),
+        "resume": {"sid": session.sid, "ack": session.delivered, "proof": os.urandom(32)},
+    }
+    raw.send(Signer(KEY).encode(Message(MsgType.HELLO, forged), 1))
+    env.wait_rejections(1, "without a valid proof")
+    env.pump(lambda: raw.eof)
+    reply, _ = Signer(KEY).decode(raw.received[0])
+    assert reply.type == MsgType.REFUSED
+    # The real session is untouched and still works.
+    assert env.server.listener._streams[peer] is not None
+    conn.send(Message(MsgType.PUSH_TASK, {"p": "still mine"}))
+    env.pump(lambda: "still mine" in env.server.payloads())
+    assert lost == []
+
+
+def test_a_burst_of_large_sealed_messages_arrives_intact(tcp_env):
+    # Sealed large frames go out from send buffers used again once sent: a burst queues
+    # more of them than are kept, and none may be overwritten while it waits.
+    env = tcp_env
+    conn, got = _good(env)
+    chunks = [bytes([i]) * (2 << 20) + os.urandom(64) for i in range(12)]
+    for i, chunk in enumerate(chunks):
+        conn.send(Message(MsgType.LOG_LINES, {"p": i}, [chunk]))
+    env.pump(lambda: len([m for m in got if m.type == MsgType.LOG_LINES]) == 12, timeout=20)
+    echoes = [m for m in got if m.type == MsgType.LOG_LINES]
+    assert [m.body["p"] for m in echoes] == list(range(12))
+    assert [bytes(m.frames[0]) for m in echoes] == chunks
