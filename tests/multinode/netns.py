@@ -238,10 +238,14 @@ class Host:
         return env
 
     def command(self, argv: Sequence[str], cwd: str | os.PathLike[str] | None = None) -> list[str]:
-        """``argv`` wrapped to run inside this host (the ``nsenter`` line in the module doc)."""
+        """``argv`` wrapped to run inside this host (the ``nsenter`` line in the module doc);
+        a leading ``shoal`` is this interpreter's ``python -m shoal``."""
         if not self._fds:
             raise HostError(f"host {self.name} is not running (its network was closed)")
         me = os.getpid()
+        if list(argv[:1]) == ["shoal"]:
+            # The `shoal` on PATH may be another checkout's; run this interpreter's.
+            argv = [sys.executable, "-m", "shoal", *argv[1:]]
         return [
             "nsenter",
             f"--net=/proc/{me}/fd/{self._fds['net']}",
