@@ -161,7 +161,7 @@ class ControlStore:
         node.death_reason = reason
         node.available = {}
         log.warning("node %s is gone: %s", node_id.hex()[:12], reason)
-        cause = f"its node {node_id.hex()[:12]} died ({reason})"
+        cause = f"its node {node_id.hex()[:12]} died: {reason}"
         procs = [p for p in self.procs.values() if p.node == node_id]
         for proc in procs:
             owner = self.remote_leases.pop(proc.wid, None)
@@ -209,8 +209,8 @@ class ControlStore:
             ):
                 self.node_gone(
                     node.node_id,
-                    f"missed its health checks: nothing heard from it for "
-                    f"{now - node.last_seen:.1f} s (SHOAL_HEALTH_CHECK_PERIOD x "
+                    f"it missed its health checks, nothing heard from it for "
+                    f"{now - node.last_seen:.1f} s (the limit is SHOAL_HEALTH_CHECK_PERIOD x "
                     f"SHOAL_HEALTH_CHECK_FAILURE_THRESHOLD = {NODE_TIMEOUT_SECONDS:g} s)",
                 )
 

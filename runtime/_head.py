@@ -186,7 +186,10 @@ class Machine:
         # Shorter than what `shoal start` waits for us, so that it gets our reason.
         deadline = time.monotonic() + 0.8 * _config.START_TIMEOUT_SECONDS
         if self.args.rejoin_until is not None:
-            deadline = min(deadline, time.monotonic() + self.args.rejoin_until - time.time())
+            # Short tries: a connect sent while the link was down is retried by TCP with
+            # backoff (1, 3, 7 s ...); a fresh one goes out at once when the link is back.
+            left = self.args.rejoin_until - time.time()
+            deadline = min(deadline, time.monotonic() + min(left, REJOIN_TRY_SECONDS))
         conn = self.head_conn
         while conn.welcome is None and not refused and not conn.closed:
             left = deadline - time.monotonic()
@@ -365,14 +368,14 @@ class Machine:
             node = self.control.nodes.get(node_id)
             if node is not None and node.alive:
                 self.control.node_gone(
-                    node_id,
-                    "its connection to the head closed (its processes exited, or the "
-                    "connection broke)",
+                    node_id, "its connection to the head closed (its process exited?)"
                 )
 
 
 # How often the head checks its nodes' health and a node its head's.
 TICK_SECONDS = min(1.0, _config.HEALTH_CHECK_PERIOD_SECONDS)
+# How long one try of a node joining again may take.
+REJOIN_TRY_SECONDS = 5.0
 
 
 def _argv_for_restart(argv: list[str]) -> list[str]:

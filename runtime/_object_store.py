@@ -369,10 +369,11 @@ class ObjectStore:
             return LostObject("lost", entry.lost)
         owner = owner_of(entry.oid)
         if not self.is_alive(owner):
+            made = "made with put() by" if entry.oid[16:] == b"\0\0\0\0" else "owned by"
             return LostObject(
                 "owner_died",
-                f"object {entry.oid.hex()} was lost with the node that held it, and its owner "
-                f"{owner.hex()} (the process that could make it again) died",
+                f"object {entry.oid.hex()} was lost with the node that held it, and the "
+                f"process that {made} it ({owner.hex()}) died too: nobody can make it again",
             )
         entry.waiters.append((process, req_id))
         if not entry.rebuilding:

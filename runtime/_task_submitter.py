@@ -738,7 +738,7 @@ class TaskSubmitter:
         error = self._resubmit(oid, 0)
         if error:
             self.rebuild_wanted.discard(oid)
-            log.warning("cannot rebuild object %s: %s", oid.hex(), error)
+            log.info("cannot rebuild object %s: %s", oid.hex(), error)
             self.core.head.send(Message(M.REBUILD_FAILED, {"o": oid, "e": error}))
 
     def _resubmit(self, oid: bytes, depth: int) -> str:
@@ -746,7 +746,10 @@ class TaskSubmitter:
         from ._refs import ObjectRef
 
         core = self.core
-        what = f"object {oid.hex()} was lost with its node and cannot be made again"
+        if depth == 0:
+            what = f"object {oid.hex()} was lost with its node and cannot be made again"
+        else:
+            what = f"object {oid.hex()} is gone too and cannot be made again"
         if oid[16:] == b"\0\0\0\0":
             return (
                 f"{what}: it was made with put(), and only a task's result can be made "
@@ -784,7 +787,7 @@ class TaskSubmitter:
                     return f"{what}: its arguments were lost {MAX_REBUILD_DEPTH} levels deep"
                 error = self._resubmit(x, depth + 1)
                 if error:
-                    return f"{what}: its argument {x.hex()} is gone too ({error})"
+                    return f"{what}: it needs its argument {x.hex()}, and {error}"
             args.append((1, ref))
             deps.append(ref)
         entry.rebuilds += 1

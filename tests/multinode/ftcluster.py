@@ -153,6 +153,7 @@ PRELUDE = """
 import json, os, sys, time
 import numpy as np
 import shoal
+import shoal.state
 from shoal.exceptions import (
     ActorDiedError, ClusterGoneError, ObjectLostError, OwnerDiedError, ShoalError,
 )
