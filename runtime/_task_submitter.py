@@ -761,7 +761,8 @@ class TaskSubmitter:
         if entry is None:
             return (
                 f"{what}: its owner no longer keeps the task that made it (a task's spec is "
-                "kept while its owner holds its results, up to SHOAL_MAX_LINEAGE_BYTES)"
+                "kept while its owner holds its results, up to SHOAL_MAX_LINEAGE_BYTES; "
+                "results of actor calls are never made again)"
             )
         old: TaskSpec = entry.spec
         budget = old.max_retries if old.max_retries >= 0 else _config.MAX_OBJECT_RECONSTRUCTIONS
