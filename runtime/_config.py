@@ -78,6 +78,11 @@ NODE_TIMEOUT_SECONDS = float(
 # Ray's raylet waits 60 s for its GCS to come back.
 NODE_REJOIN_SECONDS = float(os.environ.get("SHOAL_NODE_REJOIN_TIMEOUT", 60))
 
+# Where a head keeps what a restarted head recovers (its detached actors), if set: see
+# _head_state.py. Give it the same directory (and the same --key-file, so that the nodes
+# can join again) when starting the head again.
+HEAD_STATE_DIR = os.environ.get("SHOAL_HEAD_STATE_DIR", "")
+
 # Lineage: an owner keeps the spec of each finished task whose result lives in a node's
 # store (and could be lost with that node) while the result is referenced, so that it can
 # run the task again (Ray's lineage reconstruction). At most this many bytes of specs (their

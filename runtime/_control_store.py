@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from . import _actor_directory as ad
 from . import _config, _placement
 from . import _placement_groups as pgs
+from ._head_state import HeadState
 from ._ids import owner_of
 from ._object_store import (
     FreeCopies,
@@ -135,6 +136,12 @@ class ControlStore:
         self.local_places: Callable[[], dict[str, str]] | None = None
         # Runtime env packages uploaded by drivers, fetched by nodes (set by the head).
         self.packages: PackageStore | None = None
+        # Detached actors kept on disk for a restarted head (SHOAL_HEAD_STATE_DIR; set by
+        # the head), and those recovered from there that wait for a node that can take
+        # them (their nodes join again after the restart): actor -> when to give up.
+        self.state: HeadState | None = None
+        self.recovering: dict[bytes, float] = {}
+        self.waiting_actors: dict[bytes, ad.RequestActorLease] = {}
 
     # -- membership --------------------------------------------------------------------
     def add_node(self, node_id: bytes, link: NodeLink, info: dict[str, Any]) -> NodeInfo:
@@ -143,6 +150,8 @@ class ControlStore:
             self.next_number += 1
         node = self.nodes[node_id] = NodeInfo(node_id, number, link, info)
         log.info("node %s joined (%s, %s)", node_id.hex()[:12], node.ip, describe(node.total))
+        if self.waiting_actors:
+            self.call_soon(self.retry_waiting_actors)  # once its link is usable
         return node
 
     def node_gone(self, node_id: bytes, reason: str) -> None:
@@ -534,6 +543,63 @@ class ControlStore:
         for rec in list(self.groups.values()):
             if rec.state in (pgs.PENDING, pgs.RESCHEDULING) and not rec.reserving:
                 self._try_place(rec)
+        self.retry_waiting_actors()
+
+    # -- a restarted head (see _head_state.py) ----------------------------------------
+    def recover_actors(self) -> int:
+        """Create again the detached actors a previous head recorded; they are placed as
+        their nodes join again (for SHOAL_NODE_REJOIN_TIMEOUT). Returns how many."""
+        if self.state is None:
+            return 0
+        count = 0
+        for saved in self.state.load_actors():
+            try:
+                rec = ad.ActorRecord(
+                    actor_id=saved["aid"],
+                    owner=b"",  # its owner was a driver of the old head: detached anyway
+                    job_id=int(saved.get("job", 0)),
+                    class_name=str(saved["cls"]),
+                    name=str(saved.get("name") or ""),
+                    namespace=str(saved.get("ns") or ""),
+                    detached=True,
+                    resources={str(k): int(v) for k, v in saved["res"].items()},
+                    meta=saved["meta"],
+                    creation=(saved["body"], list(saved["frames"])),
+                )
+                actions = self.actors.create(rec)
+            except (KeyError, TypeError, ValueError, AttributeError, ad.NameTaken) as exc:
+                log.error("could not recover actor %s: %r", saved.get("aid", b"").hex(), exc)
+                continue
+            self.recovering[rec.actor_id] = time.monotonic() + _config.NODE_REJOIN_SECONDS
+            log.warning(
+                "recovering detached actor %s (%s)", rec.name or rec.class_name, rec.actor_id.hex()
+            )
+            count += 1
+            self._act_actors(actions)
+        return count
+
+    def retry_waiting_actors(self) -> None:
+        waiting, self.waiting_actors = self.waiting_actors, {}
+        for request in waiting.values():
+            self._place_actor(request)
+
+    def _keep_actor(self, rec: ad.ActorRecord) -> None:
+        if self.state is None or not rec.detached or rec.creation is None:
+            return
+        body, frames = rec.creation
+        self.state.save_actor(
+            {
+                "aid": rec.actor_id,
+                "job": rec.job_id,
+                "cls": rec.class_name,
+                "name": rec.name,
+                "ns": rec.namespace,
+                "res": rec.resources,
+                "meta": rec.meta,
+                "body": body,
+                "frames": [bytes(f) for f in frames],
+            }
+        )
 
     def _try_place(self, rec: pgs.GroupRecord) -> None:
         placement = _placement.place_bundles(
@@ -679,6 +745,7 @@ class ControlStore:
             return
         if req is not None:
             self.send_to_process(proc.wid, Message(M.ACTOR_INFO, {"r": req, "info": rec.info()}))
+        self._keep_actor(rec)
         self._act_actors(actions)
 
     def _h_actor_ready(self, proc: ProcInfo, body: Any, frames: Any) -> None:
@@ -871,6 +938,10 @@ class ControlStore:
                 body, frames = a.record.creation
                 self.send_to_process(a.worker_id, Message(M.BECOME_ACTOR, body, frames))
             elif isinstance(a, ad.Publish):
+                if a.record.state == ad.DEAD:
+                    self.recovering.pop(a.record.actor_id, None)
+                    if self.state is not None and a.record.detached:
+                        self.state.forget_actor(a.record.actor_id)
                 info = a.record.info()
                 frames = a.record.death_error or ()
                 for sub in a.subscribers:
@@ -883,6 +954,9 @@ class ControlStore:
         strategy = rec.creation[0].get("st") if rec is not None else None
         origin = self.procs[rec.owner].node if rec and rec.owner in self.procs else self.head_node
         target, error = self._choose_node(a.resources, strategy, origin)
+        if target is None and time.monotonic() < self.recovering.get(a.actor_id, 0.0):
+            self.waiting_actors[a.actor_id] = a  # its node may not have joined again yet
+            return
         if target is None:
             error = self._park(a.resources, error, ("actor", a))
             if error:
@@ -890,6 +964,7 @@ class ControlStore:
                     self.actors.lease_rejected(a.actor_id, "it cannot be scheduled: " + error)
                 )
             return
+        self.recovering.pop(a.actor_id, None)
         subtract(self.nodes[target].available, a.resources)
         lease = {"aid": a.actor_id, "res": a.resources}
         if rec is not None and rec.creation[0].get("env"):

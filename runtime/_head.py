@@ -36,6 +36,7 @@ from typing import Any
 
 from . import _config
 from ._control_store import NODE_TIMEOUT_SECONDS, ControlStore
+from ._head_state import HeadState
 from ._ioloop import IOLoop
 from ._node_manager import NodeManager
 from ._protocol import Message, MsgType, ProtocolError, Signer
@@ -128,6 +129,11 @@ class Machine:
             self.control.add_node(
                 node_id, _LoopLink(self.loop, self.nm.on_control), self._node_info()
             )
+            if _config.HEAD_STATE_DIR and not args.parent_fd:
+                self.control.state = HeadState(_config.HEAD_STATE_DIR)
+                recovered = self.control.recover_actors()
+                if recovered:
+                    log.warning("recovered %d detached actors from the last head", recovered)
             self.nm.on_foreign_hello = self._node_hello
             self.nm.on_foreign_message = self._node_message
         self.loop.call_later(TICK_SECONDS, self._tick)
