@@ -200,7 +200,7 @@ class ControlStore:
             rec = self.actors.actors.get(aid)
             if target == node_id:
                 del self.actor_leases[aid]
-                if rec is not None and rec.state != ad.DEAD:
+                if rec is not None and rec.state != ad.DEAD and rec.creation is not None:
                     self._place_actor(ad.RequestActorLease(aid, rec.resources))
         self._reschedule_groups(node_id)
         for other in self.nodes.values():

@@ -11,14 +11,16 @@ are handed over through the loop (``call_soon``), so nothing is signed or copied
 Worker processes are children of this process; each is watched through a pidfd, so a
 death is noticed at once.
 
+In the embedded mode (``shoal.init()`` with no address) the driver holds the write end of
+a pipe whose read end is watched here: when the driver dies, the head shuts down and
+cleans up after it.
+
 Health (docs/fault_tolerance.md): a node reports every health-check period and the head
 answers. The head declares a node dead when its reports stop for the threshold, or at once
 when its connection closes. A node that hears nothing from the head for as long, or whose
 connection to it closes, or that the head declared dead, kills its workers, tells its
 drivers, and starts afresh in the same process (``exec``) as a new node (a new id) that
-tries to join again for SHOAL_NODE_REJOIN_TIMEOUT seconds, then exits. In the embedded mode (``shoal.init()`` with no address) the
-driver holds the write end of a pipe whose read end is watched here: when the driver dies,
-the head shuts down and cleans up after it.
+tries to join again for SHOAL_NODE_REJOIN_TIMEOUT seconds, then exits.
 """
 
 from __future__ import annotations
