@@ -246,7 +246,10 @@ class CoreWorker:
         ):
             # Our node manager closed the connection: it exited, or it starts again as a
             # new node after losing the cluster (same pid: the pidfd cannot tell).
-            self._lose_cluster(f"the connection to its node manager ({self.head.address}) closed")
+            self._lose_cluster(
+                f"lost the connection to this machine's node manager ({self.head.address}): "
+                "it exited (the head, or a node that lost its cluster)"
+            )
 
     def _ping(self) -> None:
         """Client mode: tell the head we are here, and notice when it no longer answers."""
