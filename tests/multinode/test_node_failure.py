@@ -277,7 +277,7 @@ say("SHORT_READY", None)
 alive_all_along = True
 wait_file(short_done, 60)
 t0 = time.monotonic()
-while time.monotonic() - t0 < 4:  # past the threshold after the link came back
+while time.monotonic() - t0 < 5:  # past the threshold after the link came back
     alive_all_along = alive_all_along and node_states()[B][0]
     time.sleep(0.05)
 say("SHORT", [alive_all_along, shoal.get(short, timeout=30)])
@@ -308,10 +308,11 @@ say("RESULT", [ran_on, new_b, states[B][0], on_new_b, len(states)])
 
 
 def test_a_node_cut_off_briefly_stays_and_for_long_comes_back_as_a_new_node(make_network) -> None:
-    # A threshold of 3 s: TCP's retransmission after a 1 s outage comes about 1.4 s after
-    # the first lost report, so the heartbeats resume ~2 s apart (see fault_tolerance.md).
-    cluster = start(make_network, env={"SHOAL_HEALTH_CHECK_FAILURE_THRESHOLD": "6"})
-    threshold = 3.0
+    # A threshold of 4 s: TCP's retransmission after a 1 s outage comes about 1.4 s after
+    # the first lost report, so the heartbeats resume ~2 s apart (see fault_tolerance.md),
+    # and a loaded machine may add to that.
+    cluster = start(make_network, env={"SHOAL_HEALTH_CHECK_FAILURE_THRESHOLD": "8"})
+    threshold = 4.0
     network = cluster.network
     ids = {name: cluster.node_id(name) for name in ("head", "a", "b")}
     log = network.dir / "log"
