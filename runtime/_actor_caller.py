@@ -105,6 +105,12 @@ class ActorCaller:
 
     # -- IO thread ---------------------------------------------------------------------
     def _call(self, spec: TaskSpec) -> None:
+        if self.core.lost_reason:
+            from ._core import ClusterGone  # the cluster is gone: nothing would ever answer
+
+            err = ClusterGone(self.core.lost_reason)
+            self.core.tasks._finish(spec, [("x", err)] * max(1, len(spec.return_ids)))
+            return
         if self._lazy:
             self.flush_lazy()
         st = self.state(spec.actor_id)  # type: ignore[arg-type]

@@ -50,10 +50,53 @@ RESPILL_SECONDS = 0.2
 CLIENT_TIMEOUT_SECONDS = float(os.environ.get("SHOAL_CLIENT_TIMEOUT", 30))
 CLIENT_PING_SECONDS = min(2.0, CLIENT_TIMEOUT_SECONDS / 5)
 
-# A node that reported nothing for this long is declared dead by the head; a node that
-# heard nothing from the head for this long (the head answers each report, sent every
-# second) stops, with its workers. Issue 7 adds finer health checks.
-NODE_TIMEOUT_SECONDS = float(os.environ.get("SHOAL_NODE_TIMEOUT", 30))
+# Health checks between the head and its nodes. A node reports to the head every
+# HEALTH_CHECK_PERIOD_SECONDS (its resources: a heartbeat) and the head answers each report.
+# A node is declared dead when HEALTH_CHECK_FAILURE_THRESHOLD reports in a row are missing
+# (a broken link is resumed meanwhile: a node's session with the head survives a reset
+# connection); a node that hears nothing from the head for as long treats the head as lost.
+# Ray checks every 3 s and allows 5 misses; a report is cheaper here than a gRPC health
+# check, so the period is shorter: a SIGKILLed or cut-off node is declared dead in 5-6 s.
+# TCP retransmits with backoff after a link outage (0.2, 0.6, 1.4, 3 s ...), so a link that
+# is down for more than about 2 s may come back too late for this threshold: raise it where
+# links flap. SHOAL_NODE_TIMEOUT (seconds), if set, overrides period x threshold.
+HEALTH_CHECK_PERIOD_SECONDS = float(os.environ.get("SHOAL_HEALTH_CHECK_PERIOD", 1.0))
+HEALTH_CHECK_FAILURE_THRESHOLD = int(os.environ.get("SHOAL_HEALTH_CHECK_FAILURE_THRESHOLD", 5))
+if HEALTH_CHECK_PERIOD_SECONDS <= 0 or HEALTH_CHECK_FAILURE_THRESHOLD < 1:
+    raise ValueError(
+        "SHOAL_HEALTH_CHECK_PERIOD must be > 0 and SHOAL_HEALTH_CHECK_FAILURE_THRESHOLD >= 1, "
+        f"got {HEALTH_CHECK_PERIOD_SECONDS} and {HEALTH_CHECK_FAILURE_THRESHOLD}"
+    )
+NODE_TIMEOUT_SECONDS = float(
+    os.environ.get(
+        "SHOAL_NODE_TIMEOUT", HEALTH_CHECK_PERIOD_SECONDS * HEALTH_CHECK_FAILURE_THRESHOLD
+    )
+)
+
+# A node that lost the head (or was declared dead by it) kills its workers at once and then
+# tries to join the head again as a new node (a new node id) for this long before it exits:
+# a head restarted at the same address, or a link that comes back, gets the machine back.
+# Ray's raylet waits 60 s for its GCS to come back.
+NODE_REJOIN_SECONDS = float(os.environ.get("SHOAL_NODE_REJOIN_TIMEOUT", 60))
+
+# Where a head keeps what a restarted head recovers (its detached actors), if set: see
+# _head_state.py. Give it the same directory (and the same --key-file, so that the nodes
+# can join again) when starting the head again.
+HEAD_STATE_DIR = os.environ.get("SHOAL_HEAD_STATE_DIR", "")
+
+# Lineage: an owner keeps the spec of each finished task whose result lives in a node's
+# store (and could be lost with that node) while the result is referenced, so that it can
+# run the task again (Ray's lineage reconstruction). At most this many bytes of specs (their
+# inline arguments, mostly) per owner; the oldest are dropped first (Ray: max_lineage_bytes).
+MAX_LINEAGE_BYTES = int(os.environ.get("SHOAL_MAX_LINEAGE_BYTES", 1 << 30))
+
+# How many times one object may be rebuilt: the task's max_retries (default 3, 0: never);
+# with max_retries=-1, this many.
+MAX_OBJECT_RECONSTRUCTIONS = int(os.environ.get("SHOAL_MAX_OBJECT_RECONSTRUCTIONS", 10))
+
+# The longest a reader waits for a lost object to be rebuilt (its task run again) before it
+# gets ObjectLostError. A safety net: the owner answers, or its death is noticed, long before.
+REBUILD_WAIT_SECONDS = float(os.environ.get("SHOAL_REBUILD_WAIT", 600))
 
 # The memory monitor (see _memory_monitor.py): each node checks its memory use every
 # period and, above the threshold (a fraction of the node's memory, or of its cgroup's

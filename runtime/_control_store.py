@@ -7,10 +7,13 @@
         ROUTE             a node's message for a process on another node (lease grants)
         SPILL_LEASE       a lease request its node cannot serve now: pick another node
         LOCATE, OBJECT_SEALED, OBJECT_COPIED   the object directory
+        (a node silent past the health-check threshold, or whose link closed: node_gone)
     ControlStore --NodeLink--> node managers
         DOWN              deliver a message to a process of that node
         TO_NODE           a process's message for that node's manager (return a lease ...)
         ACTOR_LEASE, KILL_WORKER, OWNER_GONE, LOCATED, FREE_OBJECTS
+        NODE_DIED         another node is gone (drop pulls from it)
+        NODE_DEAD         to a node declared dead that still talks: restart as a new node
 
 Every driver and worker belongs to one node and talks only to its node manager; the
 manager passes on what concerns the whole cluster. The head's own node manager uses the
@@ -31,7 +34,16 @@ from typing import Any, Protocol
 from . import _actor_directory as ad
 from . import _config, _placement
 from . import _placement_groups as pgs
-from ._object_store import FreeCopies, LostObject, ObjectEntry, ObjectStore, ReplyObjects
+from ._head_state import HeadState
+from ._ids import owner_of
+from ._object_store import (
+    FreeCopies,
+    LostObject,
+    ObjectEntry,
+    ObjectStore,
+    RebuildObject,
+    ReplyObjects,
+)
 from ._protocol import Message, MsgType
 from ._resources import as_floats, describe, fits, subtract
 from ._serialization import serialize_error
@@ -91,6 +103,7 @@ class NodeInfo:
         self.alive = True
         self.last_seen = time.monotonic()
         self.death_reason = ""
+        self.told_dead = False  # it was sent NODE_DEAD (it kept talking after its death)
 
 
 class ControlStore:
@@ -108,6 +121,13 @@ class ControlStore:
         # Lease requests sent to another node: (owner, request id) -> node, so that a
         # cancel from the owner reaches it.
         self.lease_routes: dict[tuple[bytes, int], bytes] = {}
+        # Leases granted to an owner on another node than the worker's (they pass here, as
+        # ROUTE): worker -> owner. When the worker's node dies, nobody is left there to tell
+        # the owner; this does, and the owner retries the task elsewhere.
+        self.remote_leases: dict[bytes, bytes] = {}
+        # Actor leases asked of a node and not answered yet: actor -> node. A node that
+        # dies before answering has them placed again.
+        self.actor_leases: dict[bytes, bytes] = {}
         self.spread_index = -1
         self.groups: dict[bytes, pgs.GroupRecord] = {}
         self.group_names: dict[tuple[str, str], bytes] = {}
@@ -116,6 +136,12 @@ class ControlStore:
         self.local_places: Callable[[], dict[str, str]] | None = None
         # Runtime env packages uploaded by drivers, fetched by nodes (set by the head).
         self.packages: PackageStore | None = None
+        # Detached actors kept on disk for a restarted head (SHOAL_HEAD_STATE_DIR; set by
+        # the head), and those recovered from there that wait for a node that can take
+        # them (their nodes join again after the restart): actor -> when to give up.
+        self.state: HeadState | None = None
+        self.recovering: dict[bytes, float] = {}
+        self.waiting_actors: dict[bytes, ad.RequestActorLease] = {}
 
     # -- membership --------------------------------------------------------------------
     def add_node(self, node_id: bytes, link: NodeLink, info: dict[str, Any]) -> NodeInfo:
@@ -124,18 +150,42 @@ class ControlStore:
             self.next_number += 1
         node = self.nodes[node_id] = NodeInfo(node_id, number, link, info)
         log.info("node %s joined (%s, %s)", node_id.hex()[:12], node.ip, describe(node.total))
+        if self.waiting_actors:
+            self.call_soon(self.retry_waiting_actors)  # once its link is usable
         return node
 
     def node_gone(self, node_id: bytes, reason: str) -> None:
+        """A node left or died: what ran there is failed over, what was kept there is gone.
+
+        Its workers' tasks are retried by their owners (WORKER_DIED, as after any worker
+        death); its actors go down the actor-death path with the node's death as cause; its
+        drivers are owners gone; its copies leave the object directory (an object left
+        without a copy is rebuilt by its owner when next read); lease and actor-lease
+        requests sent there go elsewhere; its placement group bundles are placed again.
+        """
         node = self.nodes.get(node_id)
         if node is None or not node.alive:
             return
         node.alive = False
         node.death_reason = reason
+        node.available = {}
         log.warning("node %s is gone: %s", node_id.hex()[:12], reason)
-        for proc in [p for p in self.procs.values() if p.node == node_id]:
-            self._process_gone(proc.wid, f"its node {node_id.hex()[:12]} {reason}", True)
-        self.directory.node_gone(node_id)
+        cause = f"its node {node_id.hex()[:12]} died: {reason}"
+        procs = [p for p in self.procs.values() if p.node == node_id]
+        for proc in procs:
+            owner = self.remote_leases.pop(proc.wid, None)
+            if owner is not None:
+                self.send_to_process(owner, Message(M.WORKER_DIED, {"w": proc.wid, "e": cause}))
+        for proc in procs:
+            self._process_gone(proc.wid, cause, True)
+        lost = self.directory.node_gone(node_id)
+        if lost:
+            log.warning(
+                "%d objects lost their last copy with node %s; their owners rebuild them "
+                "when they are read",
+                len(lost),
+                node_id.hex()[:12],
+            )
         for key, target in list(self.lease_routes.items()):
             if target == node_id:
                 del self.lease_routes[key]
@@ -146,9 +196,19 @@ class ControlStore:
                         {"r": key[1], "e": f"the node it was sent to {reason}", "retry": True},
                     ),
                 )
+        for aid, target in list(self.actor_leases.items()):
+            rec = self.actors.actors.get(aid)
+            if target == node_id:
+                del self.actor_leases[aid]
+                if rec is not None and rec.state != ad.DEAD and rec.creation is not None:
+                    self._place_actor(ad.RequestActorLease(aid, rec.resources))
+        self._reschedule_groups(node_id)
+        for other in self.nodes.values():
+            if other.alive and other.node_id != node_id:
+                other.link.send(Message(M.NODE_DIED, {"n": node_id, "a": node.address}))
 
     def check_nodes(self) -> None:
-        """Called every second: nodes silent for too long are declared dead."""
+        """Called every health-check period: nodes silent for too long are declared dead."""
         now = time.monotonic()
         for node in list(self.nodes.values()):
             if (
@@ -156,7 +216,12 @@ class ControlStore:
                 and node.node_id != self.head_node
                 and now - node.last_seen > NODE_TIMEOUT_SECONDS
             ):
-                self.node_gone(node.node_id, f"sent nothing for {NODE_TIMEOUT_SECONDS:.0f} s")
+                self.node_gone(
+                    node.node_id,
+                    f"it missed its health checks, nothing heard from it for "
+                    f"{now - node.last_seen:.1f} s (the limit is SHOAL_HEALTH_CHECK_PERIOD x "
+                    f"SHOAL_HEALTH_CHECK_FAILURE_THRESHOLD = {NODE_TIMEOUT_SECONDS:g} s)",
+                )
 
     def _is_alive(self, wid: bytes) -> bool:
         return wid in self.procs or wid in self.nodes
@@ -165,6 +230,7 @@ class ControlStore:
         proc = self.procs.pop(wid, None)
         if proc is not None and proc.role == "driver":
             self.jobs.pop(proc.job, None)
+        self.remote_leases.pop(wid, None)
         self._act_directory(self.directory.process_gone(wid))
         self._act_actors(self.actors.owner_gone(wid))
         if worker:
@@ -200,7 +266,15 @@ class ControlStore:
     # -- messages from node managers ---------------------------------------------------
     def on_node_message(self, node_id: bytes, msg: Message) -> None:
         node = self.nodes.get(node_id)
-        if node is None or not node.alive:
+        if node is None:
+            return
+        if not node.alive:
+            # Declared dead, yet it talks (a link that came back): what it did meanwhile
+            # was done again elsewhere. It must not rejoin as itself (a split brain): it
+            # is told to restart as a new node, and nothing it says is taken.
+            if not node.told_dead and node.node_id != self.head_node:
+                node.told_dead = True
+                node.link.send(Message(M.NODE_DEAD, {"reason": node.death_reason}))
             return
         node.last_seen = time.monotonic()
         handler = self._node_handlers.get(msg.type)
@@ -256,6 +330,8 @@ class ControlStore:
         t = MsgType(body["t"])
         if t in (M.LEASE_GRANTED, M.LEASE_FAILED):
             self.lease_routes.pop((body["w"], int(body["b"]["r"])), None)
+        if t == M.LEASE_GRANTED and body["w"] in self.procs:
+            self.remote_leases[body["b"]["w"]] = body["w"]
         self.send_to_process(body["w"], Message(t, body["b"], frames))
 
     def _n_spill_lease(self, node: NodeInfo, body: Any, frames: Any) -> None:
@@ -291,6 +367,8 @@ class ControlStore:
         )
 
     def _n_actor_lease_result(self, node: NodeInfo, body: Any, frames: Any) -> None:
+        if self.actor_leases.get(body["aid"]) == node.node_id:
+            del self.actor_leases[body["aid"]]
         rec = self.actors.actors.get(body["aid"])
         if body.get("e") and body.get("env") and rec is not None:
             # Its callers get the setup error itself (RuntimeEnvSetupError), as the cause.
@@ -355,11 +433,21 @@ class ControlStore:
             rec.placement[i] = node.node_id
         else:
             rec.failed = True
+        self._attempt_done(rec)
+
+    def _attempt_done(self, rec: pgs.GroupRecord) -> None:
+        """Every node asked in this attempt answered (or died): commit, or undo it all."""
         if rec.reserving:
             return
-        if rec.state == pgs.REMOVED or rec.failed:
-            self._release_bundles(rec)  # all or nothing: tried again at the next tick
+        if rec.state == pgs.REMOVED:
+            self._release_bundles(rec)
             return
+        if rec.failed:
+            # All or nothing: tried again at the next tick. Bundles committed before this
+            # attempt (a group placing again what a dead node held) stay.
+            self._release_bundles(rec, rec.attempt)
+            return
+        rec.attempt = set()
         rec.state = pgs.CREATED
         parked, rec.parked = rec.parked, []
         for item in parked:
@@ -439,7 +527,7 @@ class ControlStore:
         rec = self.groups.get(gid)
         if rec is None or rec.state == pgs.REMOVED:
             return f"its placement group {gid.hex()} was removed (or never existed)"
-        if rec.state == pgs.PENDING:
+        if rec.state in (pgs.PENDING, pgs.RESCHEDULING):
             rec.parked.append(item)
             return ""
         return f"{error}; its placement group {gid.hex()} does not have room for it"
@@ -455,35 +543,124 @@ class ControlStore:
     def retry_groups(self) -> None:
         """Called every second: pending groups try again (resources may have freed up)."""
         for rec in list(self.groups.values()):
-            if rec.state == pgs.PENDING and not rec.reserving:
+            if rec.state in (pgs.PENDING, pgs.RESCHEDULING) and not rec.reserving:
                 self._try_place(rec)
+        self.retry_waiting_actors()
+
+    # -- a restarted head (see _head_state.py) ----------------------------------------
+    def recover_actors(self) -> int:
+        """Create again the detached actors a previous head recorded; they are placed as
+        their nodes join again (for SHOAL_NODE_REJOIN_TIMEOUT). Returns how many."""
+        if self.state is None:
+            return 0
+        count = 0
+        for saved in self.state.load_actors():
+            try:
+                rec = ad.ActorRecord(
+                    actor_id=saved["aid"],
+                    owner=b"",  # its owner was a driver of the old head: detached anyway
+                    job_id=int(saved.get("job", 0)),
+                    class_name=str(saved["cls"]),
+                    name=str(saved.get("name") or ""),
+                    namespace=str(saved.get("ns") or ""),
+                    detached=True,
+                    resources={str(k): int(v) for k, v in saved["res"].items()},
+                    meta=saved["meta"],
+                    creation=(saved["body"], list(saved["frames"])),
+                )
+                actions = self.actors.create(rec)
+            except (KeyError, TypeError, ValueError, AttributeError, ad.NameTaken) as exc:
+                log.error("could not recover actor %s: %r", saved.get("aid", b"").hex(), exc)
+                continue
+            self.recovering[rec.actor_id] = time.monotonic() + _config.NODE_REJOIN_SECONDS
+            log.warning(
+                "recovering detached actor %s (%s)", rec.name or rec.class_name, rec.actor_id.hex()
+            )
+            count += 1
+            self._act_actors(actions)
+        return count
+
+    def retry_waiting_actors(self) -> None:
+        waiting, self.waiting_actors = self.waiting_actors, {}
+        for request in waiting.values():
+            self._place_actor(request)
+
+    def _keep_actor(self, rec: ad.ActorRecord) -> None:
+        if self.state is None or not rec.detached or rec.creation is None:
+            return
+        body, frames = rec.creation
+        self.state.save_actor(
+            {
+                "aid": rec.actor_id,
+                "job": rec.job_id,
+                "cls": rec.class_name,
+                "name": rec.name,
+                "ns": rec.namespace,
+                "res": rec.resources,
+                "meta": rec.meta,
+                "body": body,
+                "frames": [bytes(f) for f in frames],
+            }
+        )
 
     def _try_place(self, rec: pgs.GroupRecord) -> None:
         placement = _placement.place_bundles(
             rec.bundles,
             rec.strategy,
             self._alive_views(),
+            placed=rec.placement,
             max_cpu_fraction=rec.max_cpu_fraction,
         )
         if placement is None:
             return
+        new = {i: nid for i, nid in placement.items() if i not in rec.placement}
         rec.failed = False
-        rec.reserving = dict(placement)
-        for i, nid in placement.items():
+        rec.reserving = dict(new)
+        rec.attempt = set(new)
+        for i, nid in new.items():
             node = self.nodes[nid]
             subtract(node.available, rec.bundles[i])
             node.link.send(
                 Message(M.BUNDLE_RESERVE, {"pg": rec.pg_id, "i": i, "b": rec.bundles[i]})
             )
 
-    def _release_bundles(self, rec: pgs.GroupRecord) -> None:
-        for i, nid in rec.placement.items():
+    def _release_bundles(self, rec: pgs.GroupRecord, only: set[int] | None = None) -> None:
+        for i, nid in list(rec.placement.items()):
+            if only is not None and i not in only:
+                continue
+            del rec.placement[i]
             node = self.nodes.get(nid)
             if node is not None and node.alive:
                 node.link.send(
                     Message(M.BUNDLE_RELEASE, {"pg": rec.pg_id, "i": i, "b": rec.bundles[i]})
                 )
-        rec.placement = {}
+
+    def _reschedule_groups(self, node_id: bytes) -> None:
+        """``node_id`` died: its bundles are placed again, around the others."""
+        for rec in list(self.groups.values()):
+            if rec.state == pgs.REMOVED:
+                continue
+            lost = [i for i, nid in rec.placement.items() if nid == node_id]
+            asked = [i for i, nid in rec.reserving.items() if nid == node_id]
+            if not lost and not asked:
+                continue
+            for i in lost:
+                del rec.placement[i]  # its resources went with the node
+            for i in asked:
+                del rec.reserving[i]
+                rec.failed = True  # that node never answers: this attempt is over
+            if lost and rec.state == pgs.CREATED:
+                rec.state = pgs.RESCHEDULING
+                log.warning(
+                    "placement group %s lost bundles %s with node %s: placing them again",
+                    rec.pg_id.hex(),
+                    lost,
+                    node_id.hex()[:12],
+                )
+            if asked:
+                self._attempt_done(rec)
+            if not rec.reserving:
+                self._try_place(rec)
 
     def _remove_group(self, rec: pgs.GroupRecord) -> None:
         rec.state = pgs.REMOVED
@@ -571,6 +748,7 @@ class ControlStore:
             return
         if req is not None:
             self.send_to_process(proc.wid, Message(M.ACTOR_INFO, {"r": req, "info": rec.info()}))
+        self._keep_actor(rec)
         self._act_actors(actions)
 
     def _h_actor_ready(self, proc: ProcInfo, body: Any, frames: Any) -> None:
@@ -637,6 +815,8 @@ class ControlStore:
         self.send_to_node_of(body["w"], Message(M.TO_NODE, {"w": proc.wid, "t": int(t), "b": body}))
 
     def _h_return_lease(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        if self.remote_leases.get(body["w"]) == proc.wid:
+            del self.remote_leases[body["w"]]
         self._h_forward_to_worker_node(proc, body, frames, M.RETURN_LEASE)
 
     def _h_cancel_task(self, proc: ProcInfo, body: Any, frames: Any) -> None:
@@ -696,6 +876,11 @@ class ControlStore:
             proc.wid, Message(M.REPLY, {"r": body["r"], "objects": records, "stats": stats})
         )
 
+    def _h_rebuild_failed(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        oid = body["o"]
+        if owner_of(oid) == proc.wid:  # only its owner may give an object up
+            self._act_directory(self.directory.rebuild_failed(oid, str(body.get("e") or "")))
+
     def _h_log_lines(self, proc: ProcInfo, body: Any, frames: Any) -> None:
         driver = self.jobs.get(int(body.get("j", 0)))
         if driver is not None:
@@ -748,6 +933,7 @@ class ControlStore:
         M.PG_INFO: _h_pg_info,
         M.PACKAGE_UPLOAD: _h_package_upload,
         M.PREPARE_ENV: _h_prepare_env,
+        M.REBUILD_FAILED: _h_rebuild_failed,
     }
 
     # -- actions -----------------------------------------------------------------------
@@ -761,6 +947,10 @@ class ControlStore:
                     body = {**body, "restarts": a.record.num_restarts}
                 self.send_to_process(a.worker_id, Message(M.BECOME_ACTOR, body, frames))
             elif isinstance(a, ad.Publish):
+                if a.record.state == ad.DEAD:
+                    self.recovering.pop(a.record.actor_id, None)
+                    if self.state is not None and a.record.detached:
+                        self.state.forget_actor(a.record.actor_id)
                 info = a.record.info()
                 frames = a.record.death_error or ()
                 for sub in a.subscribers:
@@ -773,6 +963,9 @@ class ControlStore:
         strategy = rec.creation[0].get("st") if rec is not None else None
         origin = self.procs[rec.owner].node if rec and rec.owner in self.procs else self.head_node
         target, error = self._choose_node(a.resources, strategy, origin)
+        if target is None and time.monotonic() < self.recovering.get(a.actor_id, 0.0):
+            self.waiting_actors[a.actor_id] = a  # its node may not have joined again yet
+            return
         if target is None:
             error = self._park(a.resources, error, ("actor", a))
             if error:
@@ -780,12 +973,14 @@ class ControlStore:
                     self.actors.lease_rejected(a.actor_id, "it cannot be scheduled: " + error)
                 )
             return
+        self.recovering.pop(a.actor_id, None)
         subtract(self.nodes[target].available, a.resources)
         lease: dict[str, Any] = {"aid": a.actor_id, "res": a.resources}
         if rec is not None and rec.restarts_left():
             lease["rt"] = True  # the memory monitor prefers work that can run again
         if rec is not None and rec.creation[0].get("env"):
             lease["env"] = rec.creation[0]["env"]
+        self.actor_leases[a.actor_id] = target
         self.nodes[target].link.send(Message(M.ACTOR_LEASE, lease))
 
     def _act_directory(self, actions: list[Any]) -> None:
@@ -797,6 +992,16 @@ class ControlStore:
                     node = self.nodes.get(nid)
                     if node is not None and node.alive:
                         node.link.send(Message(M.FREE_OBJECTS, {"o": [a.oid]}))
+            elif isinstance(a, RebuildObject):
+                log.info("object %s is lost: its owner makes it again", a.oid.hex())
+                if not self.send_to_process(a.owner, Message(M.REBUILD_OBJECT, {"o": a.oid})):
+                    self._act_directory(
+                        self.directory.rebuild_failed(
+                            a.oid,
+                            f"object {a.oid.hex()} was lost with its node and its owner "
+                            f"{a.owner.hex()} cannot be reached",
+                        )
+                    )
 
     def _reply_located(self, node_id: bytes, entries: list[tuple[bytes, Any]]) -> None:
         """Tell a node where the objects it asked for are (or that they are lost)."""

@@ -30,16 +30,17 @@ from typing import Any
 from . import _config, _shm
 from ._ids import IdFactory, owner_of
 from ._ioloop import IOLoop
+from ._lineage import Lineage
 from ._protocol import Message, MsgType, Signer
 from ._sealing import trim_spares
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize_error
 from ._transport import LEND_STALE_SECONDS, Connection, LazyContext
 from .exceptions import (
+    ClusterGoneError,
     GetTimeoutError,
     ObjectLostError,
     ObjectStoreFullError,
     OwnerDiedError,
-    ShoalError,
 )
 
 log = logging.getLogger("shoal.core")
@@ -58,8 +59,8 @@ Value = tuple[Any, ...]
 RELEASE_SWEEP_SECONDS = 0.1
 
 
-class ClusterGone(ShoalError):
-    """The connection to the cluster's head was lost."""
+# The connection to the cluster was lost (the public name is ClusterGoneError).
+ClusterGone = ClusterGoneError
 
 
 class _Signal:
@@ -144,6 +145,9 @@ class CoreWorker:
         self._ref_ops: dict[bytes, list[int]] = {}  # oid -> [first op, last op], +1 add / -1 remove
         self._flush_scheduled = False
         self.borrow_adds = 0  # how many borrowed refs were taken; a worker checks it per task
+        # Specs of finished tasks whose stored results may have to be made again (under
+        # _lock: reference counts drive it). See _lineage.py.
+        self.lineage = Lineage(_config.MAX_LINEAGE_BYTES)
         self._req_ids = itertools.count(1)
         self._replies: dict[int, _Reply] = {}
         # A worker's handler for what the head sends to workers only (BECOME_ACTOR, ...);
@@ -250,6 +254,17 @@ class CoreWorker:
             self.head.handle_readable()
         if not self._welcomed.is_set() and self.head.welcome is not None:
             self._welcomed.set()
+        if (
+            self.head.closed
+            and self.head.welcome is not None
+            and not (self.client or self.closed or self.lost_reason)
+        ):
+            # Our node manager closed the connection: it exited, or it starts again as a
+            # new node after losing the cluster (same pid: the pidfd cannot tell).
+            self._lose_cluster(
+                f"lost the connection to this machine's node manager ({self.head.address}): "
+                "it exited (the head, or a node that lost its cluster)"
+            )
 
     def _ping(self) -> None:
         """Client mode: tell the head we are here, and notice when it no longer answers."""
@@ -305,6 +320,8 @@ class CoreWorker:
         """Send ``msg`` (its body gets a request id "r") and wait for the reply."""
         if self.loop.in_loop_thread():
             raise RuntimeError("request() called on the IO thread")
+        if self.lost_reason:
+            raise ClusterGone(self.lost_reason)
         rid = next(self._req_ids)
         msg.body["r"] = rid
         reply = _Reply()
@@ -430,6 +447,11 @@ class CoreWorker:
             self.client_objects.on_ack(body)
         elif t == M.PONG:
             pass
+        elif t == M.REBUILD_OBJECT:
+            self.tasks.rebuild(body["o"])
+        elif t == M.EXIT and body.get("lost"):
+            if not self.lost_reason:
+                self._lose_cluster(str(body.get("reason") or "the cluster was lost"))
         elif self.worker_hooks is not None:
             self.worker_hooks(msg)
 
@@ -485,11 +507,14 @@ class CoreWorker:
         """One more local ref to ``oid``; must hold the lock."""
         n = self._refcounts.get(oid, 0)
         self._refcounts[oid] = n + 1
-        if n == 0 and oid[:8] != self.worker_id:
-            # A borrowed ref: the store must know this process holds it.
-            self.borrow_adds += 1
-            self._store_held.add(oid)
-            self._ref_op(oid, 1)
+        if n == 0:
+            if oid[:8] != self.worker_id:
+                # A borrowed ref: the store must know this process holds it.
+                self.borrow_adds += 1
+                self._store_held.add(oid)
+                self._ref_op(oid, 1)
+            elif self.lineage.entries:
+                self.lineage.acquire(oid)
 
     def decref(self, oid: bytes) -> None:
         # Called from __del__, possibly inside a locked region of this very thread: only
@@ -522,7 +547,8 @@ class CoreWorker:
                 if n > 0:
                     self._refcounts[oid] = n
                     continue
-                self._refcounts.pop(oid, None)
+                if self._refcounts.pop(oid, None) is not None and self.lineage.entries:
+                    self.lineage.release(oid)
                 value = self._values.pop(oid, None)
                 nested = self._nested.pop(oid, None)
                 if nested:
@@ -696,25 +722,42 @@ class CoreWorker:
         return ObjectRef(oid, self)
 
     def relocate(self, oid: bytes, stale_path: str) -> Value:
-        """Ask the store again where ``oid`` is, after its file moved away from ``stale_path``."""
-        event = threading.Event()
-        box: list[Value] = []
+        """Ask the store again where ``oid`` is, after its file moved away from ``stale_path``
+        (spilled, or made on another node). When every copy was lost with its node, the
+        answer comes once the owner has made it again, which may take a while."""
+        deadline = time.monotonic() + _config.REBUILD_WAIT_SECONDS
+        while True:
+            event = threading.Event()
+            box: list[Value] = []
 
-        def on_value(_oid: bytes, value: Value) -> None:
-            box.append(value)
-            event.set()
+            def on_value(
+                _oid: bytes, value: Value, box: list[Value] = box, event: Any = event
+            ) -> None:
+                box.append(value)
+                event.set()
 
-        with self._lock:
-            current = self._values.get(oid)
-            if current is not None and current[0] == "s" and current[1] == stale_path:
-                del self._values[oid]
-            self._waiters.setdefault(oid, []).append(on_value)
-        self.post(self._fetch, [oid])
-        if not self._wait_event(event, 60) or not box:
-            raise ObjectLostError(
-                f"object {oid.hex()} is no longer at {stale_path} and the store did not say where it went"
-            )
-        return box[0]
+            with self._lock:
+                current = self._values.get(oid)
+                if current is not None and current[0] == "s" and current[1] == stale_path:
+                    del self._values[oid]
+                self._waiters.setdefault(oid, []).append(on_value)
+            self.post(self._fetch, [oid])
+            if not self._wait_event(event, max(0.0, deadline - time.monotonic())) or not box:
+                with self._lock:
+                    callbacks = self._waiters.get(oid)
+                    if callbacks and on_value in callbacks:
+                        callbacks.remove(on_value)
+                raise ObjectLostError(
+                    f"object {oid.hex()} is no longer at {stale_path} and the store did not "
+                    f"say where it went within {_config.REBUILD_WAIT_SECONDS:g} s"
+                )
+            value = box[0]
+            if value[0] == "s" and not self.client and not os.path.exists(value[1]):
+                # The owner's own record of a result made (again) on another node: this
+                # node's store is still fetching it; wait for that answer instead.
+                stale_path = value[1]
+                continue
+            return value
 
     def _fetch(self, oids: list[bytes]) -> None:
         """IO thread: ask the store for borrowed objects not already asked for."""
@@ -756,6 +799,12 @@ class CoreWorker:
                 else:
                     missing.append(oid)
         if not missing:
+            return found
+        if self.lost_reason:
+            # Nothing more will come: fail at once rather than wait for the timeout.
+            err = ClusterGone(self.lost_reason)
+            for oid in missing:
+                found[oid] = ("x", err)
             return found
         event = _Signal()
         need = [num - len(found)]

@@ -9,9 +9,18 @@ The links carry the same messages either way (see _control_store.py); on the hea
 are handed over through the loop (``call_soon``), so nothing is signed or copied.
 
 Worker processes are children of this process; each is watched through a pidfd, so a
-death is noticed at once. In the embedded mode (``shoal.init()`` with no address) the
-driver holds the write end of a pipe whose read end is watched here: when the driver dies,
-the head shuts down and cleans up after it.
+death is noticed at once.
+
+In the embedded mode (``shoal.init()`` with no address) the driver holds the write end of
+a pipe whose read end is watched here: when the driver dies, the head shuts down and
+cleans up after it.
+
+Health (docs/fault_tolerance.md): a node reports every health-check period and the head
+answers. The head declares a node dead when its reports stop for the threshold, or at once
+when its connection closes. A node that hears nothing from the head for as long, or whose
+connection to it closes, or that the head declared dead, kills its workers, tells its
+drivers, and starts afresh in the same process (``exec``) as a new node (a new id) that
+tries to join again for SHOAL_NODE_REJOIN_TIMEOUT seconds, then exits.
 """
 
 from __future__ import annotations
@@ -23,11 +32,13 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
 from . import _config, _machine
 from ._control_store import NODE_TIMEOUT_SECONDS, ControlStore
+from ._head_state import HeadState
 from ._ioloop import IOLoop
 from ._node_manager import NodeManager
 from ._protocol import Message, MsgType, ProtocolError, Signer
@@ -102,6 +113,7 @@ class Machine:
         self.cluster_address = ""
         self.node_idents: dict[bytes, bytes] = {}  # head: routing identity -> node id
         self.heard_from_head = time.monotonic()
+        self.rejoin_reason = ""  # set when this node starts again as a new node
         if args.address:
             self.nm.tcp_address = self._bind_tcp(node_ip, args.port or 0)
             self._join(args.address)
@@ -119,9 +131,14 @@ class Machine:
             self.control.add_node(
                 node_id, _LoopLink(self.loop, self.nm.on_control), self._node_info()
             )
+            if _config.HEAD_STATE_DIR and not args.parent_fd:
+                self.control.state = HeadState(_config.HEAD_STATE_DIR)
+                recovered = self.control.recover_actors()
+                if recovered:
+                    log.warning("recovered %d detached actors from the last head", recovered)
             self.nm.on_foreign_hello = self._node_hello
             self.nm.on_foreign_message = self._node_message
-        self.loop.call_later(1.0, self._tick)
+        self.loop.call_later(TICK_SECONDS, self._tick)
 
     def _bind_tcp(self, host: str, port: int) -> str:
         return self.nm.listener.bind(f"tcp://{host}:{port if port else '*'}")
@@ -147,12 +164,29 @@ class Machine:
         if not address.startswith("tcp://"):
             address = "tcp://" + address
         self.cluster_address = address
+        rejoin_until = self.args.rejoin_until
+        while True:
+            try:
+                self._join_once(address)
+                return
+            except ConnectionError as exc:
+                # A node starting afresh after losing the head keeps trying (the head may
+                # be back, or the link) until its rejoin deadline; a first start does not.
+                if rejoin_until is None or time.time() >= rejoin_until:
+                    raise
+                log.warning("could not rejoin the head yet (%s); trying again", exc)
+                time.sleep(min(0.5, max(0.0, rejoin_until - time.time())))
+
+    def _join_once(self, address: str) -> None:
         refused: list[str] = []
+        hello = {"role": "node", "node": self.node_id, **self._node_info()}
+        if self.args.previous_node:
+            hello["prev"] = bytes.fromhex(self.args.previous_node)
         self.head_conn = Connection(
             self.ctx,
             self.signer,
             address,
-            {"role": "node", "node": self.node_id, **self._node_info()},
+            hello,
             self._from_head,
             refused.append,
             linger_ms=1000,
@@ -163,12 +197,19 @@ class Machine:
         )
         # Shorter than what `shoal start` waits for us, so that it gets our reason.
         deadline = time.monotonic() + 0.8 * _config.START_TIMEOUT_SECONDS
+        if self.args.rejoin_until is not None:
+            # Short tries: a connect sent while the link was down is retried by TCP with
+            # backoff (1, 3, 7 s ...); a fresh one goes out at once when the link is back.
+            left = self.args.rejoin_until - time.time()
+            deadline = min(deadline, time.monotonic() + min(left, REJOIN_TRY_SECONDS))
         conn = self.head_conn
         while conn.welcome is None and not refused and not conn.closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             conn.pump(min(left, 0.5))  # no loop runs yet: connect, send, read
+        if conn.welcome is None:
+            conn.close(0)
         if refused:
             raise ConnectionError(f"the head at {address} refused this node: {refused[0]}")
         if conn.welcome is None:
@@ -183,6 +224,7 @@ class Machine:
         self.nm.number = int(welcome.get("number", 0))
         self.nm.up = self.head_conn
         self.head_conn.attach(self.loop)
+        self.heard_from_head = time.monotonic()
 
     def _head_forgot_us(self, reason: str) -> None:
         log.error("%s; this node stops", reason)
@@ -194,6 +236,12 @@ class Machine:
             log.warning("the head is shutting down; this node stops too")
             self.shutdown()
             return
+        if msg.type == M.NODE_DEAD:
+            self._head_lost(
+                f"the head declared this node dead ({msg.body.get('reason', '')}) while "
+                "it could not reach it"
+            )
+            return
         if msg.type == M.PONG:
             return
         self.nm.on_control(msg)
@@ -204,12 +252,23 @@ class Machine:
         node_id = body.get("node")
         if not isinstance(node_id, bytes) or len(node_id) != 16:
             raise ProtocolError("a node's HELLO needs a 16-byte node id")
-        if node_id in self.control.nodes:
+        known = self.control.nodes.get(node_id)
+        if known is not None and not known.alive:
+            raise ProtocolError(
+                f"this node was declared dead ({known.death_reason}); it must join again "
+                "as a new node (a new node id)"
+            )
+        if known is not None:
             raise ProtocolError("a node with this id already joined")
         if not isinstance(body.get("res"), dict):
             raise ProtocolError("a node's HELLO needs its resources")
         node = self.control.add_node(node_id, _ListenerLink(self.nm, ident), body)
         self.node_idents[ident] = node_id
+        prev = body.get("prev")
+        if isinstance(prev, bytes) and prev != node_id:
+            # The machine it ran as before (it lost the head, or was declared dead):
+            # whatever that node held is gone, even if its silence did not show it yet.
+            self.control.node_gone(prev, f"it started again as node {node_id.hex()[:12]}")
         # A broken link is resumed until the node is declared dead (``_forget_dead_nodes``).
         return {"number": node.number, "head": self.node_id, "resumable": True}
 
@@ -254,6 +313,8 @@ class Machine:
         signal.signal(signal.SIGINT, lambda *_: self.loop.call_soon_threadsafe(self.shutdown))
         self.loop.run()
         self._cleanup()
+        if self.rejoin_reason:
+            self._start_again()
 
     def _parent_gone(self) -> None:
         self.loop.remove_reader(self.args.parent_fd)
@@ -276,26 +337,94 @@ class Machine:
         self.nm.cleanup()
         remove_segments(self.session.tag)
         if self.head_conn is not None:
-            self.head_conn.close()
+            self.head_conn.close(0 if self.rejoin_reason else None)
         self.ctx.term()
-        shutil.rmtree(self.session.path, ignore_errors=True)
+        if not self.rejoin_reason:
+            shutil.rmtree(self.session.path, ignore_errors=True)
+
+    def _head_lost(self, reason: str) -> None:
+        """This node is cut off from its cluster: start again as a new node (see the module
+        docstring). Its workers are killed first: their tasks were (or are being) run again
+        elsewhere, so nothing they would still do may count."""
+        if self.exiting:
+            return
+        log.error("%s: this node starts again as a new node", reason)
+        self.rejoin_reason = reason
+        self.nm.lose_local_drivers(f"the node lost its cluster: {reason}")
+        self.exiting = True
+        self.loop.stop()
+
+    def _start_again(self) -> None:
+        """Replace this process with a fresh node process (same pid, session directory and
+        options; a new node id) that joins the head again before a deadline."""
+        argv = [sys.executable, "-m", "shoal._head", *_argv_for_restart(sys.argv[1:])]
+        deadline = self.args.rejoin_until or (time.time() + _config.NODE_REJOIN_SECONDS)
+        argv += ["--rejoin-until", repr(deadline), "--previous-node", self.node_id.hex()]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, argv)
 
     def _tick(self) -> None:
+        if self.exiting:
+            return
         if self.control is not None:
+            self._check_node_links()
             self.control.check_nodes()
             self.control.retry_groups()
             self._forget_dead_nodes()
-        elif time.monotonic() - self.heard_from_head > NODE_TIMEOUT_SECONDS:
-            # The head answers every report (once a second): it is gone. Stop, so that no
-            # node and no worker is left running for a cluster that no longer exists.
-            log.error(
-                "nothing heard from the head at %s for %.0f s: stopping this node",
-                self.cluster_address,
-                NODE_TIMEOUT_SECONDS,
-            )
-            self.shutdown()
+        elif self.head_conn is not None and self.head_conn.closed:
+            # With a resumable session, "closed" means the head ended it (a broken link is
+            # resumed, and silence is caught below).
+            self._head_lost(f"the connection to the head at {self.cluster_address} closed")
             return
-        self.loop.call_later(1.0, self._tick)
+        elif time.monotonic() - self.heard_from_head > NODE_TIMEOUT_SECONDS:
+            # The head answers every report: it is gone, or this node is cut off from it
+            # (then the head declares this node dead at about the same time).
+            self._head_lost(
+                f"nothing heard from the head at {self.cluster_address} for "
+                f"{time.monotonic() - self.heard_from_head:.1f} s"
+            )
+            return
+        self.loop.call_later(TICK_SECONDS, self._tick)
+
+    def _check_node_links(self) -> None:
+        """A node the listener forgot is gone at once: it said goodbye or broke a rule. (A
+        broken link of a node's resumable session is kept waiting for the resume; a node
+        that does not come back is declared dead by its silence, ``check_nodes``.)"""
+        assert self.control is not None
+        peers = self.nm.listener.peers
+        for ident, node_id in list(self.node_idents.items()):
+            if ident in peers:
+                continue
+            del self.node_idents[ident]
+            node = self.control.nodes.get(node_id)
+            if node is not None and node.alive:
+                self.control.node_gone(
+                    node_id, "its connection to the head closed (its process exited?)"
+                )
+
+
+# How often the head checks its nodes' health and a node its head's.
+TICK_SECONDS = min(1.0, _config.HEALTH_CHECK_PERIOD_SECONDS)
+# How long one try of a node joining again may take.
+REJOIN_TRY_SECONDS = 5.0
+
+
+def _argv_for_restart(argv: list[str]) -> list[str]:
+    """A node's own options, without those that only its first start had (the pipe to
+    `shoal start`) or that its restart sets anew."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--ready-fd", "--rejoin-until", "--previous-node"):
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
 
 
 def _node_resources(args: argparse.Namespace) -> dict[str, int]:
@@ -354,6 +483,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--exit-with-driver", action="store_true")
     parser.add_argument("--spill-dir", default=None)
+    # Set by a node that starts again after losing its cluster (Machine._start_again).
+    parser.add_argument("--rejoin-until", type=float, default=None)
+    parser.add_argument("--previous-node", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING").upper(),
@@ -383,6 +515,9 @@ def main(argv: list[str] | None = None) -> None:
             zygote = Zygote(session.logs)
         except OSError as exc:
             log.warning("no worker zygote (%s); workers start with a fresh interpreter each", exc)
+    if args.rejoin_until is not None:
+        # `shoal stop` while it tries to join again: give up like a failed join.
+        signal.signal(signal.SIGTERM, _stop_joining)
     try:
         machine = Machine(session, args, node_id, node_ip, zygote)
     except Exception as exc:  # ConnectionError, ValueError, OSError (bind ...)
@@ -390,8 +525,23 @@ def main(argv: list[str] | None = None) -> None:
         if args.ready_fd is not None:
             os.write(args.ready_fd, f"error: {exc}\n".encode()[:4000])
         unlink(session.socket_address("h").removeprefix("ipc://"))
+        if args.rejoin_until is not None:
+            # Nobody else cleans up after a node that gave up rejoining.
+            if zygote is not None:
+                zygote.close()
+            remove_segments(session.tag)
+            shutil.rmtree(session.path, ignore_errors=True)
         raise SystemExit(1) from None
     machine.run()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop_joining(signum: int, frame: Any) -> None:
+    # Not a ConnectionError: the join loop would take that for a failed try, and try again.
+    raise _Stopped("stopped (SIGTERM) while trying to join the head again")
 
 
 if __name__ == "__main__":

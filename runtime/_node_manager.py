@@ -74,9 +74,9 @@ NODE_LEVEL = frozenset(
 )
 
 
-# How often a node reports its resources when nothing changes (a heartbeat), and the
-# shortest gap between two reports when they do change.
-UPDATE_SECONDS = 1.0
+# How often a node reports its resources when nothing changes (a heartbeat: the head's
+# health check counts these), and the shortest gap between two reports when they change.
+UPDATE_SECONDS = _config.HEALTH_CHECK_PERIOD_SECONDS
 UPDATE_MIN_GAP = 0.02
 
 
@@ -969,10 +969,47 @@ class NodeManager:
                 self.workers.kill(body["w"])
             elif msg.type == M.OWNER_GONE:
                 self._act_sched(self.scheduler.handle(sch.OwnerGoneEvent(body["w"])))
+            elif msg.type == M.NODE_DIED:
+                self._node_died(str(body.get("a") or ""))
             else:
                 log.warning("unexpected %s from the control store", msg.type.name)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             log.warning("bad %s from the control store: %r", msg.type.name, exc)
+
+    def _node_died(self, address: str) -> None:
+        """Another node died: pulls from it go on from another copy, or ask the directory
+        again (which has the object rebuilt, or says it is lost)."""
+        if not address:
+            return
+        conn = self.node_conns.pop(address, None)
+        if conn is not None:
+            conn.close()
+        for pull in list(self.pulls.values()):
+            if address not in pull.sources[pull.source_index :]:
+                continue
+            current = pull.source == address
+            pull.sources = pull.sources[: pull.source_index + 1] + [
+                a for a in pull.sources[pull.source_index + 1 :] if a != address
+            ]
+            if not current:
+                continue
+            if pull.next_source():
+                self._pull_next(pull)
+                continue
+            oid = pull.oid
+            self.pulls.pop(oid, None)
+            pull.abort()
+            self._act_store(self.store.abort(oid))
+            if self.get_waiters.get(oid):
+                self.locating.add(oid)
+                self.up.send(Message(M.LOCATE, {"o": [oid]}))
+
+    def lose_local_drivers(self, reason: str) -> None:
+        """The cluster is gone for this node (the head died, or declared it dead): its
+        drivers fail what they wait for with ``reason`` instead of waiting forever."""
+        for peer in list(self.by_wid.values()):
+            if peer.role == "driver":
+                self.listener.send(peer.ident, Message(M.EXIT, {"lost": True, "reason": reason}))
 
     def _reserve_bundle(self, body: Any) -> None:
         bundle = {str(k): int(v) for k, v in body["b"].items()}

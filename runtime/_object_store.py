@@ -42,6 +42,15 @@ class RenameSegment:
 
 
 @dataclass
+class RebuildObject:
+    """Directory: every copy of ``oid`` is gone; its owner is asked to make it again (run
+    again the task that made it). Readers wait until it is sealed again, or lost for good."""
+
+    owner: bytes
+    oid: bytes
+
+
+@dataclass
 class FreeCopies:
     """The directory freed an object: every node in ``nodes`` drops its copy."""
 
@@ -49,7 +58,7 @@ class FreeCopies:
     nodes: list[bytes]
 
 
-Action = ReplyObjects | UnlinkSegment | RenameSegment | FreeCopies
+Action = ReplyObjects | UnlinkSegment | RenameSegment | FreeCopies | RebuildObject
 
 # Freed segments of at least this size are kept for a moment and reused by the next object
 # that fits: writing into pages that are already mapped runs at memory speed, while fresh
@@ -73,9 +82,11 @@ class ObjectEntry:
         "frames",
         "holders",
         "last_access",
+        "lost",
         "nodes",
         "oid",
         "path",
+        "rebuilding",
         "sealed",
         "size",
         "spilled",
@@ -100,6 +111,10 @@ class ObjectEntry:
         self.writer = b""  # the process writing the segment, until it is sealed
         # In the cluster's directory: the nodes whose stores hold a copy (no path here).
         self.nodes: set[bytes] | None = None
+        # Directory: every copy was lost with its node and the owner is making it again
+        # (unsealed meanwhile: readers wait); or why it cannot be had any more.
+        self.rebuilding = False
+        self.lost = ""
 
 
 class StoreFull(Exception):
@@ -163,6 +178,7 @@ class ObjectStore:
         entry = self._entry(oid)
         if entry.sealed:
             return []  # a second put of the same value (a retried promotion) changes nothing
+        entry.nodes = None  # a rebuilt value may come back inline (an error, say)
         entry.frames = frames
         entry.size = sum(memoryview(f).nbytes for f in frames)
         return self._seal(entry, flags, contained, holder)
@@ -304,7 +320,7 @@ class ObjectStore:
             return self.add_copy(oid, node)
         entry.nodes = {node}
         entry.size = size
-        entry.call_site = call_site
+        entry.call_site = call_site or entry.call_site
         return self._seal(entry, flags, contained, holder)
 
     def add_copy(self, oid: bytes, node: bytes) -> list[Action]:
@@ -315,22 +331,70 @@ class ObjectStore:
         entry.nodes.add(node)
         return []
 
-    def node_gone(self, node: bytes) -> list[Action]:
+    def node_gone(self, node: bytes) -> list[bytes]:
         """Directory: a node left; its copies are gone. Objects left without a copy stay
-        known (their holders get ObjectLostError when they read them)."""
+        known: the next read asks their owner to rebuild them (see ``get``). Returns the
+        objects that lost their last copy."""
+        lost = []
         for entry in self.objects.values():
-            if entry.nodes is not None:
+            if entry.nodes is not None and node in entry.nodes:
                 entry.nodes.discard(node)
-        return []
+                if not entry.nodes and entry.sealed and entry.frames is None:
+                    lost.append(entry.oid)
+        return lost
+
+    def rebuild_failed(self, oid: bytes, message: str) -> list[Action]:
+        """Directory: the owner cannot make ``oid`` again; its readers get ObjectLostError
+        now and from now on."""
+        entry = self.objects.get(oid)
+        if entry is None or not entry.rebuilding:
+            return []
+        entry.rebuilding = False
+        entry.sealed = True
+        entry.lost = message
+        lost = LostObject("lost", message)
+        actions: list[Action] = [
+            ReplyObjects(process, req_id, [(oid, lost)]) for process, req_id in entry.waiters
+        ]
+        entry.waiters = []
+        self._maybe_free(entry, actions)
+        return actions
+
+    def _lost_copy(
+        self, entry: ObjectEntry, process: bytes, req_id: int, actions: list[Action]
+    ) -> LostObject | None:
+        """A read of a directory entry whose every copy is gone: the error to answer with,
+        or None when the owner was asked to rebuild it (the reader waits)."""
+        if entry.lost:
+            return LostObject("lost", entry.lost)
+        owner = owner_of(entry.oid)
+        if not self.is_alive(owner):
+            made = "made with put() by" if entry.oid[16:] == b"\0\0\0\0" else "owned by"
+            return LostObject(
+                "owner_died",
+                f"object {entry.oid.hex()} was lost with the node that held it, and the "
+                f"process that {made} it ({owner.hex()}) died too: nobody can make it again",
+            )
+        entry.waiters.append((process, req_id))
+        if not entry.rebuilding:
+            entry.rebuilding = True
+            entry.sealed = False
+            actions.append(RebuildObject(owner, entry.oid))
+        return None
 
     def _seal(
         self, entry: ObjectEntry, flags: int, contained: list[bytes], holder: bytes | None
     ) -> list[Action]:
         entry.sealed = True
         entry.flags = flags
-        entry.contained = list(contained)
-        for cid in contained:
-            self._entry(cid).containers += 1
+        entry.lost = ""
+        if entry.rebuilding:
+            # Made again: the same value, so the same refs inside, already counted.
+            entry.rebuilding = False
+        else:
+            entry.contained = list(contained)
+            for cid in contained:
+                self._entry(cid).containers += 1
         if holder is not None and self.is_alive(holder):
             entry.holders.add(holder)
         actions: list[Action] = []
@@ -343,9 +407,15 @@ class ObjectStore:
     # -- reads -------------------------------------------------------------------------
     def get(self, process: bytes, req_id: int, oids: list[bytes]) -> list[Action]:
         ready: list[tuple[bytes, Any]] = []
+        rebuilds: list[Action] = []
         for oid in oids:
             entry = self.objects.get(oid)
             if entry is not None and entry.sealed:
+                if entry.nodes is not None and not entry.nodes and entry.frames is None:
+                    lost = self._lost_copy(entry, process, req_id, rebuilds)
+                    if lost is not None:
+                        ready.append((oid, lost))
+                    continue
                 self._touch(entry)
                 ready.append((oid, entry))
                 continue
@@ -361,7 +431,9 @@ class ObjectStore:
                 )
                 continue
             self._entry(oid).waiters.append((process, req_id))
-        return [ReplyObjects(process, req_id, ready)] if ready else []
+        if ready:
+            rebuilds.insert(0, ReplyObjects(process, req_id, ready))
+        return rebuilds
 
     # -- reference counting ------------------------------------------------------------
     def update_refs(self, process: bytes, add: list[bytes], remove: list[bytes]) -> list[Action]:

@@ -5,6 +5,8 @@
         a node said no      --> the others are released, PENDING, tried again later
     REMOVE_PG / owner gone (not detached) --> REMOVED: bundles released on their nodes,
         which kill the work running in them
+    a node with bundles dies --> RESCHEDULING: its bundles are placed again around the
+        others (their work there is retried by its owners), then CREATED again
 
 A bundle, once reserved, is a set of resources named after its group on its node (see
 ``_placement.bundle_resources``); work in the group asks for those names, so ordinary
@@ -19,6 +21,9 @@ from typing import Any
 from . import _placement
 
 PENDING, CREATED, REMOVED = "PENDING", "CREATED", "REMOVED"
+# A created group that lost bundles with their node: they are placed again around the
+# others (Ray's name); work for the group waits meanwhile, as for a pending group.
+RESCHEDULING = "RESCHEDULING"
 
 
 @dataclass
@@ -34,6 +39,7 @@ class GroupRecord:
     state: str = PENDING
     placement: dict[int, bytes] = field(default_factory=dict)  # reserved bundles
     reserving: dict[int, bytes] = field(default_factory=dict)  # asked, not answered yet
+    attempt: set[int] = field(default_factory=set)  # bundles asked for in this attempt
     failed: bool = False  # a node refused during the current attempt
     parked: list[Any] = field(default_factory=list)  # work waiting for the group
 

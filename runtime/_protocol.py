@@ -139,6 +139,12 @@ class MsgType(enum.IntEnum):
     PACKAGE_DATA = 122
     PREPARE_ENV = 123
 
+    # fault tolerance: nodes and objects (docs/fault_tolerance.md)
+    NODE_DIED = 140  # control store -> nodes: a node is gone (drop pulls from it)
+    NODE_DEAD = 141  # head -> a node it declared dead: restart as a new node
+    REBUILD_OBJECT = 142  # control store -> an owner: run again the task that made it
+    REBUILD_FAILED = 143  # owner -> control store: it cannot be rebuilt (and why)
+
 
 _MSG_TYPES = {int(t): t for t in MsgType}  # a dict look-up is 10x cheaper than MsgType(n)
 _MAGIC_FIELD = _pack_len(len(MAGIC)) + MAGIC

@@ -6,6 +6,8 @@
     TASK_DONE     --> resolve return values, push the next queued spec, or keep the idle
                       lease for a moment before RETURN_LEASE
     WORKER_DIED   --> retry the worker's tasks (max_retries) or fail them
+    REBUILD_OBJECT --> a stored result was lost with its node: run its task again from the
+                      lineage (_lineage.py), its lost arguments first
 
 Everything here runs on the IO thread except ``submit`` (called from user threads) and
 ``next_stream_item`` / ``run_inline_while_blocked`` (user threads, blocking).
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _config, _worker_context
-from ._ids import return_id
+from ._ids import owner_of, return_id
+from ._lineage import ENTRY_OVERHEAD, Arg
 from ._protocol import Message, MsgType
 from ._serialization import SerializedValue
 from ._transport import Connection
@@ -35,6 +39,8 @@ from .exceptions import (
 
 if TYPE_CHECKING:
     from ._core import CoreWorker, Value
+
+log = logging.getLogger("shoal.tasks")
 
 M = MsgType
 STREAMING = -1
@@ -51,6 +57,10 @@ MAX_INLINE_DEPTH = 24
 
 # Where a task runs when its owner runs it inline.
 INLINE: Any = object()
+
+# How many levels of freed arguments a rebuild makes again itself before giving up (each
+# level is a task run again; deeper chains would rather be cut by a checkpoint).
+MAX_REBUILD_DEPTH = 100
 
 
 class TaskSpec:
@@ -242,6 +252,10 @@ class TaskSubmitter:
         # that interrupting a cell can cancel what it started (cancel_tag).
         self.track_tags = core.role == "driver"
         self.by_tag: dict[int, dict[bytes, TaskSpec]] = {}
+        # Owned objects the directory lost and asked us to make again: when their task
+        # ends, a value that does not go to a store itself (an error) is put there, so
+        # that the readers waiting at the directory get it.
+        self.rebuild_wanted: set[bytes] = set()
 
     def connections(self) -> list[Connection]:
         return [c.conn for c in self.conns.values()]
@@ -345,6 +359,12 @@ class TaskSubmitter:
 
     # -- IO thread ---------------------------------------------------------------------
     def _submit(self, spec: TaskSpec) -> None:
+        if self.core.lost_reason:
+            from ._core import ClusterGone
+
+            err = ClusterGone(self.core.lost_reason)
+            self._finish(spec, [("x", err)] * max(1, len(spec.return_ids)))
+            return
         self.queued[spec.task_id] = spec
         if spec.out_tag is not None and self.track_tags:
             self.track(spec)
@@ -547,6 +567,10 @@ class TaskSubmitter:
                 return
             key.requests -= 1
             key.queued_at_head.discard(body["r"])
+            if body.get("retry"):
+                # The node the request was sent to died before answering: ask again.
+                self._pump(key)
+                return
             err: Exception = TaskUnschedulableError(f"this task can never run: {body['e']}")
             if body.get("env"):
                 err = RuntimeEnvSetupError(body["e"])
@@ -713,11 +737,126 @@ class TaskSubmitter:
                     del self.children[spec.parent]
         if spec.num_returns == STREAMING and values:
             self._stream_error(spec, values[0])
+        elif spec.actor_id is None and any(v[0] == "s" for v in values):
+            self._record_lineage(spec)
         for oid, value in zip(spec.return_ids, values, strict=False):
             self.core.resolve(oid, value)
+            if self.rebuild_wanted and oid in self.rebuild_wanted:
+                self.rebuild_wanted.discard(oid)
+                if value[0] != "s":
+                    self.core._promote(oid, value)
         spec.args = []
         spec.deps = []
         spec.pins = []
+
+    # -- lineage (see _lineage.py) -------------------------------------------------------
+    def _record_lineage(self, spec: TaskSpec) -> None:
+        """Keep what it takes to run ``spec`` again, should a stored result of it be lost."""
+        from ._refs import ObjectRef
+
+        core = self.core
+        args: list[Arg] = []
+        pins = list(spec.pins)
+        dep_tasks: list[bytes] = []
+        size = ENTRY_OVERHEAD + len(spec.name)
+        for kind, x in spec.args:
+            if kind == 0:
+                args.append((0, x))
+                size += x.nbytes
+                continue
+            oid = x.binary()
+            if owner_of(oid) != core.worker_id:
+                args.append((2, x))  # borrowed: its owner makes it again if need be
+                continue
+            value = core.lookup(oid)
+            if value is not None and value[0] == "v":
+                sv: SerializedValue = value[1]
+                args.append((0, sv))  # small: kept as the value, nothing to rebuild
+                size += sv.nbytes
+                pins.extend(ObjectRef(c, core) for c in sv.contained)
+            else:
+                args.append((1, oid))  # stored: by id, its value may be freed meanwhile
+                dep_tasks.append(oid[:16])
+        with core._lock:
+            live = sum(1 for oid in spec.return_ids if oid in core._refcounts)
+            core.lineage.record(spec.task_id, spec, args, pins, size, live, dep_tasks)
+
+    def rebuild(self, oid: bytes) -> None:
+        """The directory lost every copy of ``oid`` (ours): run its task again. The readers
+        wait at the directory until the result is sealed again, or get our reason."""
+        self.rebuild_wanted.add(oid)
+        tid = oid[:16]
+        if tid in self.queued or tid in self.running:
+            return  # running already (a retry after its node died): its result answers
+        error = self._resubmit(oid, 0)
+        if error:
+            self.rebuild_wanted.discard(oid)
+            log.info("cannot rebuild object %s: %s", oid.hex(), error)
+            self.core.head.send(Message(M.REBUILD_FAILED, {"o": oid, "e": error}))
+
+    def _resubmit(self, oid: bytes, depth: int) -> str:
+        """Submit again the task that made ``oid``; the reason when that cannot be done."""
+        from ._refs import ObjectRef
+
+        core = self.core
+        if depth == 0:
+            what = f"object {oid.hex()} was lost with its node and cannot be made again"
+        else:
+            what = f"object {oid.hex()} is gone too and cannot be made again"
+        if oid[16:] == b"\0\0\0\0":
+            return (
+                f"{what}: it was made with put(), and only a task's result can be made "
+                "again (by running the task again)"
+            )
+        tid = oid[:16]
+        with core._lock:
+            entry = core.lineage.get(tid)
+        if entry is None:
+            return (
+                f"{what}: its owner no longer keeps the task that made it (a task's spec is "
+                "kept while its owner holds its results, up to SHOAL_MAX_LINEAGE_BYTES; "
+                "results of actor calls are never made again)"
+            )
+        old: TaskSpec = entry.spec
+        budget = old.max_retries if old.max_retries >= 0 else _config.MAX_OBJECT_RECONSTRUCTIONS
+        if entry.rebuilds >= budget:
+            return (
+                f"{what}: its task {old.name} was run again {entry.rebuilds} times already "
+                f"(max_retries={old.max_retries})"
+            )
+        args: list[tuple[int, Any]] = []
+        deps: list[Any] = []
+        for kind, x in entry.args:
+            if kind == 0:
+                args.append((0, x))
+                continue
+            if kind == 2:
+                args.append((1, x))
+                deps.append(x)
+                continue
+            ref = ObjectRef(x, core)
+            if core.lookup(x) is None and x[:16] not in self.queued and x[:16] not in self.running:
+                # Freed since (only the lineage remembered it): make it first.
+                if depth >= MAX_REBUILD_DEPTH:
+                    return f"{what}: its arguments were lost {MAX_REBUILD_DEPTH} levels deep"
+                error = self._resubmit(x, depth + 1)
+                if error:
+                    return f"{what}: it needs its argument {x.hex()}, and {error}"
+            args.append((1, ref))
+            deps.append(ref)
+        entry.rebuilds += 1
+        spec = TaskSpec()
+        for name in TaskSpec.__slots__:
+            setattr(spec, name, getattr(old, name))
+        spec.args, spec.deps, spec.pins = args, deps, list(entry.pins)
+        spec.attempts = 0
+        spec.cancelled = False
+        spec.worker = None
+        spec.parent = None
+        spec.out_tag = None
+        log.info("running task %s again to make lost object %s", old.name, oid.hex())
+        self._submit(spec)
+        return ""
 
     # -- streaming ---------------------------------------------------------------------
     def _on_stream_item(self, body: dict[str, Any], frames: Sequence[Any]) -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "ActorDiedError",
     "ActorError",
     "ActorUnavailableError",
+    "ClusterGoneError",
     "GetTimeoutError",
     "ObjectLostError",
     "ObjectStoreFullError",
@@ -193,6 +194,12 @@ class ObjectLostError(ShoalError):
 
 class OwnerDiedError(ObjectLostError):
     """The process that owned the object died, so its value can no longer be found."""
+
+
+class ClusterGoneError(ShoalError):
+    """The cluster cannot be reached any more: its head died, this process's node was cut
+    off from it (or declared dead), or a client heard nothing from it for
+    SHOAL_CLIENT_TIMEOUT. What was waiting fails with it, and so does every later call."""
 
 
 class ObjectStoreFullError(ShoalError, MemoryError):
