@@ -191,7 +191,7 @@ class Machine:
             refused.append,
             linger_ms=1000,
             # A broken link is resumed (see _transport._Session) until NODE_TIMEOUT_SECONDS
-            # without a word from the head stops this node (``_tick``).
+            # without a word from the head makes this node start again (``_tick``).
             resumable=True,
             on_lost=self._head_forgot_us,
         )
@@ -227,8 +227,9 @@ class Machine:
         self.heard_from_head = time.monotonic()
 
     def _head_forgot_us(self, reason: str) -> None:
-        log.error("%s; this node stops", reason)
-        self.shutdown()
+        # The head refused to resume our session: it declared us dead, or it is a new head
+        # (restarted at the same address). Either way, join it again as a new node.
+        self._head_lost(reason)
 
     def _from_head(self, msg: Message) -> None:
         self.heard_from_head = time.monotonic()
