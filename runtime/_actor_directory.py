@@ -10,10 +10,16 @@ the address (SUBSCRIBE_ACTOR) and tells subscribers when the actor dies. No IO h
 
 from __future__ import annotations
 
+import collections
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 PENDING, ALIVE, DEAD = "PENDING", "ALIVE", "DEAD"
+
+# Records of dead actors kept for the state API; the oldest go first beyond this.
+MAX_DEAD_ACTORS = int(os.environ.get("SHOAL_DEAD_ACTORS_KEPT", 10_000))
 
 
 @dataclass
@@ -36,6 +42,10 @@ class ActorRecord:
     death_error: Any = None  # frames of a serialized constructor exception
     subscribers: set[bytes] = field(default_factory=set)
     released: bool = False
+    node: bytes = b""  # where it lives (set when it is ready)
+    created_at: float = field(default_factory=time.time)
+    alive_at: float | None = None
+    dead_at: float | None = None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -88,6 +98,8 @@ class ActorDirectory:
         self.actors: dict[bytes, ActorRecord] = {}
         self.names: dict[tuple[str, str], bytes] = {}
         self.by_worker: dict[bytes, bytes] = {}
+        self.dead: collections.deque[bytes] = collections.deque()  # oldest death first
+        self.forgotten = 0  # dead records dropped beyond MAX_DEAD_ACTORS
 
     def lookup_name(self, name: str, namespace: str) -> ActorRecord | None:
         aid = self.names.get((namespace, name))
@@ -123,6 +135,7 @@ class ActorDirectory:
         if rec is None or rec.state != PENDING:
             return []
         rec.state, rec.address, rec.pid = ALIVE, address, pid
+        rec.alive_at = time.time()
         rec.creation = None  # the constructor ran; its arguments can go
         return [Publish(list(rec.subscribers), rec)]
 
@@ -140,8 +153,8 @@ class ActorDirectory:
         aid = self.by_worker.pop(worker_id, None)
         if aid is None:
             return []
-        rec = self.actors[aid]
-        if rec.state == DEAD:
+        rec = self.actors.get(aid)
+        if rec is None or rec.state == DEAD:
             return []
         return self._die(aid, rec.death_reason or f"its worker process died ({reason})")
 
@@ -185,6 +198,11 @@ class ActorDirectory:
         rec.state = DEAD
         rec.death_reason = rec.death_reason or reason
         rec.creation = None
+        rec.dead_at = time.time()
+        self.dead.append(actor_id)
+        while len(self.dead) > MAX_DEAD_ACTORS:
+            self.actors.pop(self.dead.popleft(), None)
+            self.forgotten += 1
         if rec.name and self.names.get((rec.namespace, rec.name)) == actor_id:
             del self.names[(rec.namespace, rec.name)]
         subs = list(rec.subscribers)

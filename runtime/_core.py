@@ -32,6 +32,8 @@ from ._ids import IdFactory, owner_of
 from ._ioloop import IOLoop
 from ._protocol import Message, MsgType, Signer
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize_error
+from ._task_events import TaskEventBuffer
+from ._task_events import encode as encode_events
 from ._transport import LEND_STALE_SECONDS, Connection, LazyContext
 from .exceptions import (
     GetTimeoutError,
@@ -153,6 +155,8 @@ class CoreWorker:
         # A worker's way to hand back tasks queued behind the one that is about to block.
         self.on_block: Callable[[], None] | None = None
         self.on_log: Callable[[Any], None] | None = None
+        # Task state changes for the control store's task log, flushed by the sweep.
+        self.events = TaskEventBuffer()
 
         self.head = Connection(
             self.ctx,
@@ -405,6 +409,11 @@ class CoreWorker:
             self.client_objects.on_ack(body)
         elif t == M.PONG:
             pass
+        elif t == M.STACK_DUMP:
+            from ._stacks import dump_threads
+
+            text = dump_threads(self.events.running)
+            self.head.send(Message(M.STACK_DUMP, {"q": body["q"], "text": text}))
         elif self.worker_hooks is not None:
             self.worker_hooks(msg)
 
@@ -443,6 +452,7 @@ class CoreWorker:
         self._writer_maps.close()
 
     def _flush_now(self) -> None:
+        self.flush_events()
         self._process_releases()
         self._flush_refs()
         if self.client and not self.lost_reason:
@@ -479,8 +489,17 @@ class CoreWorker:
         if self._released:
             self._process_releases()
         self._writer_maps.sweep()
+        if self.events.due(time.monotonic()):
+            self.flush_events()
         if not self.closed:
             self.loop.call_later(RELEASE_SWEEP_SECONDS, self._sweep_releases)
+
+    def flush_events(self) -> None:
+        """IO thread: send the task events recorded since the last flush (one message)."""
+        taken = self.events.take()
+        if taken is not None and not self.lost_reason:
+            frame = encode_events(taken["e"])
+            self.head.send(Message(M.TASK_EVENTS, {"d": taken["d"]}, [frame]))
 
     def drain_releases(self) -> None:
         """From a user thread at an API call: apply the refs dropped since the last one."""

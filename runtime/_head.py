@@ -17,6 +17,7 @@ the head shuts down and cleans up after it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -262,6 +263,7 @@ class Machine:
         if self.control is not None:
             self.control.check_nodes()
             self.control.retry_groups()
+            self.control.expire_requests()
         elif time.monotonic() - self.heard_from_head > NODE_TIMEOUT_SECONDS:
             # The head answers every report (once a second): it is gone. Stop, so that no
             # node and no worker is left running for a cluster that no longer exists.
@@ -373,6 +375,10 @@ def main(argv: list[str] | None = None) -> None:
             os.write(args.ready_fd, f"error: {exc}\n".encode()[:4000])
         unlink(session.socket_address("h").removeprefix("ipc://"))
         raise SystemExit(1) from None
+    # What exists now (modules, classes, the machine) lives as long as the process: out of
+    # the collector's sight, a full collection only walks what came later, such as the
+    # records of the control store's task log, which churn with every task.
+    gc.freeze()
     machine.run()
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from . import _config, _placement
 from . import _scheduler as sch
 from ._ioloop import IOLoop
+from ._node_stats import SystemSampler
 from ._object_store import (
     ObjectStore,
     RenameSegment,
@@ -165,6 +166,7 @@ class NodeManager:
         self.node_conns: dict[str, Connection] = {}  # other nodes' addresses -> connection
         self._update_due = False
         self._last_update = 0.0
+        self.system = SystemSampler()
         # Client-server mode: connections to workers on behalf of clients, and objects
         # clients are streaming in.
         self.relays: dict[tuple[bytes, str], Connection] = {}
@@ -221,6 +223,7 @@ class NodeManager:
             "res": s.total,
             "store": self.store.stats(),
             "workers": len(s.workers),
+            "sys": self.system.sample(),
         }
 
     def _send_update(self) -> None:

@@ -128,6 +128,11 @@ class MsgType(enum.IntEnum):
     CHUNK_ACK = 90
     PING = 91
     PONG = 92
+    # observability: task events, the state API, stacks (see _task_events.py, _stacks.py)
+    TASK_EVENTS = 100
+    STATE = 101
+    STACK = 102
+    STACK_DUMP = 103
 
 
 _MSG_TYPES = {int(t): t for t in MsgType}  # a dict look-up is 10x cheaper than MsgType(n)

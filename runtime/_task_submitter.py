@@ -16,13 +16,15 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _config, _worker_context
 from ._ids import return_id
 from ._protocol import Message, MsgType
-from ._serialization import SerializedValue
+from ._serialization import SerializedValue, deserialize
+from ._task_events import PENDING_ARGS, SUBMITTED
 from ._transport import Connection
 from .exceptions import (
     GetTimeoutError,
@@ -75,6 +77,7 @@ class TaskSpec:
         "strategy",
         "retry_exceptions",
         "return_ids",
+        "submitted_at",
         "task_id",
         "worker",
     )
@@ -102,6 +105,7 @@ class TaskSpec:
         self.attempts = 0
         self.parent: bytes | None = None
         self.worker: bytes | None = None
+        self.submitted_at = 0.0  # time.time() when first recorded for the task log
 
 
 def encode_args(
@@ -294,6 +298,7 @@ class TaskSubmitter:
                     "g": _worker_context.current_gpu_ids(),
                     "res": spec.resources,
                 }
+                add_event_fields(spec, body)
                 body["a"] = encode_args(self.core, spec, frames)
                 box.append((spec, body, frames))
                 return
@@ -310,9 +315,29 @@ class TaskSubmitter:
         self.queued[spec.task_id] = spec
         if spec.parent is not None:
             self.children.setdefault(spec.parent, []).append(spec.task_id)
-        self._when_deps_ready(spec, lambda: self._enqueue(spec))
+        if not self._when_deps_ready(spec, lambda: self._enqueue(spec)):
+            self.record_state(spec, PENDING_ARGS)
 
-    def _when_deps_ready(self, spec: TaskSpec, then: Any) -> None:
+    def record_state(self, spec: TaskSpec, state: int) -> None:
+        """A state change for the task log: submitted (again, on a retry) or waiting."""
+        events = self.core.events
+        if events.enabled:
+            if not spec.submitted_at:
+                spec.submitted_at = time.time()
+            events.submitted(
+                spec.task_id,
+                state,
+                spec.submitted_at,
+                spec.attempts + 1,
+                spec.name,
+                spec.job,
+                spec.actor_id,
+                spec.parent,
+            )
+
+    def _when_deps_ready(self, spec: TaskSpec, then: Any) -> bool:
+        """Call ``then`` once the owned arguments of ``spec`` have values; True when it
+        was called at once."""
         core = self.core
         pending = [
             ref.binary()
@@ -321,7 +346,7 @@ class TaskSubmitter:
         ]
         if not pending:
             then()
-            return
+            return True
         remaining = [len(pending)]
 
         def on_dep(_oid: bytes, _value: Value) -> None:
@@ -337,6 +362,8 @@ class TaskSubmitter:
                     core._waiters.setdefault(oid, []).append(on_dep)
         if remaining[0] == 0:
             then()
+            return True
+        return False
 
     def dep_error(self, spec: TaskSpec) -> Value | None:
         """An argument that failed makes the task fail with the same error, unrun."""
@@ -352,12 +379,28 @@ class TaskSubmitter:
                 return value
         return None
 
+    def fail_unrun(self, spec: TaskSpec, err: Value) -> None:
+        """An argument of ``spec`` failed: the task fails with the same error, unrun."""
+        if err[0] != "x":  # an "x" error is recorded by _finish
+            cause = _error_type(err)
+            self.core.events.failed_here(
+                spec.task_id,
+                spec.attempts + 1,
+                spec.name,
+                spec.job,
+                spec.actor_id,
+                cause,
+                f"an argument of this task failed ({cause}), so it did not run",
+            )
+        self._finish(spec, [err] * max(1, len(spec.return_ids)))
+
     def _enqueue(self, spec: TaskSpec) -> None:
         if spec.cancelled:
             return
+        self.record_state(spec, SUBMITTED)
         err = self.dep_error(spec)
         if err is not None:
-            self._finish(spec, [err] * max(1, len(spec.return_ids)))
+            self.fail_unrun(spec, err)
             return
         key = self.keys.get(spec.key)
         if key is None:
@@ -423,6 +466,7 @@ class TaskSubmitter:
             "g": lease.gpu_ids,
             "res": spec.resources,
         }
+        add_event_fields(spec, body)
         if spec.fn_hash not in lease.conn.fns:
             lease.conn.fns.add(spec.fn_hash)
             body["fb"] = 1
@@ -524,6 +568,7 @@ class TaskSubmitter:
                     * max(1, len(spec.return_ids)),
                 )
             elif spec.attempts <= spec.max_retries or spec.max_retries < 0:
+                self.record_state(spec, SUBMITTED)
                 self.queued[spec.task_id] = spec
                 lease.key.queue.appendleft(spec)
             else:
@@ -584,6 +629,7 @@ class TaskSubmitter:
         else:
             values = self._decode_results(body["r"], frames)
             if body.get("app_error") and self._should_retry_app_error(spec, body):
+                self.record_state(spec, SUBMITTED)
                 self.queued[tid] = spec
                 lease.key.queue.appendleft(spec)
             else:
@@ -613,6 +659,22 @@ class TaskSubmitter:
                     pass
                 if not siblings:
                     del self.children[spec.parent]
+        if values and values[0][0] == "x":
+            # Failed here, not in a worker (the worker died, the task was cancelled
+            # before it ran, the actor died ...): only this process can tell the log.
+            exc = values[0][1]
+            self.core.events.failed_here(
+                spec.task_id,
+                max(1, spec.attempts),
+                spec.name,
+                spec.job,
+                spec.actor_id,
+                type(exc).__name__,
+                str(exc),
+                isinstance(exc, TaskCancelledError),
+            )
+        else:
+            self.core.events.done(spec.task_id)
         if spec.num_returns == STREAMING and values:
             self._stream_error(spec, values[0])
         for oid, value in zip(spec.return_ids, values, strict=False):
@@ -711,6 +773,17 @@ class TaskSubmitter:
                 stream.cond.notify_all()
 
 
+def add_event_fields(spec: TaskSpec, body: dict[str, Any]) -> None:
+    """What the executor's task event needs from the owner, added to a push: the submit
+    time, the attempt (when not the first) and the parent task (when there is one)."""
+    if spec.submitted_at:
+        body["ts"] = spec.submitted_at
+    if spec.attempts > 1:
+        body["at"] = spec.attempts
+    if spec.parent is not None:
+        body["pt"] = spec.parent
+
+
 def is_local(conn: Any) -> bool:
     """Whether a worker connection reaches a worker of this node (over ipc)."""
     return conn.sock is not None and str(conn.address).startswith("ipc://")
@@ -726,3 +799,14 @@ def pick_address(addresses: str, session_path: str) -> str:
         if address.startswith("tcp://"):
             return address
     return choices[0]
+
+
+def _error_type(value: Value) -> str:
+    """The class name of the error a failed value holds (for the task log)."""
+    if value[0] == "v":
+        try:
+            err = deserialize(value[1].data, value[1].buffers)
+            return str(getattr(err, "cause_type_name", "") or type(err).__name__)
+        except Exception:
+            pass
+    return "TaskError"
