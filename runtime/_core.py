@@ -452,7 +452,7 @@ class CoreWorker:
         self._writer_maps.close()
 
     def _flush_now(self) -> None:
-        self.flush_events()
+        self.flush_events(final=True)
         self._process_releases()
         self._flush_refs()
         if self.client and not self.lost_reason:
@@ -494,9 +494,9 @@ class CoreWorker:
         if not self.closed:
             self.loop.call_later(RELEASE_SWEEP_SECONDS, self._sweep_releases)
 
-    def flush_events(self) -> None:
+    def flush_events(self, final: bool = False) -> None:
         """IO thread: send the task events recorded since the last flush (one message)."""
-        taken = self.events.take()
+        taken = self.events.take(final)
         if taken is not None and not self.lost_reason:
             frame = encode_events(taken["e"])
             self.head.send(Message(M.TASK_EVENTS, {"d": taken["d"]}, [frame]))

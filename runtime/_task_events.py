@@ -3,12 +3,15 @@
     owner (submitter)                          executor (the worker that runs the task)
     -----------------                          ----------------------------------------
     submit -> ``pending`` (no event yet)       start -> ``running`` (no event yet)
-    done   -> dropped from ``pending``         end   -> FINISHED / FAILED / CANCELLED, with
-    failed here (worker died, cancelled,                the submit and start times, the error
+    done   -> into ``recent`` (no event yet)   end   -> FINISHED / FAILED / CANCELLED, with
+              or, if it was reported waiting,           the submit and start times, the error
+              FINISHED / FAILED
+    failed here (worker died, cancelled,
       actor died, unschedulable, an argument
       failed) -> FAILED / CANCELLED event
     flush  -> PENDING_ARGS / SUBMITTED for     flush -> RUNNING for tasks still running
               tasks still pending (once)
+    close  -> FINISHED / FAILED for ``recent``
 
     every ~0.5 s (the core's 0.1 s sweep), or sooner past FLUSH_BATCH events:
         one TASK_EVENTS message to the control store, which merges them (_task_log.py)
@@ -16,9 +19,14 @@
 Recording is a tuple put in a deque or a dict: no lock, no message, no thread woken. A
 task that is submitted, runs and ends between two flushes costs a single event (its
 executor's): the owner passes the submit time (and the parent task) along with the push,
-and forgets the task when it is done. Only tasks that wait or run across a flush, and
-failures the owner makes itself, cost more. This keeps the control store's share of a
-task to one event; measured in docs/architecture.md ("Task events").
+and keeps the task for a second once it is done (``recent``). Only tasks that wait or run
+across a flush, and failures the owner makes itself, cost more. This keeps the control
+store's share of a task to one event; measured in docs/architecture.md ("Task events").
+
+An executor killed with SIGKILL (its owner exited, its actor was killed) loses what it
+had not flushed. The owner makes up for most of it: how a task it had reported as waiting
+ended, and, when the owner itself closes, how the tasks it got back in its last second
+ended (``recent``); a duplicate of what the executor said changes nothing.
 
 An event is a tuple ``(task id, state, time, executor, info, error)``, where ``info`` is
 ``(started, attempt, name, job, actor id, submitted, parent)`` (the tuple an executor keeps
@@ -34,6 +42,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -75,15 +84,26 @@ class TaskEventBuffer:
     Executor-side calls come from any thread running a task; they only use single dict
     and deque operations, which are atomic."""
 
-    __slots__ = ("dropped", "enabled", "events", "last_flush", "pending", "reported", "running")
+    __slots__ = (
+        "dropped",
+        "enabled",
+        "events",
+        "last_flush",
+        "pending",
+        "recent",
+        "reported",
+        "running",
+    )
 
     def __init__(self, enabled: bool = ENABLED) -> None:
         self.enabled = enabled
         self.events: collections.deque[Event] = collections.deque()
         # Owner: tasks submitted since the last flush and not done yet: task id ->
-        # (state, info); then, once reported, task id -> None in ``reported`` until done.
+        # (state, info); then, once reported, in ``reported`` until done. Done tasks for
+        # a second or so: (task id, state, time, info), oldest first.
         self.pending: dict[bytes, tuple[Any, ...]] = {}
-        self.reported: dict[bytes, None] = {}
+        self.reported: dict[bytes, tuple[Any, ...]] = {}
+        self.recent: collections.deque[Event] = collections.deque()
         # Executor: tasks running here: task id -> (started, attempt, name, job, actor id,
         # submitted, parent).
         self.running: dict[bytes, tuple[Any, ...]] = {}
@@ -112,11 +132,20 @@ class TaskEventBuffer:
         if self.enabled:
             self.pending[task_id] = (state, (None, attempt, name, job, actor_id, submitted, parent))
 
-    def done(self, task_id: bytes) -> None:
-        """The owner has the task's result: its executor reports how it went."""
-        self.pending.pop(task_id, None)
-        if self.reported:  # only tasks that waited or ran across a flush are there
-            self.reported.pop(task_id, None)
+    def done(self, task_id: bytes, error: Callable[[], list[str]] | None = None) -> None:
+        """The owner has the task's result; its executor reports how it went. ``error``:
+        for a failed task, what makes its error fields (only called if they are sent)."""
+        entry = self.pending.pop(task_id, None)
+        state = FINISHED if error is None else FAILED
+        if entry is None and self.reported:  # it waited or ran across a flush
+            entry = self.reported.pop(task_id, None)
+            if entry is not None:
+                # Reported as waiting: say how it ended, in case its executor cannot.
+                fields = None if error is None else error()
+                self._add((task_id, state, time.time(), False, entry[1], fields))
+                return
+        if entry is not None:
+            self.recent.append((task_id, state, time.time(), False, entry[1], error))
 
     def failed_here(
         self,
@@ -134,8 +163,7 @@ class TaskEventBuffer:
         argument failed)."""
         if not self.enabled:
             return
-        entry = self.pending.pop(task_id, None)
-        self.reported.pop(task_id, None)
+        entry = self.pending.pop(task_id, None) or self.reported.pop(task_id, None)
         submitted, parent = (entry[1][5], entry[1][6]) if entry is not None else (None, None)
         info = (None, attempt, name, job, actor_id, submitted, parent)
         state = CANCELLED if cancelled else FAILED
@@ -166,19 +194,32 @@ class TaskEventBuffer:
             return False
         return len(self.events) >= FLUSH_BATCH or now - self.last_flush >= FLUSH_SECONDS
 
-    def take(self) -> dict[str, Any] | None:
+    def take(self, final: bool = False) -> dict[str, Any] | None:
         """The next events to send ``{"e": events, "d": dropped}``, or None when there is
-        nothing new (``encode`` makes the message's frame of them).
+        nothing new (``encode`` makes the message's frame of them). ``final``: the process
+        closes, so what it knows of recently done tasks goes too.
         Tasks still running are reported at every flush (the log takes a repeat as a
         no-op), which spares a flag per task; pending ones once per state."""
         self.last_flush = time.monotonic()
         events = self.events
         out = [events.popleft() for _ in range(len(events))]
+        recent = self.recent
+        if final:
+            for task_id, state, t, executor, info, error in recent:
+                fields = None if error is None else error()
+                out.append((task_id, state, t, executor, info, fields))
+            recent.clear()
+        else:
+            # Executors flush as often as this process: by now they have said how the
+            # tasks done more than two flushes ago ended.
+            horizon = time.time() - 2 * FLUSH_SECONDS
+            while recent and recent[0][2] < horizon:
+                recent.popleft()
         if self.pending:
             pending, self.pending = self.pending, {}
             for task_id, (state, info) in pending.items():
                 out.append((task_id, state, info[5], False, info, None))
-            self.reported.update(dict.fromkeys(pending))
+            self.reported.update(pending)
         for task_id, info in self.running.copy().items():
             out.append((task_id, RUNNING, info[0], True, info, None))
         dropped, self.dropped = self.dropped, 0

@@ -141,11 +141,17 @@ class TaskLog:
                 if len(records) > self.capacity:
                     self._evict()
             elif attempt < rec.attempt or (attempt == rec.attempt and state <= rec.state):
-                # Not newer than what the record says: it may still fill in a gap.
+                # Not newer than what the record says: it may still fill in a gap (the
+                # owner's word on how a task ended may come before its executor's).
                 if sub is not None and rec.submitted is None:
                     rec.submitted = sub
                 if parent is not None:
                     rec.parent = parent
+                if executor and attempt == rec.attempt:
+                    if not rec.worker:
+                        rec.node, rec.worker, rec.pid, rec.started = node, sender, pid, start
+                    if error is not None and rec.error is None:
+                        rec.error = error
                 continue
             if executor:
                 rec.node, rec.worker, rec.pid, rec.started = node, sender, pid, start

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from . import _config, _worker_context
 from ._ids import return_id
 from ._protocol import Message, MsgType
-from ._serialization import SerializedValue, deserialize
-from ._task_events import PENDING_ARGS, SUBMITTED
+from ._serialization import FLAG_ERROR, SerializedValue, deserialize
+from ._task_events import PENDING_ARGS, SUBMITTED, error_fields
 from ._transport import Connection
 from .exceptions import (
     GetTimeoutError,
@@ -382,7 +382,7 @@ class TaskSubmitter:
     def fail_unrun(self, spec: TaskSpec, err: Value) -> None:
         """An argument of ``spec`` failed: the task fails with the same error, unrun."""
         if err[0] != "x":  # an "x" error is recorded by _finish
-            cause = _error_type(err)
+            cause = _error_info(err)[0]
             self.core.events.failed_here(
                 spec.task_id,
                 spec.attempts + 1,
@@ -673,6 +673,9 @@ class TaskSubmitter:
                 str(exc),
                 isinstance(exc, TaskCancelledError),
             )
+        elif values and _is_error(values[0]):
+            value = values[0]
+            self.core.events.done(spec.task_id, lambda: _error_info(value))
         else:
             self.core.events.done(spec.task_id)
         if spec.num_returns == STREAMING and values:
@@ -801,12 +804,23 @@ def pick_address(addresses: str, session_path: str) -> str:
     return choices[0]
 
 
-def _error_type(value: Value) -> str:
-    """The class name of the error a failed value holds (for the task log)."""
+def _is_error(value: Value) -> bool:
+    kind = value[0]
+    return value[1].is_error if kind == "v" else kind == "s" and bool(value[2] & FLAG_ERROR)
+
+
+def _error_info(value: Value) -> list[str]:
+    """The task log's fields (type, message, traceback) of the error a failed value holds."""
     if value[0] == "v":
         try:
             err = deserialize(value[1].data, value[1].buffers)
-            return str(getattr(err, "cause_type_name", "") or type(err).__name__)
         except Exception:
-            pass
-    return "TaskError"
+            err = None
+        if err is not None:
+            cause = getattr(err, "cause", None)
+            return error_fields(
+                str(getattr(err, "cause_type_name", "") or type(err).__name__),
+                str(cause if cause is not None else err),
+                str(getattr(err, "remote_traceback", "")),
+            )
+    return error_fields("TaskError", "the task failed (its error is in the object store)")

@@ -140,13 +140,37 @@ def test_the_buffer_sends_a_fast_task_once_and_a_waiting_one_once_per_state():
     assert by_task[tid(3)][1] == te.FINISHED and by_task[tid(3)][4][5] == 0.5
     assert by_task[tid(4)][1] == te.RUNNING
     # Next flush: the pending task is not repeated; the running one is.
-    body = buf.take()
-    assert [e[0] for e in body["e"]] == [tid(4)]
-    buf.done(tid(2))
+    assert [e[0] for e in buf.take()["e"]] == [tid(4)]
+    # The owner says how a task it reported as waiting ended (its executor may not).
+    buf.done(tid(2), lambda: ["KeyError", "k", "tb"])
     assert not buf.reported
     buf.failed_here(tid(5), 1, "m", 1, None, "WorkerCrashedError", "died")
-    (event,) = [e for e in buf.take()["e"] if e[0] == tid(5)]
-    assert event[1] == te.FAILED and event[5][0] == "WorkerCrashedError"
+    by_task = {e[0]: e for e in buf.take()["e"]}
+    assert by_task[tid(2)][1] == te.FAILED and by_task[tid(2)][3] is False
+    assert by_task[tid(2)][5] == ["KeyError", "k", "tb"]
+    assert by_task[tid(5)][1] == te.FAILED and by_task[tid(5)][5][0] == "WorkerCrashedError"
+    # When the process closes, the tasks it got back lately go too.
+    assert tid(1) not in by_task
+    assert [(e[0], e[1]) for e in buf.take(final=True)["e"]] == [
+        (tid(1), te.FINISHED),
+        (tid(4), te.RUNNING),
+    ]
+    assert not buf.recent
+
+
+def test_the_owners_word_and_the_executors_merge_either_way():
+    log = TaskLog(10)
+    owner_says = (tid(1), te.FAILED, 3.0, False, (None, 1, "f", 1, None, 1.0, None), None)
+    apply(log, owner_says, executor=False)
+    apply(log, executor_event(tid(1), te.FAILED, 2.9, started=2.0, error=["E", "m", "tb"]))
+    rec = log.records[tid(1)].as_dict()
+    assert (rec["state"], rec["error_type"], rec["worker_id"], rec["started_at"]) == (
+        "FAILED",
+        "E",
+        WORKER.hex(),
+        2.0,
+    )
+    assert log.summary()["by_state"] == {"FAILED": 1}
 
 
 def test_the_buffer_counts_what_it_cannot_keep(monkeypatch):
