@@ -99,8 +99,10 @@ class TaskEventBuffer:
         self.enabled = enabled
         self.events: collections.deque[Event] = collections.deque()
         # Owner: tasks submitted since the last flush and not done yet: task id ->
-        # (state, info); then, once reported, in ``reported`` until done. Done tasks for
-        # a second or so: (task id, state, time, info), oldest first.
+        # (state, info, reported before); once reported, in ``reported`` until done (a
+        # task is in one of the two). Done tasks for a second or so, oldest first, as
+        # events whose error is still to be made: (task id, state, time, False, info,
+        # error maker).
         self.pending: dict[bytes, tuple[Any, ...]] = {}
         self.reported: dict[bytes, tuple[Any, ...]] = {}
         self.recent: collections.deque[Event] = collections.deque()
@@ -130,21 +132,31 @@ class TaskEventBuffer:
     ) -> None:
         """The task waits for its arguments, or was submitted (again, on a retry)."""
         if self.enabled:
-            self.pending[task_id] = (state, (None, attempt, name, job, actor_id, submitted, parent))
+            # Reported before (waiting for arguments, or an earlier attempt): once done,
+            # its owner says how it ended.
+            reported = self.reported.pop(task_id, None) is not None if self.reported else False
+            info = (None, attempt, name, job, actor_id, submitted, parent)
+            self.pending[task_id] = (state, info, reported)
 
     def done(self, task_id: bytes, error: Callable[[], list[str]] | None = None) -> None:
         """The owner has the task's result; its executor reports how it went. ``error``:
         for a failed task, what makes its error fields (only called if they are sent)."""
         entry = self.pending.pop(task_id, None)
-        state = FINISHED if error is None else FAILED
-        if entry is None and self.reported:  # it waited or ran across a flush
-            entry = self.reported.pop(task_id, None)
-            if entry is not None:
-                # Reported as waiting: say how it ended, in case its executor cannot.
-                fields = None if error is None else error()
-                self._add((task_id, state, time.time(), False, entry[1], fields))
-                return
         if entry is not None:
+            reported = entry[2]
+        elif self.reported:  # it waited or ran across a flush
+            entry = self.reported.pop(task_id, None)
+            if entry is None:
+                return
+            reported = True
+        else:
+            return
+        state = FINISHED if error is None else FAILED
+        if reported:
+            # Reported as waiting: say how it ended, in case its executor cannot.
+            fields = None if error is None else error()
+            self._add((task_id, state, time.time(), False, entry[1], fields))
+        else:
             self.recent.append((task_id, state, time.time(), False, entry[1], error))
 
     def failed_here(
@@ -163,7 +175,9 @@ class TaskEventBuffer:
         argument failed)."""
         if not self.enabled:
             return
-        entry = self.pending.pop(task_id, None) or self.reported.pop(task_id, None)
+        entry = self.pending.pop(task_id, None)
+        if self.reported:
+            entry = self.reported.pop(task_id, None) or entry
         submitted, parent = (entry[1][5], entry[1][6]) if entry is not None else (None, None)
         info = (None, attempt, name, job, actor_id, submitted, parent)
         state = CANCELLED if cancelled else FAILED
@@ -217,7 +231,7 @@ class TaskEventBuffer:
                 recent.popleft()
         if self.pending:
             pending, self.pending = self.pending, {}
-            for task_id, (state, info) in pending.items():
+            for task_id, (state, info, _) in pending.items():
                 out.append((task_id, state, info[5], False, info, None))
             self.reported.update(pending)
         for task_id, info in self.running.copy().items():

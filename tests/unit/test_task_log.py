@@ -158,6 +158,17 @@ def test_the_buffer_sends_a_fast_task_once_and_a_waiting_one_once_per_state():
     assert not buf.recent
 
 
+def test_a_task_reported_waiting_then_submitted_is_said_to_end_and_forgotten():
+    buf = te.TaskEventBuffer(enabled=True)
+    buf.submitted(tid(1), te.PENDING_ARGS, 1.0, 1, "f", 1, None, None)
+    assert [e[1] for e in buf.take()["e"]] == [te.PENDING_ARGS]
+    buf.submitted(tid(1), te.SUBMITTED, 1.0, 1, "f", 1, None, None)  # its argument came
+    assert not buf.reported and tid(1) in buf.pending
+    buf.done(tid(1))
+    assert not buf.pending and not buf.reported and not buf.recent
+    assert [(e[0], e[1]) for e in buf.take()["e"]] == [(tid(1), te.FINISHED)]
+
+
 def test_the_owners_word_and_the_executors_merge_either_way():
     log = TaskLog(10)
     owner_says = (tid(1), te.FAILED, 3.0, False, (None, 1, "f", 1, None, 1.0, None), None)
