@@ -30,7 +30,9 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+# 3: task events, state requests and stacks (message types 100-103). A peer of another
+# version is refused at HELLO, rather than having messages it does not know dropped.
+PROTOCOL_VERSION = 3
 MAGIC = b"SHL" + bytes([PROTOCOL_VERSION])
 SIGNATURE_SIZE = 32
 PREFIX_SIZE = len(MAGIC) + SIGNATURE_SIZE
