@@ -85,7 +85,7 @@ class ClusterMonitor(ipywidgets.VBox):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.snapshot: dict[str, Any] | None = None
-        self.status = "starting"
+        self.status = self._live_status() if start else "not started: .start() starts it"
         self.ticks = 0  # snapshots applied so far
         self.rate: float | None = None
         self._tick()  # the first picture is there as soon as the monitor is displayed
@@ -101,7 +101,7 @@ class ClusterMonitor(ipywidgets.VBox):
         """Start updating (done by the constructor unless ``start=False``)."""
         if self.running or self._stop.is_set():
             return
-        self.status = f"live, every {self.interval:g} s"
+        self.status = self._live_status()
         with _running_lock:
             _running.add(self)
         self._thread = threading.Thread(target=self._run, name="shoal-monitor", daemon=True)
@@ -115,7 +115,7 @@ class ClusterMonitor(ipywidgets.VBox):
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
-        if self.status.startswith("live") or self.status == "starting":
+        if not self.status.startswith("stopped"):
             self._finish(reason)
 
     def close(self) -> None:
@@ -134,6 +134,9 @@ class ClusterMonitor(ipywidgets.VBox):
             if widget is not None:
                 widget.close()
         super().close()
+
+    def _live_status(self) -> str:
+        return f"live, every {self.interval:g} s"
 
     # -- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -175,7 +178,7 @@ class ClusterMonitor(ipywidgets.VBox):
         self.snapshot = snapshot
         self.ticks += 1
         if self.status.startswith("no answer"):
-            self.status = f"live, every {self.interval:g} s"
+            self.status = self._live_status()
         self._render()
         return True
 

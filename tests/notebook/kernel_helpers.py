@@ -24,9 +24,15 @@ def strip_ansi(text: str) -> str:
 class NotebookKernel:
     """A real kernel executing cells one at a time through nbclient."""
 
-    def __init__(self, kernel_name: str, directory: Path, timeout: float = 60) -> None:
+    def __init__(
+        self,
+        kernel_name: str,
+        directory: Path,
+        timeout: float = 60,
+        client_class: type[nbclient.NotebookClient] = nbclient.NotebookClient,
+    ) -> None:
         self.nb = nbformat.v4.new_notebook()
-        self.client = nbclient.NotebookClient(
+        self.client = client_class(
             self.nb,
             kernel_name=kernel_name,
             timeout=timeout,
