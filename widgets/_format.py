@@ -78,11 +78,18 @@ def percent(part: float | None, whole: float | None) -> float | None:
     return max(0.0, min(100.0, 100.0 * part / whole))
 
 
-def bar(pct: float | None, color: str = "#1e88e5", width: int = 110, label: str = "") -> str:
-    """A horizontal bar filled to ``pct`` percent (an empty track when unknown)."""
+def bar(
+    pct: float | None,
+    color: str = "#1e88e5",
+    width: int = 110,
+    label: str = "",
+    warn: bool = False,
+) -> str:
+    """A horizontal bar filled to ``pct`` percent (an empty track when unknown). With
+    ``warn``, a bar past 90% turns red (memory running out, not CPUs kept busy)."""
     fill = 0.0 if pct is None else pct
-    if pct is not None and pct >= 90:
-        color = "#e53935"  # nearly full: the reader's eye should go there
+    if warn and pct is not None and pct >= 90:
+        color = "#e53935"
     text = label if label else ("?" if pct is None else f"{pct:.0f}%")
     return (
         f'<span style="display:inline-block;width:{width}px;height:9px;background:{TRACK};'

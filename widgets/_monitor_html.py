@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shoal.jupyter_ext._tracebacks import notebook_text
+
 from ._format import (
     FONT,
     MUTED,
@@ -118,8 +120,8 @@ def nodes_section(nodes: list[dict[str, Any]]) -> str:
                 name,
                 host,
                 bar(node.get("cpu_percent")),
-                bar(node.get("memory_percent"), "#6d4c41", label=mem_label),
-                bar(percent(store_used, store_cap), "#00897b", label=store_label),
+                bar(node.get("memory_percent"), "#6d4c41", label=mem_label, warn=True),
+                bar(percent(store_used, store_cap), "#00897b", label=store_label, warn=True),
                 bar(percent(used_cpus, cpus), "#5e35b1", label=f"{used_cpus:g} / {cpus:g}"),
                 format_count(node.get("workers") or 0),
             ]
@@ -245,9 +247,11 @@ def failure_body(failure: dict[str, Any]) -> str:
         facts.append(f"pid {esc(str(failure['pid']))}")
     if failure.get("duration") is not None:
         facts.append(f"ran {format_duration(failure.get('duration'))}")
-    text = failure.get("traceback") or (
-        f"{failure.get('error_type') or 'Error'}: {failure.get('error_message') or ''}"
-    )
+    text = failure.get("traceback")
+    if text:
+        text = notebook_text(str(text))  # "Cell In[3], line 4", as the notebook's errors say
+    else:
+        text = f"{failure.get('error_type') or 'Error'}: {failure.get('error_message') or ''}"
     return (
         f'<div class="shoal-failure" style="{FONT}"><div style="{MUTED}">{" · ".join(facts)}</div>'
         f'<pre class="shoal-traceback" style="margin:4px 0;white-space:pre-wrap;'

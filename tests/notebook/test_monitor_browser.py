@@ -76,7 +76,14 @@ def work(i):
         raise ValueError(f"task {{i}} failed on purpose")
     return i
 
-refs = [work.remote(i) for i in range({TASKS})]
+@shoal.remote
+class Tally:
+    def add(self, n):
+        return n
+
+tally = Tally.options(name="tally").remote()
+table = shoal.put(b"x" * 5_000_000)
+refs = [work.remote(i) for i in range({TASKS})] + [tally.add.remote(1)]
 try:
     shoal.get(refs)
 except ValueError as exc:
@@ -166,7 +173,7 @@ def lab(
                 return False
 
         testing.wait_for(serving, timeout=90, interval=0.2)
-        yield {"url": url, "token": token, "root": root, "server": server, "seen": seen}
+        yield {"url": url, "token": token, "server": server, "seen": seen, "log": log_path}
     finally:
         try:
             for child in psutil.Process(server.pid).children(recursive=True):
@@ -191,8 +198,13 @@ def lab(
 
 
 def kernel_ready(lab: dict[str, Any]) -> bool:
-    with urllib.request.urlopen(f"{lab['url']}/api/kernels?token={lab['token']}", timeout=5) as r:
-        kernels = json.load(r)
+    try:
+        url = f"{lab['url']}/api/kernels?token={lab['token']}"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            kernels = json.load(r)
+    except OSError as exc:  # HTTPError included: asked again until the deadline
+        lab["last_error"] = repr(exc)
+        return False
     return bool(kernels) and all(
         k["execution_state"] == "idle" and k["connections"] > 0 for k in kernels
     )
@@ -208,7 +220,13 @@ def page(lab: dict[str, Any], artifacts: Path) -> Iterator[Any]:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.set_default_timeout(60_000)
             open_notebook(page, f"{lab['url']}/lab/tree/monitor.ipynb?token={lab['token']}")
-            testing.wait_for(lambda: kernel_ready(lab), timeout=90, interval=0.2)
+            try:
+                testing.wait_for(lambda: kernel_ready(lab), timeout=90, interval=0.2)
+            except TimeoutError:
+                raise AssertionError(
+                    f"the notebook's kernel never became ready ({lab.get('last_error')}); "
+                    f"the server's log:\n{lab['log'].read_text()[-3000:]}"
+                ) from None
             # Note the kernel's processes now: teardown ends them if the server does not.
             for child in psutil.Process(lab["server"].pid).children(recursive=True):
                 lab["seen"].setdefault(child.pid, child)
@@ -249,9 +267,15 @@ def running(page: Any, index: int) -> bool:
 
 
 FINISHED_JS = """() => {
-  const b = document.querySelector(
-    '.shoal-cluster-monitor .shoal-task-state[data-state="FINISHED"] b');
-  return b ? Number(b.textContent.replace(/,/g, '')) : null;
+  // The "finished" cell of the row of `work` in the monitor's table of functions.
+  const rows = document.querySelectorAll('.shoal-cluster-monitor table.shoal-functions tr');
+  for (const row of rows) {
+    const cells = row.querySelectorAll('td');
+    if (cells.length && cells[0].textContent === 'work') {
+      return Number(cells[4].textContent.replace(/,/g, '') || 0);
+    }
+  }
+  return null;
 }"""
 
 
@@ -285,7 +309,9 @@ def test_the_monitor_renders_moves_with_the_tasks_and_expands_a_failure(
     assert seen_while_running == sorted(seen_while_running)
     assert bar_seen  # the get's progress bar showed while it waited...
     summary = cell(page, 1).locator(".shoal-progress-summary")  # ...and became a summary
-    assert re.search(rf"shoal\.get: {TASKS} of {TASKS} done, 4 failed", summary.inner_text())
+    assert re.search(
+        rf"shoal\.get: {TASKS + 1} of {TASKS + 1} done, 4 failed", summary.inner_text()
+    )
     page.screenshot(path=str(artifacts / "tasks-done.png"), full_page=True)
 
     headers = monitor.locator(".jupyter-widget-Collapse-header")
@@ -300,6 +326,10 @@ def test_the_monitor_renders_moves_with_the_tasks_and_expands_a_failure(
     text = traceback.inner_text()
     assert "Traceback (most recent call last)" in text
     assert "ValueError: task 199 failed on purpose" in text
+    assert "Cell In[2], line 7, in work" in text  # as the notebook's own errors say
+    actors = monitor.locator("table.shoal-actors").inner_text()
+    assert "Tally" in actors and "tally" in actors and "alive" in actors
+    assert "4.8 MiB" in monitor.locator("table.shoal-objects").inner_text()
     monitor.scroll_into_view_if_needed()
     monitor.screenshot(path=str(artifacts / "monitor.png"))
     with capsys.disabled():
