@@ -81,7 +81,7 @@ def percent(part: float | None, whole: float | None) -> float | None:
 def bar(
     pct: float | None,
     color: str = "#1e88e5",
-    width: int = 110,
+    width: int = 80,
     label: str = "",
     warn: bool = False,
 ) -> str:
@@ -125,7 +125,10 @@ def badge(text: str, color: str) -> str:
 
 def table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     """An HTML table of cells that are already HTML."""
-    cell = f"padding:1px 10px 1px 0;text-align:left;border-bottom:1px solid {BORDER}"
+    cell = (
+        f"padding:1px 10px 1px 0;text-align:left;border-bottom:1px solid {BORDER};"
+        "white-space:nowrap"
+    )
     head = "".join(f'<th style="{cell};font-weight:600">{esc(h)}</th>' for h in header)
     body = "".join(
         "<tr>" + "".join(f'<td style="{cell}">{c}</td>' for c in row) + "</tr>" for row in rows

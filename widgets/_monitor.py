@@ -70,7 +70,8 @@ class ClusterMonitor(ipywidgets.VBox):
             raise RuntimeError(
                 "no Shoal cluster is connected: call shoal.init() (or %cluster start) first"
             )
-        self._live = ipywidgets.HTML()
+        # A narrow output area scrolls the picture sideways rather than cutting it off.
+        self._live = ipywidgets.HTML(layout=ipywidgets.Layout(overflow="auto"))
         self._failure_box = ipywidgets.Accordion()
         super().__init__(children=[self._live, self._failure_box])
         self.add_class("shoal-cluster-monitor")
@@ -81,6 +82,7 @@ class ClusterMonitor(ipywidgets.VBox):
         self._slots: list[tuple[str, int] | None] = []
         self._slot_widgets: list[ipywidgets.HTML] = []
         self._failures_shown_at = 0.0
+        self._failures_seen: tuple[Any, ...] = ()
         self._rate = EndRate()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -235,14 +237,21 @@ class ClusterMonitor(ipywidgets.VBox):
         """Failures go in an accordion whose items the frontend opens and closes by itself
         (a new HTML value would close them 4 times a second). Each failure keeps its slot
         while it is shown, so an open item stays on its failure; a new failure takes the
-        slot of one that left the list (the oldest), or a new slot."""
+        slot of one that left the list (the oldest), or a new slot. Only what changed is
+        sent: traitlets drops an assignment of an equal value."""
         keys = [(str(f.get("task_id")), int(f.get("attempt") or 1)) for f in failures]
-        if set(keys) == {k for k in self._slots if k is not None}:
+        # A record fills in as its events arrive (pid, duration, traceback): seen again.
+        seen = tuple(
+            (key, f.get("node_id"), f.get("pid"), f.get("duration"), bool(f.get("traceback")))
+            for key, f in zip(keys, failures, strict=True)
+        )
+        if seen == self._failures_seen:
             return
         now = time.monotonic()
         if self._slots and now - self._failures_shown_at < FAILURES_MIN_SECONDS:
-            return  # shown again at a later tick
+            return  # shown at a later tick
         self._failures_shown_at = now
+        self._failures_seen = seen
         by_key = dict(zip(keys, failures, strict=True))
         slots = [k if k in by_key else None for k in self._slots]
         free = [i for i, k in enumerate(slots) if k is None]
@@ -255,18 +264,11 @@ class ClusterMonitor(ipywidgets.VBox):
                 slots.append(key)
         while slots and slots[-1] is None:
             slots.pop()
-        changed = []
-        for i, key in enumerate(slots):
-            if i >= len(self._slot_widgets):
-                self._slot_widgets.append(ipywidgets.HTML())
-            if i >= len(self._slots) or self._slots[i] != key:
-                changed.append(i)
         self._slots = slots
-        for i in changed:
-            key = slots[i]
-            self._slot_widgets[i].value = (
-                _monitor_html.failure_body(by_key[key]) if key is not None else ""
-            )
+        while len(self._slot_widgets) < len(slots):
+            self._slot_widgets.append(ipywidgets.HTML())
+        for widget, key in zip(self._slot_widgets, slots, strict=False):
+            widget.value = _monitor_html.failure_body(by_key[key]) if key is not None else ""
         titles = tuple(
             _monitor_html.failure_title(by_key[k]) if k is not None else "(gone)" for k in slots
         )

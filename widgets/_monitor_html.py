@@ -7,9 +7,10 @@ cannot show widgets (and what a saved notebook keeps).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from shoal.jupyter_ext._tracebacks import notebook_text
+from shoal.jupyter_ext._tracebacks import location, notebook_text
 
 from ._format import (
     FONT,
@@ -211,7 +212,7 @@ def objects_section(objects: dict[str, Any], nodes: list[dict[str, Any]]) -> str
             f"<code>{esc(short_id(o.get('object_id'), 16))}</code>",
             format_bytes(o.get("size")),
             esc(str(o.get("owner") or "")),
-            esc(str(o.get("call_site") or "")),
+            esc(call_site(str(o.get("call_site") or ""))),
         ]
         for o in objects.get("largest") or []
     ]
@@ -221,6 +222,19 @@ def objects_section(objects: dict[str, Any], nodes: list[dict[str, Any]]) -> str
         else ""
     )
     return title("Objects", extra) + body
+
+
+_CALL_SITE = re.compile(r"^(?P<what>.*) at (?P<file>.+):(?P<line>\d+) in (?P<name>.+)$")
+
+
+def call_site(text: str) -> str:
+    """``put() at Cell In[2], line 16`` for a put made in a notebook cell."""
+    match = _CALL_SITE.match(text)
+    if match is None:
+        return text
+    where = location(match["file"], int(match["line"]))
+    name = "" if match["name"] == "<module>" else f" in {match['name']}"
+    return f"{match['what']} at {where}{name}"
 
 
 def failure_title(failure: dict[str, Any]) -> str:

@@ -329,7 +329,8 @@ def test_the_monitor_renders_moves_with_the_tasks_and_expands_a_failure(
     assert "Cell In[2], line 7, in work" in text  # as the notebook's own errors say
     actors = monitor.locator("table.shoal-actors").inner_text()
     assert "Tally" in actors and "tally" in actors and "alive" in actors
-    assert "4.8 MiB" in monitor.locator("table.shoal-objects").inner_text()
+    objects = monitor.locator("table.shoal-objects").inner_text()
+    assert "4.8 MiB" in objects and "put() at Cell In[2], line 16" in objects
     monitor.scroll_into_view_if_needed()
     monitor.screenshot(path=str(artifacts / "monitor.png"))
     with capsys.disabled():
