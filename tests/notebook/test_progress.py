@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -68,6 +69,37 @@ def test_a_timeout_is_summarized(shell, make_cluster, capsys, gate, wait_path):
     assert re.search(r"shoal\.get: 0 of 3 timed out, in 1\.\d s", capsys.readouterr().err)
     Path(release).touch()
     shoal.get(refs)
+
+
+def test_an_interrupted_get_says_so(shell, make_cluster, capsys, gate, wait_path, monkeypatch):
+    from shoal.widgets import _progress
+
+    make_cluster(num_cpus=2)
+    release = gate()
+
+    @shoal.remote
+    def held(path):
+        wait_path(path)
+
+    shown = threading.Event()
+
+    def watcher(total, started):
+        bar = _progress.watch_get(total, started)
+        shown.set()
+        return bar
+
+    monkeypatch.setattr(_api, "_get_watcher", watcher)
+    interrupter = threading.Thread(
+        target=lambda: shown.wait(30) and os.kill(os.getpid(), signal.SIGINT)
+    )
+    refs = [held.remote(release) for _ in range(2)]
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        shoal.get(refs)
+    interrupter.join(5)
+    assert "shoal.get: 0 of 2 interrupted, in " in capsys.readouterr().err
+    Path(release).touch()
+    assert shoal.get(refs) == [None, None]
 
 
 def test_no_bar_for_quick_gets_single_refs_other_threads_or_without_the_extension(
