@@ -189,12 +189,12 @@ class ClusterMonitor(ipywidgets.VBox):
         self.status = f"stopped: {reason}"
         self._render()
 
-    # -- rendering ---------------------------------------------------------------------------
+    # -- the metrics section: PLUG-IN POINT for shoal.util.metrics --------------------------
+    # The snapshot's optional "metrics" key (added by the metrics work, on its own branch)
+    # goes through these two methods, between the objects and the failures. Absent, they
+    # render nothing; the metrics branch fills them in.
     def render_metrics(self, metrics: Any) -> str:
-        """The metrics section as HTML: "" when the snapshot has no ``metrics`` key.
-
-        Plug-in point for ``shoal.util.metrics`` (built on another branch): when the
-        control store adds ``metrics`` to the snapshot, render it here."""
+        """The metrics section as HTML: "" when the snapshot has no ``metrics`` key."""
         if not metrics:
             return ""
         return ""
@@ -205,6 +205,7 @@ class ClusterMonitor(ipywidgets.VBox):
             return ""
         return ""
 
+    # -- rendering ---------------------------------------------------------------------------
     def html(self, inline_failures: bool = True) -> str:
         """The monitor's current picture as HTML (failures as ``<details>`` by default)."""
         metrics = (self.snapshot or {}).get("metrics")

@@ -52,8 +52,12 @@ def run_logged(nb: NotebookKernel, source: str) -> tuple[Any, list[tuple[str, An
 
 
 def widget_states(nb: NotebookKernel) -> dict[str, dict[str, Any]]:
-    """What the saved notebook would hold: model id -> last state."""
-    return nb.client.widget_state
+    """Model id -> last state, as the executed notebook saves it (nbclient's
+    ``store_widget_state``, on by default, writes it to the notebook's metadata)."""
+    assert nb.client.store_widget_state
+    nb.client.set_widgets_metadata()
+    saved = nb.nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    return {model_id: entry["state"] for model_id, entry in saved.items()}
 
 
 def html_models(nb: NotebookKernel, marker: str) -> dict[str, str]:
