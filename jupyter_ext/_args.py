@@ -110,6 +110,16 @@ def _resources(text: str) -> dict[str, float]:
     return value
 
 
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.05:  # also catches nan
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0.05, got {text!r}")
+    return value
+
+
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     for name in names:
@@ -174,10 +184,11 @@ def _object_end(text: str, start: int) -> int | None:
 
 # -- %cluster --------------------------------------------------------------------------
 CLUSTER_USAGE = """\
-%cluster start [--cpus N] [--gpus N] [--resources JSON] [--object-store-memory SIZE] [--restart]
+%cluster start [--cpus N] [--gpus N] [--resources JSON] [--object-store-memory SIZE] [--restart] [--no-monitor]
 %cluster connect ADDRESS [--key-file FILE]
 %cluster stop
-%cluster status"""
+%cluster status
+%cluster monitor [--interval SECONDS]"""
 
 
 def _cluster_parsers() -> dict[str, _Parser]:
@@ -200,6 +211,12 @@ def _cluster_parsers() -> dict[str, _Parser]:
     start.add_argument(
         "--restart", action="store_true", help="stop the running cluster first, if any"
     )
+    start.add_argument(
+        "--no-monitor",
+        dest="monitor",
+        action="store_false",
+        help="show the summary without the live monitor below it",
+    )
     connect = _Parser(
         "%cluster connect",
         description="Join an existing cluster (client-server mode for HOST:PORT addresses).",
@@ -212,7 +229,19 @@ def _cluster_parsers() -> dict[str, _Parser]:
     )
     stop = _Parser("%cluster stop", description="Stop the cluster (or disconnect from it).")
     status = _Parser("%cluster status", description="Show the cluster's nodes and resources.")
-    return {"start": start, "connect": connect, "stop": stop, "status": status}
+    monitor = _Parser(
+        "%cluster monitor",
+        description="Show a live monitor of the cluster (shoal.widgets.ClusterMonitor); "
+        "it replaces the one the previous %cluster monitor or start showed.",
+    )
+    monitor.add_argument(
+        "--interval",
+        type=_interval,
+        default=0.25,
+        metavar="SECONDS",
+        help="time between updates (default 0.25: four a second)",
+    )
+    return {"start": start, "connect": connect, "stop": stop, "status": status, "monitor": monitor}
 
 
 def parse_cluster(line: str) -> tuple[str, argparse.Namespace]:
@@ -223,7 +252,8 @@ def parse_cluster(line: str) -> tuple[str, argparse.Namespace]:
     command = words[0]
     if command not in parsers:
         raise UsageError(
-            f"%cluster: unknown subcommand {command!r}; use one of start, connect, stop, status"
+            f"%cluster: unknown subcommand {command!r}; use one of start, connect, stop, status, "
+            "monitor"
         )
     return command, parsers[command].parse_args(words[1:])
 

@@ -1,10 +1,11 @@
-"""The magics: ``%cluster start | connect | stop | status`` and ``%%remote``.
+"""The magics: ``%cluster start | connect | stop | status | monitor`` and ``%%remote``.
 
 ``register(shell)`` adds them to an IPython shell (``%load_ext shoal`` and ``shoal.init()``
 inside IPython both call it; a second call does nothing). It also makes the notebook's
 error output of a task error name the original exception (``ZeroDivisionError: division by
 zero``) rather than Shoal's wrapper; the traceback itself comes from the error's
-``_render_traceback_`` (_tracebacks.py).
+``_render_traceback_`` (_tracebacks.py); and it lets ``shoal.get`` of several refs show a
+progress bar when it waits (shoal.widgets).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ShoalMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.remote_cells = RemoteCells(shell)
+        self.monitor: Any = None  # the ClusterMonitor the magics showed last
 
     @no_var_expand
     @line_magic
@@ -38,12 +40,15 @@ class ShoalMagics(Magics):
         %cluster connect ADDRESS [--key-file FILE]
         %cluster stop
         %cluster status
+        %cluster monitor [--interval SECONDS]
 
         `start` starts a local cluster with this kernel as its driver (it stops with the
         kernel); SIZE is like 2GB, 512MiB or a number of bytes. `connect` joins a running
         cluster: HOST:PORT (or tcp://HOST:PORT) in client-server mode, with the key from
         --key-file or $SHOAL_CLUSTER_KEY; `auto` joins the one `shoal start --head` started
-        on this machine. Each subcommand takes -h.
+        on this machine. `monitor` shows the cluster live (shoal.widgets.ClusterMonitor);
+        `start` shows one too, below its summary, unless --no-monitor. Each subcommand
+        takes -h.
         """
         if line.split(maxsplit=1)[:1] == ["connect"]:
             # `connect` takes no JSON, so {name} and $name are expanded as in other magics
@@ -106,6 +111,8 @@ class ShoalMagics(Magics):
         except (ValueError, TypeError, ConnectionError, RuntimeError, OSError) as exc:
             raise UsageError(f"%cluster start: {exc}") from None
         display(ClusterSummary(cluster_snapshot()))
+        if args.monitor and _widgets_shown_here():
+            self._show_monitor(0.25)
 
     def _cluster_connect(self, args: argparse.Namespace) -> None:
         if shoal.is_initialized():
@@ -140,6 +147,35 @@ class ShoalMagics(Magics):
             else:
                 print(f"Disconnected from the Shoal cluster at {address}.")
 
+    def _cluster_monitor(self, args: argparse.Namespace) -> None:
+        if not shoal.is_initialized():
+            raise UsageError(
+                "%cluster monitor: no cluster is running in this kernel; "
+                "`%cluster start` starts one"
+            )
+        if _widgets_shown_here():
+            self._show_monitor(args.interval)
+            return
+        # A terminal: the picture of this moment, as text (a live one needs a notebook).
+        from shoal import _api
+        from shoal.widgets import _monitor_text
+        from shoal.widgets._snapshot import fetch_snapshot
+
+        assert _api._cluster is not None
+        snapshot = fetch_snapshot(_api._cluster.core)
+        print(_monitor_text.render(snapshot, status="now; live in a notebook", rate=None))
+
+    def _show_monitor(self, interval: float) -> None:
+        try:
+            from shoal.widgets import ClusterMonitor
+        except ImportError as exc:
+            raise UsageError(f"%cluster monitor: {exc}") from None
+        previous, self.monitor = self.monitor, None
+        if previous is not None:
+            previous.stop("a newer monitor replaced it")
+        self.monitor = ClusterMonitor(interval)
+        display(self.monitor)
+
     def _cluster_status(self, args: argparse.Namespace) -> None:
         display(ClusterSummary(cluster_snapshot()))
         sessions = sorted(name for _core, name in self.remote_cells.sessions)
@@ -147,14 +183,25 @@ class ShoalMagics(Magics):
             print(f"%%remote sessions (--actor): {', '.join(sessions)}")
 
 
+def _widgets_shown_here() -> bool:
+    """A kernel (whose frontend may show widgets) with ipywidgets installed."""
+    from shoal.widgets._progress_views import in_kernel, widgets_available
+
+    return in_kernel() and widgets_available()
+
+
 def register(shell: Any) -> None:
-    """Add the magics to ``shell`` (once), and the task-error face of error outputs."""
+    """Add the magics to ``shell`` (once), the task-error face of error outputs, and the
+    progress bar of ``shoal.get``."""
     if shell is None or getattr(shell, "_shoal_magics", None) is not None:
         return
     magics = ShoalMagics(shell)
     shell.register_magics(magics)
     shell._shoal_magics = magics
     _patch_error_output(shell)
+    from shoal.widgets import _progress
+
+    _progress.install()
     cell_tags(shell)  # from now on, work submitted here carries its cell's tag
     shell.events.register("post_run_cell", _on_post_run_cell)
     from shoal import _worker_context
@@ -221,6 +268,11 @@ def unregister(shell: Any) -> None:
     magics = shell.__dict__.pop("_shoal_magics", None)
     if magics is None:
         return
+    from shoal.widgets import _progress
+
+    _progress.uninstall()
+    if magics.monitor is not None:
+        magics.monitor.stop("the extension was unloaded")
     for kind, names in (("line", ["cluster"]), ("cell", ["remote"])):
         table = shell.magics_manager.magics[kind]
         for name in names:

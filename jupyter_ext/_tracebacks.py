@@ -80,6 +80,38 @@ def parse_remote_traceback(text: str) -> RemoteTraceback:
     return RemoteTraceback(frames, "\n".join(lines[i:]).strip())
 
 
+def location(filename: str, lineno: int) -> str:
+    """``Cell In[3], line 4`` for a notebook cell's code, else ``path:line``."""
+    try:
+        label = _label(filename)
+    except Exception:
+        label = None
+    if label is not None:
+        return f"{label[0]} {label[1]}, line {lineno}"
+    return f"{_short_path(filename)}:{lineno}"
+
+
+def notebook_text(text: str) -> str:
+    """A remote traceback's text as the notebook shows it, without colour (for HTML): frames
+    of notebook cells named ``Cell In[3], line 4`` with their source lines, Shoal's frames
+    left out. The text as it came when it has no frames, or cannot be read."""
+    try:
+        remote = parse_remote_traceback(text)
+        if not remote.frames:
+            return text
+        style = _Style(False)
+        out = ["Traceback (most recent call last):"]
+        out += [
+            _format_frame(frame, style, remote=True)
+            for frame in remote.frames
+            if not _is_runtime_file(frame.filename)
+        ]
+        out.append(remote.exception)
+        return "\n".join(out)
+    except Exception:
+        return text
+
+
 def render(err: BaseException) -> list[str]:
     """IPython's traceback lines for a Shoal error; never raises."""
     try:

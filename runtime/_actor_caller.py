@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._protocol import Message, MsgType
 from ._serialization import deserialize
-from ._task_submitter import STREAMING, TaskSpec, encode_args, is_local
+from ._task_events import SUBMITTED
+from ._task_submitter import STREAMING, TaskSpec, add_event_fields, encode_args, is_local
 from .exceptions import (
     ActorDiedError,
     ActorRuntimeEnvSetupError,
@@ -121,6 +122,7 @@ class ActorCaller:
             st.subscribed = True
             self.core.head.send(Message(M.SUBSCRIBE_ACTOR, {"aid": st.actor_id}))
         st.queue.append(spec)
+        self.core.tasks.record_state(spec, SUBMITTED)
         self._pump(st)
 
     def _pump(self, st: _ActorState) -> None:
@@ -151,7 +153,7 @@ class ActorCaller:
             st.queue.popleft()
             err = tasks.dep_error(spec)
             if err is not None:
-                tasks._finish(spec, [err] * max(1, len(spec.return_ids)))
+                tasks.fail_unrun(spec, err)
                 continue
             if not self._push(st, spec):
                 return
@@ -174,6 +176,7 @@ class ActorCaller:
         }
         if spec.out_tag is not None:
             body["o"] = spec.out_tag
+        add_event_fields(spec, body)
         body["a"] = encode_args(self.core, spec, frames, is_local(st.conn.conn))
         conn = st.conn.conn
         conn.send(Message(M.ACTOR_CALL, body, frames))

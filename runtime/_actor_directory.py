@@ -24,11 +24,17 @@ here.
 
 from __future__ import annotations
 
+import collections
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
+
+# Records of dead actors kept for the state API; the oldest go first beyond this.
+MAX_DEAD_ACTORS = int(os.environ.get("SHOAL_DEAD_ACTORS_KEPT", 10_000))
 
 
 @dataclass
@@ -59,6 +65,11 @@ class ActorRecord:
 
     def restarts_left(self) -> bool:
         return self.max_restarts < 0 or self.num_restarts < self.max_restarts
+
+    node: bytes = b""  # where it lives (set when it is ready)
+    created_at: float = field(default_factory=time.time)
+    alive_at: float | None = None
+    dead_at: float | None = None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -122,6 +133,8 @@ class ActorDirectory:
         previous, rec.state = rec.state, state
         if self.on_transition is not None:
             self.on_transition(rec, previous, cause)
+        self.dead: collections.deque[bytes] = collections.deque()  # oldest death first
+        self.forgotten = 0  # dead records dropped beyond MAX_DEAD_ACTORS
 
     def lookup_name(self, name: str, namespace: str) -> ActorRecord | None:
         aid = self.names.get((namespace, name))
@@ -161,6 +174,7 @@ class ActorDirectory:
         if rec is None or rec.state not in (PENDING, RESTARTING):
             return []
         rec.address, rec.pid = address, pid
+        rec.alive_at = time.time()
         self._transition(rec, ALIVE, "its constructor finished")
         if not rec.restarts_left():
             rec.creation = None  # it will not run again; its arguments can go
@@ -188,8 +202,8 @@ class ActorDirectory:
         aid = self.by_worker.pop(worker_id, None)
         if aid is None:
             return []
-        rec = self.actors[aid]
-        if rec.state == DEAD or rec.worker_id != worker_id:
+        rec = self.actors.get(aid)
+        if rec is None or rec.state == DEAD or rec.worker_id != worker_id:
             return []
         if rec.death_reason:  # killed for good, released, or its owner exited
             return self._die(aid, rec.death_reason)
@@ -261,6 +275,11 @@ class ActorDirectory:
         rec.death_reason = rec.death_reason or reason
         self._transition(rec, DEAD, rec.death_reason)
         rec.creation = None
+        rec.dead_at = time.time()
+        self.dead.append(actor_id)
+        while len(self.dead) > MAX_DEAD_ACTORS:
+            self.actors.pop(self.dead.popleft(), None)
+            self.forgotten += 1
         if rec.name and self.names.get((rec.namespace, rec.name)) == actor_id:
             del self.names[(rec.namespace, rec.name)]
         subs = list(rec.subscribers)

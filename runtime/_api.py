@@ -525,13 +525,24 @@ def _check_timeout(timeout: float | None) -> None:
         raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
 
 
+# Set by the notebook extension (shoal.widgets): shows the progress of a get of several
+# refs that waits longer than a second (see _get_progress.py). None: nothing is shown.
+_get_watcher: Any = None
+
+
 def _get_list(core: CoreWorker, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
     _check_timeout(timeout)
     oids = [r.binary() for r in refs]
     # Once each: a ref named twice would be counted twice as it arrived, and the wait
     # would end one value short.
     unique = list(dict.fromkeys(oids))
-    values = core.wait_values(unique, len(unique), timeout)
+    watcher = _get_watcher
+    if watcher is not None and len(unique) > 1:
+        from ._get_progress import wait_values
+
+        values = wait_values(core, unique, timeout, watcher)
+    else:
+        values = core.wait_values(unique, len(unique), timeout)
     missing = [oid for oid in oids if oid not in values]
     if missing:
         raise GetTimeoutError(

@@ -3,9 +3,14 @@
 shoal start --head [--port N] [--bind ADDR] [--key-file F] [--num-cpus N] [--resources JSON]
 shoal start --address HEAD:PORT [--key-file F] [--num-cpus N] ...     (join as a node)
 shoal stop
-shoal status
+shoal status [--json]
 shoal memory [--json]
+shoal list tasks|actors|objects|nodes|workers [--filter KEY=VALUE ...] [--limit N] [--json]
+shoal summary tasks [--json]
+shoal stack [--task ID | --actor ID | --node ID]
 shoal demo
+
+The commands that look at a running cluster are in _cli_state.py.
 """
 
 from __future__ import annotations
@@ -63,26 +68,17 @@ def main(argv: list[str] | None = None) -> None:
     stop.add_argument("--temp-dir", default=None)
     stop.add_argument("--timeout", type=float, default=10.0)
 
-    status = sub.add_parser("status", help="show the nodes and resources of the running cluster")
-    status.add_argument("--address", default="auto")
-    status.add_argument("--temp-dir", default=None)
+    from ._cli_state import add_parsers
 
-    memory = sub.add_parser("memory", help="list the objects in the object store")
-    memory.add_argument("--address", default="auto")
-    memory.add_argument("--temp-dir", default=None)
-    memory.add_argument("--limit", type=int, default=50)
-    memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
+    commands = add_parsers(sub)
     sub.add_parser("demo", help="run a short demo on a local cluster")
 
     args = parser.parse_args(argv)
     if getattr(args, "temp_dir", None):
         os.environ["SHOAL_TMPDIR"] = os.path.abspath(args.temp_dir)
     try:
-        {"start": _start, "stop": _stop, "status": _status, "memory": _memory, "demo": _demo}[
-            args.command
-        ](args)
-    except (ValueError, ConnectionError, RuntimeError) as exc:
+        {"start": _start, "stop": _stop, "demo": _demo, **commands}[args.command](args)
+    except (ValueError, TypeError, ConnectionError, RuntimeError) as exc:
         print(f"shoal {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(1)
 
@@ -213,117 +209,6 @@ def _stop(args: argparse.Namespace) -> None:
             os.kill(pid, signal.SIGKILL)
             remove_segments(session.tag)
     print(f"Stopped {len(heads)} Shoal cluster{'s' if len(heads) != 1 else ''}.")
-
-
-def _status(args: argparse.Namespace) -> None:
-    import shoal
-    from rich.console import Console
-    from rich.table import Table
-
-    shoal.init(address=args.address, log_to_driver=False)
-    try:
-        nodes = shoal.nodes()
-    finally:
-        shoal.shutdown()
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    table = Table(title="Shoal cluster")
-    for col in ("node", "address", "alive", "resource", "used / total", "workers", "object store"):
-        table.add_column(col)
-    for node in nodes:
-        where = str(node.get("NodeManagerAddress", "")) + (" (head)" if node.get("IsHead") else "")
-        if not node["Alive"]:
-            table.add_row(node["NodeID"][:12], where, "no: " + str(node.get("DeathReason", "")))
-            continue
-        store = node.get("ObjectStore", {})
-        first = True
-        for name, total in sorted(node["Resources"].items()):
-            if name in ("memory", "object_store_memory"):
-                continue
-            used = total - node["Available"].get(name, 0.0)
-            table.add_row(
-                node["NodeID"][:12] if first else "",
-                where if first else "",
-                "yes" if node["Alive"] and first else "",
-                name,
-                f"{used:g} / {total:g}",
-                str(node.get("Workers", "")) if first else "",
-                _store_text(store) if first else "",
-            )
-            first = False
-    console.print(table)
-    _print_runtime_envs(console, nodes)
-
-
-def _print_runtime_envs(console: Any, nodes: list[dict[str, Any]]) -> None:
-    """The runtime envs each node has set up, is setting up, or failed to set up."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    rows = [(n, env) for n in nodes for env in n.get("RuntimeEnvs") or ()]
-    if not rows:
-        return
-    table = Table(title="Runtime environments")
-    for col in ("node", "env", "fields", "state", "workers", "error"):
-        table.add_column(col)
-    for node, env in rows:
-        state = env["state"]
-        if state == "building":
-            state = f"building ({env['for']:.0f} s)"
-        table.add_row(
-            node["NodeID"][:12],
-            env["key"][:12],
-            escape(env["what"]),
-            state,
-            str(env["workers"]),
-            escape(env.get("error") or ""),
-        )
-    console.print(table)
-
-
-def _memory(args: argparse.Namespace) -> None:
-    import shoal
-    import shoal.state
-    from rich.console import Console
-    from rich.table import Table
-
-    shoal.init(address=args.address, log_to_driver=False)
-    try:
-        objects = shoal.state.list_objects()
-        stats = shoal.state.summarize_objects()
-    finally:
-        shoal.shutdown()
-    if args.json:
-        print(json.dumps({"objects": objects, "stats": stats}, indent=2))
-        return
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    table = Table(
-        title=f"Object store: {_store_text(stats)}, {stats.get('spilled', 0) / 2**20:.1f} MiB spilled"
-    )
-    for col in ("object id", "size", "place", "held by", "call site"):
-        table.add_column(col)
-    for rec in objects[: args.limit]:
-        holders = ", ".join(rec["holders"]) or (
-            f"inside {rec['contained_in']} object(s)" if rec["contained_in"] else ""
-        )
-        table.add_row(
-            rec["object_id"][:24], _size(rec["size"]), rec["place"], holders, rec["call_site"]
-        )
-    console.print(table)
-    if len(objects) > args.limit:
-        console.print(f"... and {len(objects) - args.limit} more (--limit)")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
-def _store_text(store: dict[str, Any]) -> str:
-    used, cap = store.get("used", 0), store.get("capacity", 0)
-    return f"{store.get('objects', 0)} objects, {used / 2**30:.2f} of {cap / 2**30:.1f} GiB used"
 
 
 def _demo(args: argparse.Namespace) -> None:

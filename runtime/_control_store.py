@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from . import _actor_directory as ad
 from . import _config, _placement
 from . import _placement_groups as pgs
+from . import _state_views as views
 from ._head_state import HeadState
 from ._ids import owner_of
 from ._object_store import (
@@ -47,6 +48,9 @@ from ._object_store import (
 from ._protocol import Message, MsgType
 from ._resources import as_floats, describe, fits, subtract
 from ._serialization import serialize_error
+from ._stacks import StackQueries
+from ._task_events import decode as decode_events
+from ._task_log import TaskLog
 from .exceptions import RuntimeEnvSetupError
 from .runtime_env._package_store import PackageStore
 
@@ -98,6 +102,7 @@ class NodeInfo:
         self.hostname = str(info.get("host", ""))
         self.pid = int(info.get("pid", 0))
         self.stats: dict[str, Any] = {}
+        self.system: dict[str, Any] = {}  # CPU and memory of its machine (_node_stats)
         self.workers = 0
         self.envs: list[dict[str, Any]] = []  # its runtime envs (being built, ready, failed)
         self.alive = True
@@ -142,6 +147,8 @@ class ControlStore:
         self.state: HeadState | None = None
         self.recovering: dict[bytes, float] = {}
         self.waiting_actors: dict[bytes, ad.RequestActorLease] = {}
+        self.task_log = TaskLog()
+        self.stacks = StackQueries()
 
     # -- membership --------------------------------------------------------------------
     def add_node(self, node_id: bytes, link: NodeLink, info: dict[str, Any]) -> NodeInfo:
@@ -291,6 +298,7 @@ class ControlStore:
         if "res" in body:
             node.total = {str(k): int(v) for k, v in body["res"].items()}
         node.stats = dict(body.get("store") or {})
+        node.system = dict(body.get("sys") or {})
         node.workers = int(body.get("workers", 0))
         node.envs = list(body.get("envs") or [])
         if node.node_id != self.head_node:
@@ -759,6 +767,7 @@ class ControlStore:
         if body.get("err"):
             self._act_actors(self.actors.constructor_failed(aid, list(frames)))
         else:
+            rec.node = proc.node
             self._act_actors(self.actors.ready(aid, proc.addr, proc.pid))
 
     def _h_subscribe_actor(self, proc: ProcInfo, body: Any, frames: Any) -> None:
@@ -859,22 +868,44 @@ class ControlStore:
         )
 
     def _h_list_objects(self, proc: ProcInfo, body: Any, frames: Any) -> None:
-        roles = {p.wid.hex(): f"{p.role} pid={p.pid}" for p in self.procs.values()}
-        places = self.local_places() if self.local_places is not None else {}
-        records = self.directory.listing()
-        for rec in records:
-            rec["holders"] = [roles.get(h, h) for h in rec["holders"]]
-            if rec["place"] == "node":
-                rec["place"] = places.get(rec["object_id"], "remote")
-        stats: dict[str, Any] = {"objects": 0, "used": 0, "capacity": 0, "spilled": 0, "pooled": 0}
-        for node in self.nodes.values():
-            if node.alive:
-                for k in ("used", "capacity", "spilled", "pooled"):
-                    stats[k] += int(node.stats.get(k, 0))
-        stats["objects"] = len(records)
-        self.send_to_process(
-            proc.wid, Message(M.REPLY, {"r": body["r"], "objects": records, "stats": stats})
-        )
+        reply = {"r": body["r"], "objects": views.object_records(self)}
+        reply["stats"] = {**views.store_totals(self), "objects": len(reply["objects"])}
+        self.send_to_process(proc.wid, Message(M.REPLY, reply))
+
+    # -- observability (_task_log.py, _state_views.py, _stacks.py) ---------------------
+    def _h_task_events(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        events = decode_events(frames[0]) if frames else ()
+        self.task_log.apply(events, proc.wid, proc.node, proc.pid, int(body.get("d", 0)))
+
+    def _h_state(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        try:
+            reply = views.query(self, self.task_log, body)
+        except (ValueError, KeyError, TypeError) as exc:
+            reply = {"e": str(exc)}
+        reply["r"] = body.get("r")
+        self.send_to_process(proc.wid, Message(M.REPLY, reply))
+
+    def _h_stack(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        try:
+            targets = views.stack_targets(self, self.task_log, body, proc.wid)
+        except ValueError as exc:
+            self.send_to_process(proc.wid, Message(M.REPLY, {"r": body.get("r"), "e": str(exc)}))
+            return
+        qid, replies = self.stacks.start(proc.wid, body.get("r"), targets)
+        for wid in targets:
+            self.send_to_process(wid, Message(M.STACK_DUMP, {"q": qid}))
+        self._send_replies(replies)
+
+    def _h_stack_dump(self, proc: ProcInfo, body: Any, frames: Any) -> None:
+        self._send_replies(self.stacks.answer(int(body["q"]), proc.wid, str(body["text"])))
+
+    def expire_requests(self) -> None:
+        """Called every second: stack requests past their deadline are answered."""
+        self._send_replies(self.stacks.expire())
+
+    def _send_replies(self, replies: list[tuple[bytes, dict[str, Any]]]) -> None:
+        for wid, reply in replies:
+            self.send_to_process(wid, Message(M.REPLY, reply))
 
     def _h_rebuild_failed(self, proc: ProcInfo, body: Any, frames: Any) -> None:
         oid = body["o"]
@@ -926,6 +957,10 @@ class ControlStore:
         M.CANCEL_LEASE_REQUEST: _h_cancel_lease_request,
         M.CLUSTER_INFO: _h_cluster_info,
         M.LIST_OBJECTS: _h_list_objects,
+        M.TASK_EVENTS: _h_task_events,
+        M.STATE: _h_state,
+        M.STACK: _h_stack,
+        M.STACK_DUMP: _h_stack_dump,
         M.LOG_LINES: _h_log_lines,
         M.EXIT: _h_exit,
         M.CREATE_PG: _h_create_pg,

@@ -34,6 +34,8 @@ from ._lineage import Lineage
 from ._protocol import Message, MsgType, Signer
 from ._sealing import trim_spares
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize_error
+from ._task_events import TaskEventBuffer
+from ._task_events import encode as encode_events
 from ._transport import LEND_STALE_SECONDS, Connection, LazyContext
 from .exceptions import (
     ClusterGoneError,
@@ -161,6 +163,8 @@ class CoreWorker:
         # The runtime env this process's work inherits: the job's (a driver) or its own (a
         # worker); a runtime_env._state.EnvState, made on first use.
         self.runtime_env: Any = None
+        # Task state changes for the control store's task log, flushed by the sweep.
+        self.events = TaskEventBuffer()
 
         self.client_objects: Any = None
         if client:
@@ -452,6 +456,11 @@ class CoreWorker:
         elif t == M.EXIT and body.get("lost"):
             if not self.lost_reason:
                 self._lose_cluster(str(body.get("reason") or "the cluster was lost"))
+        elif t == M.STACK_DUMP:
+            from ._stacks import dump_threads
+
+            text = dump_threads(self.events.running)
+            self.head.send(Message(M.STACK_DUMP, {"q": body["q"], "text": text}))
         elif self.worker_hooks is not None:
             self.worker_hooks(msg)
 
@@ -490,6 +499,7 @@ class CoreWorker:
         self._writer_maps.close()
 
     def _flush_now(self) -> None:
+        self.flush_events(final=True)
         self._process_releases()
         self._flush_refs()
         if self.client and not self.lost_reason:
@@ -530,8 +540,17 @@ class CoreWorker:
         if self._released:
             self._process_releases()
         self._writer_maps.sweep()
+        if self.events.due(time.monotonic()):
+            self.flush_events()
         if not self.closed:
             self.loop.call_later(RELEASE_SWEEP_SECONDS, self._sweep_releases)
+
+    def flush_events(self, final: bool = False) -> None:
+        """IO thread: send the task events recorded since the last flush (one message)."""
+        taken = self.events.take(final)
+        if taken is not None and not self.lost_reason:
+            frame = encode_events(taken["e"])
+            self.head.send(Message(M.TASK_EVENTS, {"d": taken["d"]}, [frame]))
 
     def drain_releases(self) -> None:
         """From a user thread at an API call: apply the refs dropped since the last one."""

@@ -26,6 +26,7 @@ tries to join again for SHOAL_NODE_REJOIN_TIMEOUT seconds, then exits.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -373,6 +374,7 @@ class Machine:
             self.control.check_nodes()
             self.control.retry_groups()
             self._forget_dead_nodes()
+            self.control.expire_requests()
         elif self.head_conn is not None and self.head_conn.closed:
             # With a resumable session, "closed" means the head ended it (a broken link is
             # resumed, and silence is caught below).
@@ -533,6 +535,10 @@ def main(argv: list[str] | None = None) -> None:
             remove_segments(session.tag)
             shutil.rmtree(session.path, ignore_errors=True)
         raise SystemExit(1) from None
+    # What exists now (modules, classes, the machine) lives as long as the process: out of
+    # the collector's sight, a full collection only walks what came later, such as the
+    # records of the control store's task log, which churn with every task.
+    gc.freeze()
     machine.run()
 
 

@@ -27,6 +27,7 @@ from . import _config, _placement
 from . import _memory_monitor as mem
 from . import _scheduler as sch
 from ._ioloop import IOLoop
+from ._node_stats import SystemSampler
 from ._object_store import (
     ObjectStore,
     RenameSegment,
@@ -184,6 +185,7 @@ class NodeManager:
         self.node_conns: dict[str, Connection] = {}  # other nodes' addresses -> connection
         self._update_due = False
         self._last_update = 0.0
+        self.system = SystemSampler()
         # Client-server mode: connections to workers on behalf of clients, and objects
         # clients are streaming in.
         self.relays: dict[tuple[bytes, str], Connection] = {}
@@ -280,6 +282,7 @@ class NodeManager:
             "store": self.store.stats(),
             "workers": len(s.workers),
             "envs": self.envs.status(_count_by_env(s)),
+            "sys": self.system.sample(),
         }
 
     def _send_update(self) -> None:

@@ -33,7 +33,10 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+# 4: task events, state requests and stacks (message types 100-103) beside version 3's
+# sealed tcp, resumable sessions, runtime env and fault tolerance messages. A peer of
+# another version is refused at HELLO, rather than having messages it does not know dropped.
+PROTOCOL_VERSION = 4
 MAGIC = b"SHL" + bytes([PROTOCOL_VERSION])
 SIGNATURE_SIZE = 32
 PREFIX_SIZE = len(MAGIC) + SIGNATURE_SIZE
@@ -144,6 +147,11 @@ class MsgType(enum.IntEnum):
     NODE_DEAD = 141  # head -> a node it declared dead: restart as a new node
     REBUILD_OBJECT = 142  # control store -> an owner: run again the task that made it
     REBUILD_FAILED = 143  # owner -> control store: it cannot be rebuilt (and why)
+    # observability: task events, the state API, stacks (see _task_events.py, _stacks.py)
+    TASK_EVENTS = 100
+    STATE = 101
+    STACK = 102
+    STACK_DUMP = 103
 
 
 _MSG_TYPES = {int(t): t for t in MsgType}  # a dict look-up is 10x cheaper than MsgType(n)

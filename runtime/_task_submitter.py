@@ -19,6 +19,7 @@ import collections
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,8 @@ from . import _config, _worker_context
 from ._ids import owner_of, return_id
 from ._lineage import ENTRY_OVERHEAD, Arg
 from ._protocol import Message, MsgType
-from ._serialization import SerializedValue
+from ._serialization import FLAG_ERROR, SerializedValue, deserialize
+from ._task_events import PENDING_ARGS, SUBMITTED, error_fields
 from ._transport import Connection
 from .exceptions import (
     GetTimeoutError,
@@ -91,6 +93,7 @@ class TaskSpec:
         "retry_exceptions",
         "return_ids",
         "runtime_env",
+        "submitted_at",
         "task_id",
         "worker",
     )
@@ -124,6 +127,7 @@ class TaskSpec:
         # Its runtime env as it travels (None: the node's default) and that env's key.
         self.runtime_env: dict[str, Any] | None = None
         self.env_key = ""
+        self.submitted_at = 0.0  # time.time() when first recorded for the task log
 
 
 def encode_args(
@@ -346,6 +350,7 @@ class TaskSubmitter:
                 }
                 if spec.out_tag is not None:
                     body["o"] = spec.out_tag
+                add_event_fields(spec, body)
                 body["a"] = encode_args(self.core, spec, frames)
                 box.append((spec, body, frames))
                 return
@@ -370,9 +375,29 @@ class TaskSubmitter:
             self.track(spec)
         if spec.parent is not None:
             self.children.setdefault(spec.parent, []).append(spec.task_id)
-        self._when_deps_ready(spec, lambda: self._enqueue(spec))
+        if not self._when_deps_ready(spec, lambda: self._enqueue(spec)):
+            self.record_state(spec, PENDING_ARGS)
 
-    def _when_deps_ready(self, spec: TaskSpec, then: Any) -> None:
+    def record_state(self, spec: TaskSpec, state: int) -> None:
+        """A state change for the task log: submitted (again, on a retry) or waiting."""
+        events = self.core.events
+        if events.enabled:
+            if not spec.submitted_at:
+                spec.submitted_at = time.time()
+            events.submitted(
+                spec.task_id,
+                state,
+                spec.submitted_at,
+                spec.attempts + 1,
+                spec.name,
+                spec.job,
+                spec.actor_id,
+                spec.parent,
+            )
+
+    def _when_deps_ready(self, spec: TaskSpec, then: Any) -> bool:
+        """Call ``then`` once the owned arguments of ``spec`` have values; True when it
+        was called at once."""
         core = self.core
         pending = [
             ref.binary()
@@ -381,7 +406,7 @@ class TaskSubmitter:
         ]
         if not pending:
             then()
-            return
+            return True
         remaining = [len(pending)]
 
         def on_dep(_oid: bytes, _value: Value) -> None:
@@ -397,6 +422,8 @@ class TaskSubmitter:
                     core._waiters.setdefault(oid, []).append(on_dep)
         if remaining[0] == 0:
             then()
+            return True
+        return False
 
     def dep_error(self, spec: TaskSpec) -> Value | None:
         """An argument that failed makes the task fail with the same error, unrun."""
@@ -412,12 +439,28 @@ class TaskSubmitter:
                 return value
         return None
 
+    def fail_unrun(self, spec: TaskSpec, err: Value) -> None:
+        """An argument of ``spec`` failed: the task fails with the same error, unrun."""
+        if err[0] != "x":  # an "x" error is recorded by _finish
+            cause = _error_info(err)[0]
+            self.core.events.failed_here(
+                spec.task_id,
+                spec.attempts + 1,
+                spec.name,
+                spec.job,
+                spec.actor_id,
+                cause,
+                f"an argument of this task failed ({cause}), so it did not run",
+            )
+        self._finish(spec, [err] * max(1, len(spec.return_ids)))
+
     def _enqueue(self, spec: TaskSpec) -> None:
         if spec.cancelled:
             return
+        self.record_state(spec, SUBMITTED)
         err = self.dep_error(spec)
         if err is not None:
-            self._finish(spec, [err] * max(1, len(spec.return_ids)))
+            self.fail_unrun(spec, err)
             return
         key = self.keys.get(spec.key)
         if key is None:
@@ -491,6 +534,7 @@ class TaskSubmitter:
         }
         if spec.out_tag is not None:
             body["o"] = spec.out_tag
+        add_event_fields(spec, body)
         if spec.fn_hash not in lease.conn.fns:
             lease.conn.fns.add(spec.fn_hash)
             body["fb"] = 1
@@ -600,6 +644,7 @@ class TaskSubmitter:
                     * max(1, len(spec.return_ids)),
                 )
             elif spec.attempts <= spec.max_retries or spec.max_retries < 0:
+                self.record_state(spec, SUBMITTED)
                 self.queued[spec.task_id] = spec
                 if oom is None:
                     lease.key.queue.appendleft(spec)
@@ -697,6 +742,7 @@ class TaskSubmitter:
         else:
             values = self._decode_results(body["r"], frames)
             if body.get("app_error") and self._should_retry_app_error(spec, body):
+                self.record_state(spec, SUBMITTED)
                 self.queued[tid] = spec
                 lease.key.queue.appendleft(spec)
             else:
@@ -735,6 +781,25 @@ class TaskSubmitter:
                     pass
                 if not siblings:
                     del self.children[spec.parent]
+        if values and values[0][0] == "x":
+            # Failed here, not in a worker (the worker died, the task was cancelled
+            # before it ran, the actor died ...): only this process can tell the log.
+            exc = values[0][1]
+            self.core.events.failed_here(
+                spec.task_id,
+                max(1, spec.attempts),
+                spec.name,
+                spec.job,
+                spec.actor_id,
+                type(exc).__name__,
+                str(exc),
+                isinstance(exc, TaskCancelledError),
+            )
+        elif values and _is_error(values[0]):
+            value = values[0]
+            self.core.events.done(spec.task_id, lambda: _error_info(value))
+        else:
+            self.core.events.done(spec.task_id)
         if spec.num_returns == STREAMING and values:
             self._stream_error(spec, values[0])
         elif spec.actor_id is None and any(v[0] == "s" for v in values):
@@ -969,6 +1034,17 @@ class TaskSubmitter:
                 stream.cond.notify_all()
 
 
+def add_event_fields(spec: TaskSpec, body: dict[str, Any]) -> None:
+    """What the executor's task event needs from the owner, added to a push: the submit
+    time, the attempt (when not the first) and the parent task (when there is one)."""
+    if spec.submitted_at:
+        body["ts"] = spec.submitted_at
+    if spec.attempts > 1:
+        body["at"] = spec.attempts
+    if spec.parent is not None:
+        body["pt"] = spec.parent
+
+
 def is_local(conn: Any) -> bool:
     """Whether a worker connection reaches a worker of this node (over ipc)."""
     return conn.sock is not None and str(conn.address).startswith("ipc://")
@@ -984,3 +1060,25 @@ def pick_address(addresses: str, session_path: str) -> str:
         if address.startswith("tcp://"):
             return address
     return choices[0]
+
+
+def _is_error(value: Value) -> bool:
+    kind = value[0]
+    return value[1].is_error if kind == "v" else kind == "s" and bool(value[2] & FLAG_ERROR)
+
+
+def _error_info(value: Value) -> list[str]:
+    """The task log's fields (type, message, traceback) of the error a failed value holds."""
+    if value[0] == "v":
+        try:
+            err = deserialize(value[1].data, value[1].buffers)
+        except Exception:
+            err = None
+        if err is not None:
+            cause = getattr(err, "cause", None)
+            return error_fields(
+                str(getattr(err, "cause_type_name", "") or type(err).__name__),
+                str(cause if cause is not None else err),
+                str(getattr(err, "remote_traceback", "")),
+            )
+    return error_fields("TaskError", "the task failed (its error is in the object store)")

@@ -33,6 +33,7 @@ from ._protocol import Message, MsgType, Signer
 from ._refs import ObjectRef
 from ._serialization import FLAG_ERROR, SerializedValue, deserialize, serialize, serialize_error
 from ._session import read_key_file
+from ._task_events import CANCELLED, FAILED, FINISHED, error_fields
 from ._task_output import TaskOutput
 from ._transport import LazyContext, Listener
 from .exceptions import TaskCancelledError, TaskError
@@ -182,6 +183,7 @@ class WorkerProcess:
         try:
             fn, pos = self._function(body, frames)
         except Exception as exc:  # the function could not be unpickled here
+            self._started(body)
             self._reply(peer, self._error_reply(body, exc, app_error=True))
             return
         gpu_ids = body.get("g") or []
@@ -226,16 +228,32 @@ class WorkerProcess:
         if on_main:
             self.current_task = tid
             self.main_tasks.append(tid)
+        events = core.events
+        if events.enabled:
+            events.started(
+                tid,
+                body.get("at", 1),
+                name,
+                core.job_id,
+                self.actor_id,
+                body.get("ts"),
+                body.get("pt"),
+            )
         try:
             if tid in self.cancelled:
                 raise _Cancelled()
             args, kwargs = self._decode_args(body, frames, pos)
             result = fn(*args, **kwargs)
             if body["nr"] == STREAMING:
-                return self._stream(peer, tid, name, result)
-            return self._encode_returns(tid, name, body["nr"], result)
+                reply = self._stream(peer, tid, name, result)
+            else:
+                reply = self._encode_returns(tid, name, body["nr"], result)
+            events.ended(tid, FINISHED)
+            return reply
         except _Cancelled:
-            return self._plain_error_reply(body, TaskCancelledError(f"task {name} was cancelled"))
+            message = f"task {name} was cancelled"
+            events.ended(tid, CANCELLED, error_fields("TaskCancelledError", message))
+            return self._plain_error_reply(body, TaskCancelledError(message))
         except BaseException as exc:
             if tid in self.cancelled:
                 # Interrupted through a child it ran inline, which ended first with the
@@ -378,7 +396,9 @@ class WorkerProcess:
         except _Cancelled:
             raise
         except BaseException as exc:
-            err = serialize_error(self._task_error(exc, name))
+            error = self._task_error(exc, name)
+            self.core.events.ended(tid, FAILED, _error_fields(exc, error))
+            err = serialize_error(error)
             self._reply(
                 peer,
                 Message(
@@ -419,8 +439,21 @@ class WorkerProcess:
         )
         return err
 
+    def _started(self, body: dict[str, Any]) -> None:
+        """For the task log: a task that fails before ``_execute`` did start."""
+        self.core.events.started(
+            body["t"],
+            body.get("at", 1),
+            body.get("n", ""),
+            self.core.job_id,
+            self.actor_id,
+            body.get("ts"),
+            body.get("pt"),
+        )
+
     def _error_reply(self, body: dict[str, Any], exc: BaseException, app_error: bool) -> Message:
         err = self._task_error(exc, body.get("n", "task"))
+        self.core.events.ended(body["t"], FAILED, _error_fields(exc, err))
         msg = self._plain_error_reply(body, err)
         if app_error:
             msg.body["app_error"] = True
@@ -490,6 +523,7 @@ class WorkerProcess:
 
     def _actor_call(self, peer: bytes, body: dict[str, Any], frames: Sequence[Any]) -> None:
         if self.actor is None:
+            self._started(body)
             self._reply(
                 peer,
                 self._error_reply(
@@ -500,6 +534,7 @@ class WorkerProcess:
         name = body["n"]
         method = getattr(self.actor, body["m"], None)
         if method is None:
+            self._started(body)
             self._reply(
                 peer,
                 self._error_reply(
@@ -533,6 +568,7 @@ class WorkerProcess:
             ctx.actor_id = self.actor_id
             # This coroutine runs in a context of its own: the tag is this call's alone.
             _worker_context.output_tag.set(body.get("o"))
+            self._started(body)
             try:
                 import asyncio
                 import inspect
@@ -544,10 +580,20 @@ class WorkerProcess:
                 if inspect.isawaitable(result):
                     result = await result
                 reply = self._encode_returns(body["t"], name, body["nr"], result)
+                self.core.events.ended(body["t"], FINISHED)
             except BaseException as exc:
                 reply = self._error_reply(body, exc, app_error=True)
             self.output.flush()
         self.loop.call_soon_threadsafe(self._reply, peer, reply)
+
+
+def _error_fields(exc: BaseException, error: TaskError) -> list[str]:
+    """What the task log keeps of a failure: the class, the message, the traceback."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<{type(exc).__name__} whose str() failed>"
+    return error_fields(error.cause_type_name, message, error.remote_traceback)
 
 
 def _user_traceback(exc: BaseException) -> str:

@@ -66,3 +66,22 @@ def test_public_classes_and_modules():
         assert inspect.isclass(getattr(shoal, name)), name
     assert inspect.ismodule(shoal.exceptions)
     assert shoal.exceptions.TaskError.__name__ == "TaskError"
+
+
+def test_widgets_import_without_jupyter_packages_and_pin_their_api(tmp_path):
+    # ipywidgets is optional for the core install: `import shoal.widgets` and progress()
+    # must work without it; only ClusterMonitor needs it (imported on first use).
+    code = (
+        "import json, sys\n"
+        "import shoal.widgets as w\n"
+        f"packages = {JUPYTER_PACKAGES!r}\n"
+        "print(json.dumps([w.__all__, sorted(m for m in sys.modules "
+        "if m.split('.')[0] in packages)]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=50, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    exported, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert exported == ["ClusterMonitor", "ProgressBar", "progress"]
+    assert loaded == []

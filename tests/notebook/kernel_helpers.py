@@ -35,10 +35,15 @@ class NotebookKernel:
     """A real kernel executing cells one at a time through nbclient."""
 
     def __init__(
-        self, kernel_name: str, directory: Path, timeout: float = 60, spy: bool = False
+        self,
+        kernel_name: str,
+        directory: Path,
+        timeout: float = 60,
+        spy: bool = False,
+        client_class: type[nbclient.NotebookClient] = nbclient.NotebookClient,
     ) -> None:
         self.nb = nbformat.v4.new_notebook()
-        self.client = nbclient.NotebookClient(
+        self.client = client_class(
             self.nb,
             kernel_name=kernel_name,
             timeout=timeout,

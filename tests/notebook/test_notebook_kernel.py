@@ -38,10 +38,13 @@ def gone(proc: psutil.Process) -> bool:
 def test_load_and_start(nb):
     assert no_error(nb.run("%load_ext shoal")).outputs == []
     cell = no_error(nb.run("%cluster start --cpus 2"))
-    [text] = displays(cell)
+    # The summary, then a live monitor (shoal.widgets.ClusterMonitor; test_widgets_kernel).
+    text, monitor = displays(cell)
     assert "(started by this kernel)" in text and "1 node, 2 CPUs" in text
-    [html] = displays(cell, "text/html")
+    assert monitor.startswith("Shoal cluster · 1 node · 2 CPUs")
+    html, _monitor_html = displays(cell, "text/html")
     assert "<table" in html and "started by this kernel" in html
+    assert len(displays(cell, "application/vnd.jupyter.widget-view+json")) == 1
 
 
 def test_start_again_says_it_is_up(nb):

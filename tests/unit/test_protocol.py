@@ -15,6 +15,7 @@ from shoal import _protocol
 from shoal._protocol import (
     MAGIC,
     PREFIX_SIZE,
+    PROTOCOL_VERSION,
     SMALL_BUFFER,
     Message,
     MsgType,
@@ -81,7 +82,15 @@ def test_another_key_does_not_verify(frames):
         Signer(b"x" * 32).decode(frames)
 
 
-@pytest.mark.parametrize("magic", [b"SHL\x01", b"SHL\x02", b"SHL\x04", b"ZMQ\x03", b""])
+@pytest.mark.parametrize(
+    "magic",
+    [
+        b"SHL" + bytes([PROTOCOL_VERSION - 1]),
+        b"SHL" + bytes([PROTOCOL_VERSION + 1]),
+        b"ZMQ" + bytes([PROTOCOL_VERSION]),
+        b"",
+    ],
+)
 def test_bad_magic_or_version(signer, frames, magic):
     frames[0] = magic + frames[0][len(MAGIC) :]
     with pytest.raises(ProtocolError, match="magic"):
