@@ -32,6 +32,7 @@ from . import _actor_directory as ad
 from . import _config, _placement
 from . import _placement_groups as pgs
 from . import _state_views as views
+from ._metrics_store import MetricsStore
 from ._object_store import FreeCopies, LostObject, ObjectEntry, ObjectStore, ReplyObjects
 from ._protocol import Message, MsgType
 from ._resources import as_floats, describe, fits, subtract
@@ -117,6 +118,7 @@ class ControlStore:
         self.local_places: Callable[[], dict[str, str]] | None = None
         self.task_log = TaskLog()
         self.stacks = StackQueries()
+        self.metrics = MetricsStore()
 
     # -- membership --------------------------------------------------------------------
     def add_node(self, node_id: bytes, link: NodeLink, info: dict[str, Any]) -> NodeInfo:
@@ -167,6 +169,7 @@ class ControlStore:
         if proc is not None and proc.role == "driver":
             self.jobs.pop(proc.job, None)
         self._act_directory(self.directory.process_gone(wid))
+        self.metrics.process_gone(wid)
         self._act_actors(self.actors.owner_gone(wid))
         if worker:
             self._act_actors(self.actors.worker_exited(wid, reason))
@@ -653,8 +656,15 @@ class ControlStore:
 
     # -- observability (_task_log.py, _state_views.py, _stacks.py) ---------------------
     def _h_task_events(self, proc: ProcInfo, body: Any, frames: Any) -> None:
-        events = decode_events(frames[0]) if frames else ()
-        self.task_log.apply(events, proc.wid, proc.node, proc.pid, int(body.get("d", 0)))
+        # The batch of user metrics rides on the same message (_metrics.py).
+        if body.get("m") is not None:
+            try:
+                self.metrics.apply(proc.wid, proc.pid, body["m"])
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                log.warning("bad metrics from pid %s: %r", proc.pid, exc)
+        if frames or body.get("d"):
+            events = decode_events(frames[0]) if frames else ()
+            self.task_log.apply(events, proc.wid, proc.node, proc.pid, int(body.get("d", 0)))
 
     def _h_state(self, proc: ProcInfo, body: Any, frames: Any) -> None:
         try:

@@ -30,7 +30,9 @@ from typing import Any
 from . import _config
 from ._control_store import NODE_TIMEOUT_SECONDS, ControlStore
 from ._ioloop import IOLoop
+from ._metrics_http import MetricsHttpServer
 from ._node_manager import NodeManager
+from ._prometheus import exposition
 from ._protocol import Message, MsgType, ProtocolError, Signer
 from ._resources import to_fixed
 from ._session import Session, clean_dead_sessions, remove_segments
@@ -120,6 +122,18 @@ class Machine:
             )
             self.nm.on_foreign_hello = self._node_hello
             self.nm.on_foreign_message = self._node_message
+        self.metrics_http: MetricsHttpServer | None = None
+        if args.metrics_port is not None:
+            if self.control is None:
+                raise ValueError("only a head serves metrics: --metrics-port goes with --head")
+            control = self.control
+            self.metrics_http = MetricsHttpServer(
+                self.loop,
+                args.metrics_bind,
+                args.metrics_port,
+                session.read_key(),
+                lambda: exposition(control),
+            )
         self.loop.call_later(1.0, self._tick)
 
     def _bind_tcp(self, host: str, port: int) -> str:
@@ -222,6 +236,11 @@ class Machine:
                 "node_id": self.node_id.hex(),
                 "node_ip": self.node_ip,
                 "started": self.started_at,
+                "metrics": (
+                    f"http://{_host_text(self.metrics_http.host)}:{self.metrics_http.port}/metrics"
+                    if self.metrics_http is not None
+                    else ""
+                ),
             }
         )
         self.nm.start()
@@ -252,6 +271,8 @@ class Machine:
         self.loop.stop()
 
     def _cleanup(self) -> None:
+        if self.metrics_http is not None:
+            self.metrics_http.close()
         self.nm.cleanup()
         remove_segments(self.session.tag)
         if self.head_conn is not None:
@@ -275,6 +296,10 @@ class Machine:
             self.shutdown()
             return
         self.loop.call_later(1.0, self._tick)
+
+
+def _host_text(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _node_resources(args: argparse.Namespace) -> dict[str, int]:
@@ -339,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--exit-with-driver", action="store_true")
     parser.add_argument("--spill-dir", default=None)
+    parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--metrics-bind", default="127.0.0.1")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING").upper(),
