@@ -294,13 +294,10 @@ def metrics_cmd(args: argparse.Namespace) -> None:
 
     with _connected(args):
         if args.json:
-            body = shoal.state._request({"kind": "metrics"})
-        else:
-            text = shoal.state.metrics_text()
-    if args.json:
-        _print_json(body)
-    else:
-        sys.stdout.write(text)
+            _print_json(shoal.state._request({"kind": "metrics"}))
+            return
+        text = shoal.state.metrics_text()
+    sys.stdout.write(text)
 
 
 # -- rendering ---------------------------------------------------------------------------

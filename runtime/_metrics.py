@@ -104,6 +104,9 @@ class Registry:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.series: dict[str, Series] = {}
+        # (kind, name, description, tag keys, boundaries) of a metric made before -> its
+        # checked tag keys and series (see Metric.__init__).
+        self.made: dict[Any, Any] = {}
         self.dirty = False  # something was recorded or defined since the last take
         self.dropped = 0  # values not kept (MAX_SERIES_PER_METRIC), since the last take
         self.last_take = time.monotonic()

@@ -38,6 +38,7 @@ from .._metrics import (
     TAG_KEY,
     Key,
     MetricDef,
+    Series,
     bucket_of,
     check_number,
 )
@@ -53,6 +54,13 @@ class Metric:
     tag key must have a value, one way or the other."""
 
     _kind = ""
+    _name: str
+    _description: str
+    _tag_keys: tuple[str, ...]
+    _tag_set: frozenset[str]
+    _default_tags: dict[str, str]
+    _default_key: Key | None
+    _series: Series
 
     def __init__(
         self,
@@ -62,6 +70,18 @@ class Metric:
         *,
         _boundaries: tuple[float, ...] = (),
     ) -> None:
+        # A task that makes its metric each time it runs pays the checks once per process.
+        made_key = (self._kind, name, description, tag_keys, _boundaries)
+        try:
+            made = REGISTRY.made.get(made_key)
+        except TypeError:  # unhashable arguments (a list of tag keys): checked below
+            made = None
+        if made is not None:
+            self._name, self._description = name, description
+            self._tag_keys, self._tag_set, self._series = made
+            self._default_tags = {}
+            self._default_key = () if not self._tag_keys else None
+            return
         if not isinstance(name, str) or not name:
             raise ValueError(f"a metric needs a name (a non-empty str), got {name!r}")
         if not METRIC_NAME.match(name):
@@ -81,9 +101,11 @@ class Metric:
         self._description = description
         self._tag_keys = keys
         self._tag_set = frozenset(keys)
-        self._default_tags: dict[str, str] = {}
-        self._default_key: Key | None = () if not keys else None
+        self._default_tags = {}
+        self._default_key = () if not keys else None
         self._series = REGISTRY.define(MetricDef(name, self._kind, description, keys, _boundaries))
+        if isinstance(tag_keys, tuple) or tag_keys is None:
+            REGISTRY.made[made_key] = (keys, self._tag_set, self._series)
 
     def set_default_tags(self, default_tags: Mapping[str, str]) -> Metric:
         """Tag values used when a recording call does not give them; returns the metric."""
