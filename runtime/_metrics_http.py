@@ -179,7 +179,8 @@ class MetricsHttpServer:
         except Exception:
             log.exception("metrics endpoint failed to answer")
             status, body, extra = 500, b"internal error\n", ""
-        self._respond(conn, status, body, extra)
+        # HEAD: the headers a GET would have, without the body.
+        self._respond(conn, status, body, extra, head_only=head.startswith(b"HEAD "))
 
     def _answer(self, head: bytes) -> tuple[int, bytes, str]:
         lines = head.split(b"\r\n")
@@ -201,8 +202,7 @@ class MetricsHttpServer:
         if method not in (b"GET", b"HEAD"):
             return 405, b"method not allowed\n", "Allow: GET, HEAD\r\n"
         self.served += 1
-        body = self.render().encode()
-        return 200, (b"" if method == b"HEAD" else body), ""
+        return 200, self.render().encode(), ""
 
     def _authorized(self, auth: bytes) -> bool:
         scheme, _, token = auth.partition(b" ")
@@ -211,7 +211,9 @@ class MetricsHttpServer:
         return scheme.lower() == b"bearer" and same
 
     # -- writing the answer --------------------------------------------------------------
-    def _respond(self, conn: _Conn, status: int, body: bytes, extra: str = "") -> None:
+    def _respond(
+        self, conn: _Conn, status: int, body: bytes, extra: str = "", head_only: bool = False
+    ) -> None:
         content_type = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
         head = (
             f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
@@ -219,7 +221,7 @@ class MetricsHttpServer:
             f"Content-Length: {len(body)}\r\n"
             f"Connection: close\r\n{extra}\r\n"
         ).encode()
-        conn.out = memoryview(head + body)
+        conn.out = memoryview(head if head_only else head + body)
         conn.phase = "response"
         conn.deadline = time.monotonic() + RESPONSE_TIMEOUT
         self.loop.remove_reader(conn.sock)
