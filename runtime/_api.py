@@ -92,6 +92,8 @@ _INIT_ARGS = {
     "_system_config",
     "object_spilling_directory",
     "key_file",
+    "metrics_export_port",
+    "_metrics_export_port",
 }
 
 
@@ -121,7 +123,14 @@ def init(address: str | None = None, **kwargs: Any) -> ClusterContext:
         if address is None:
             _cluster = _start_local(kwargs, namespace)
         else:
-            for key in ("num_cpus", "num_gpus", "resources", "object_store_memory"):
+            for key in (
+                "num_cpus",
+                "num_gpus",
+                "resources",
+                "object_store_memory",
+                "metrics_export_port",
+                "_metrics_export_port",
+            ):
                 if kwargs.get(key) is not None:
                     raise ValueError(
                         f"{key} cannot be set when joining an existing cluster (address={address!r})"
@@ -150,13 +159,19 @@ def init(address: str | None = None, **kwargs: Any) -> ClusterContext:
 def _context() -> ClusterContext:
     assert _cluster is not None
     core = _cluster.core
-    return ClusterContext(
+    context = ClusterContext(
         address=_cluster.address,
         session_dir=_cluster.session_dir,
         node_id=core.node_id.hex(),
         job_id=f"{core.job_id:08x}",
         namespace=core.namespace,
     )
+    if _cluster.session_dir:
+        # A head started with metrics_export_port (or --metrics-port) says where it serves.
+        info = _session.open_session(_cluster.session_dir).head_info() or {}
+        if info.get("metrics"):
+            context["metrics_export_url"] = info["metrics"]
+    return context
 
 
 def _default_store_memory() -> int:
@@ -212,6 +227,15 @@ def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
         store = _default_store_memory()
     elif isinstance(store, bool) or not isinstance(store, int) or store <= 0:
         raise ValueError(f"object_store_memory must be a positive number of bytes, got {store!r}")
+    metrics_port = kwargs.get("metrics_export_port", kwargs.get("_metrics_export_port"))
+    if metrics_port is not None and (
+        isinstance(metrics_port, bool)
+        or not isinstance(metrics_port, int)
+        or not 0 <= metrics_port < 65536
+    ):
+        raise ValueError(
+            f"metrics_export_port must be a port number (0: any free port), got {metrics_port!r}"
+        )
     spill_dir = kwargs.get("object_spilling_directory")
     if spill_dir is not None:
         spill_dir = os.path.abspath(os.path.expanduser(str(spill_dir)))
@@ -223,6 +247,7 @@ def _start_local(kwargs: dict[str, Any], namespace: str) -> _Cluster:
         object_store_memory=store,
         embedded=True,
         spill_dir=spill_dir,
+        metrics_port=metrics_port,
     )
     parent_fd = head.parent_fd  # type: ignore[attr-defined]
     try:
@@ -254,6 +279,8 @@ def start_head_process(
     join: str | None = None,
     node_ip: str | None = None,
     key: bytes | None = None,
+    metrics_port: int | None = None,
+    metrics_bind: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], _session.Session]:
     """Start a head (or, with ``join``, a node of the head at that address) in a new
     process and wait until it serves. Used by init() and the CLI."""
@@ -290,6 +317,10 @@ def start_head_process(
         cmd += ["--node-ip", node_ip]
     if spill_dir is not None:
         cmd += ["--spill-dir", spill_dir]
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
+    if metrics_bind is not None:
+        cmd += ["--metrics-bind", metrics_bind]
     pass_fds = [ready_w]
     parent_r = parent_w = None
     if embedded:

@@ -1,6 +1,7 @@
 """The ``shoal`` command: start, stop and inspect clusters on this machine.
 
 shoal start --head [--port N] [--bind ADDR] [--key-file F] [--num-cpus N] [--resources JSON]
+            [--metrics-port N [--metrics-bind ADDR]]
 shoal start --address HEAD:PORT [--key-file F] [--num-cpus N] ...     (join as a node)
 shoal stop
 shoal status [--json]
@@ -8,6 +9,7 @@ shoal memory [--json]
 shoal list tasks|actors|objects|nodes|workers [--filter KEY=VALUE ...] [--limit N] [--json]
 shoal summary tasks [--json]
 shoal stack [--task ID | --actor ID | --node ID]
+shoal metrics [--json]
 shoal demo
 
 The commands that look at a running cluster are in _cli_state.py.
@@ -63,6 +65,18 @@ def main(argv: list[str] | None = None) -> None:
     start.add_argument(
         "--temp-dir", default=None, help="where session files go (default /tmp/shoal-sessions)"
     )
+    start.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="head: serve GET /metrics (Prometheus' text format) on this port (0: any free "
+        "one), to clients that send the cluster key as a bearer token",
+    )
+    start.add_argument(
+        "--metrics-bind",
+        default=None,
+        help="the address the metrics endpoint listens on (default 127.0.0.1: this machine only)",
+    )
 
     stop = sub.add_parser("stop", help="stop every cluster started on this machine")
     stop.add_argument("--temp-dir", default=None)
@@ -102,6 +116,14 @@ def _start(args: argparse.Namespace) -> None:
         raise ValueError("--num-cpus and --num-gpus must be >= 0")
     if args.port is not None and not 0 <= args.port < 65536:
         raise ValueError(f"--port must be a port number, got {args.port}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
+        raise ValueError(f"--metrics-port must be a port number, got {args.metrics_port}")
+    if not args.head and (args.metrics_port is not None or args.metrics_bind):
+        raise ValueError(
+            "--metrics-port and --metrics-bind go with --head: the head serves metrics"
+        )
+    if args.metrics_bind and args.metrics_port is None:
+        raise ValueError("--metrics-bind needs --metrics-port")
     store = args.object_store_memory or _default_store_memory()
     common: dict[str, Any] = {
         "num_cpus": num_cpus,
@@ -118,6 +140,8 @@ def _start(args: argparse.Namespace) -> None:
             port=0 if args.port is None else args.port,  # 0: any free port (it is printed)
             bind=args.bind or "127.0.0.1",
             key=key,
+            metrics_port=args.metrics_port,
+            metrics_bind=args.metrics_bind,
         )
         info = session.head_info() or {}
         address = str(info.get("tcp", "")).removeprefix("tcp://")
@@ -125,6 +149,8 @@ def _start(args: argparse.Namespace) -> None:
         print(f"  address:   {address}")
         print(f"  key file:  {key_path or session.key_path}")
         print(f"  session:   {session.path}")
+        if info.get("metrics"):
+            print(f"  metrics:   {info['metrics']} (bearer token: the key file's text)")
         print("Join another machine to it with:")
         print(f"  shoal start --address {address} --key-file {key_path or session.key_path}")
         if args.temp_dir:

@@ -1,5 +1,5 @@
 """The ``shoal`` commands that look at a running cluster: status, memory, list, summary,
-stack. Each joins the cluster as a driver (``--address``, default the one on this
+stack, metrics. Each joins the cluster as a driver (``--address``, default the one on this
 machine), makes one state request (shoal.state), leaves, and prints a rich table, or JSON
 with ``--json``.
 """
@@ -76,7 +76,20 @@ def add_parsers(sub: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     which.add_argument("--node", default=None, metavar="ID", help="a node id (or a prefix)")
     add_connection_args(stack)
 
+    metrics = sub.add_parser(
+        "metrics",
+        help="print the cluster's metrics (user metrics and shoal_* built-ins) in Prometheus' "
+        "text format",
+    )
+    metrics.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead: {metrics: [user series], builtin: [...], errors, dropped}",
+    )
+    add_connection_args(metrics)
+
     return {
+        "metrics": metrics_cmd,
         "status": status_cmd,
         "memory": memory_cmd,
         "list": list_cmd,
@@ -300,6 +313,17 @@ def stack_cmd(args: argparse.Namespace) -> None:
 
     with _connected(args):
         text = shoal.state.stack(task_id=args.task, actor_id=args.actor, node_id=args.node)
+    sys.stdout.write(text)
+
+
+def metrics_cmd(args: argparse.Namespace) -> None:
+    import shoal.state
+
+    with _connected(args):
+        if args.json:
+            _print_json(shoal.state._request({"kind": "metrics"}))
+            return
+        text = shoal.state.metrics_text()
     sys.stdout.write(text)
 
 

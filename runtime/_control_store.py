@@ -37,6 +37,7 @@ from . import _placement_groups as pgs
 from . import _state_views as views
 from ._head_state import HeadState
 from ._ids import owner_of
+from ._metrics_store import MetricsStore
 from ._object_store import (
     FreeCopies,
     LostObject,
@@ -149,6 +150,7 @@ class ControlStore:
         self.waiting_actors: dict[bytes, ad.RequestActorLease] = {}
         self.task_log = TaskLog()
         self.stacks = StackQueries()
+        self.metrics = MetricsStore()
 
     # -- membership --------------------------------------------------------------------
     def add_node(self, node_id: bytes, link: NodeLink, info: dict[str, Any]) -> NodeInfo:
@@ -239,6 +241,7 @@ class ControlStore:
             self.jobs.pop(proc.job, None)
         self.remote_leases.pop(wid, None)
         self._act_directory(self.directory.process_gone(wid))
+        self.metrics.process_gone(wid)
         self._act_actors(self.actors.owner_gone(wid))
         if worker:
             self._act_actors(self.actors.worker_exited(wid, reason))
@@ -874,8 +877,15 @@ class ControlStore:
 
     # -- observability (_task_log.py, _state_views.py, _stacks.py) ---------------------
     def _h_task_events(self, proc: ProcInfo, body: Any, frames: Any) -> None:
-        events = decode_events(frames[0]) if frames else ()
-        self.task_log.apply(events, proc.wid, proc.node, proc.pid, int(body.get("d", 0)))
+        # The batch of user metrics rides on the same message (_metrics.py).
+        if body.get("m") is not None:
+            try:
+                self.metrics.apply(proc.wid, proc.pid, body["m"])
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                log.warning("bad metrics from pid %s: %r", proc.pid, exc)
+        if frames or body.get("d"):
+            events = decode_events(frames[0]) if frames else ()
+            self.task_log.apply(events, proc.wid, proc.node, proc.pid, int(body.get("d", 0)))
 
     def _h_state(self, proc: ProcInfo, body: Any, frames: Any) -> None:
         try:

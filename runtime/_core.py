@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import _config, _shm
+from . import _config, _metrics, _shm
 from ._ids import IdFactory, owner_of
 from ._ioloop import IOLoop
 from ._lineage import Lineage
@@ -163,8 +163,10 @@ class CoreWorker:
         # The runtime env this process's work inherits: the job's (a driver) or its own (a
         # worker); a runtime_env._state.EnvState, made on first use.
         self.runtime_env: Any = None
-        # Task state changes for the control store's task log, flushed by the sweep.
+        # Task state changes for the control store's task log, flushed by the sweep; user
+        # metrics ride on the same messages (the names whose definitions were sent).
         self.events = TaskEventBuffer()
+        self.metrics_sent: set[str] = set()
 
         self.client_objects: Any = None
         if client:
@@ -540,17 +542,28 @@ class CoreWorker:
         if self._released:
             self._process_releases()
         self._writer_maps.sweep()
-        if self.events.due(time.monotonic()):
+        now = time.monotonic()
+        if self.events.due(now) or _metrics.REGISTRY.due(now):
             self.flush_events()
         if not self.closed:
             self.loop.call_later(RELEASE_SWEEP_SECONDS, self._sweep_releases)
 
     def flush_events(self, final: bool = False) -> None:
-        """IO thread: send the task events recorded since the last flush (one message)."""
+        """IO thread: send the task events and the metrics recorded since the last flush
+        (one message)."""
         taken = self.events.take(final)
-        if taken is not None and not self.lost_reason:
-            frame = encode_events(taken["e"])
-            self.head.send(Message(M.TASK_EVENTS, {"d": taken["d"]}, [frame]))
+        registry = _metrics.REGISTRY
+        metrics = registry.take(self.metrics_sent) if registry.series else None
+        if (taken is None and metrics is None) or self.lost_reason:
+            return
+        body: dict[str, Any] = {}
+        frames = []
+        if taken is not None:
+            body["d"] = taken["d"]
+            frames.append(encode_events(taken["e"]))
+        if metrics is not None:
+            body["m"] = metrics
+        self.head.send(Message(M.TASK_EVENTS, body, frames))
 
     def drain_releases(self) -> None:
         """From a user thread at an API call: apply the refs dropped since the last one."""

@@ -41,7 +41,9 @@ from . import _config, _machine
 from ._control_store import NODE_TIMEOUT_SECONDS, ControlStore
 from ._head_state import HeadState
 from ._ioloop import IOLoop
+from ._metrics_http import MetricsHttpServer
 from ._node_manager import NodeManager
+from ._prometheus import exposition
 from ._protocol import Message, MsgType, ProtocolError, Signer
 from ._resources import to_fixed
 from ._session import Session, clean_dead_sessions, remove_segments
@@ -139,6 +141,18 @@ class Machine:
                     log.warning("recovered %d detached actors from the last head", recovered)
             self.nm.on_foreign_hello = self._node_hello
             self.nm.on_foreign_message = self._node_message
+        self.metrics_http: MetricsHttpServer | None = None
+        if args.metrics_port is not None:
+            if self.control is None:
+                raise ValueError("only a head serves metrics: --metrics-port goes with --head")
+            control = self.control
+            self.metrics_http = MetricsHttpServer(
+                self.loop,
+                args.metrics_bind,
+                args.metrics_port,
+                session.read_key(),
+                lambda: exposition(control),
+            )
         self.loop.call_later(TICK_SECONDS, self._tick)
 
     def _bind_tcp(self, host: str, port: int) -> str:
@@ -303,6 +317,11 @@ class Machine:
                 "node_id": self.node_id.hex(),
                 "node_ip": self.node_ip,
                 "started": self.started_at,
+                "metrics": (
+                    f"http://{_host_text(self.metrics_http.host)}:{self.metrics_http.port}/metrics"
+                    if self.metrics_http is not None
+                    else ""
+                ),
             }
         )
         self.nm.start()
@@ -336,6 +355,8 @@ class Machine:
         self.loop.stop()
 
     def _cleanup(self) -> None:
+        if self.metrics_http is not None:
+            self.metrics_http.close()
         self.nm.cleanup()
         remove_segments(self.session.tag)
         if self.head_conn is not None:
@@ -430,6 +451,10 @@ def _argv_for_restart(argv: list[str]) -> list[str]:
     return out
 
 
+def _host_text(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def _node_resources(args: argparse.Namespace) -> dict[str, int]:
     total = {"CPU": to_fixed(args.num_cpus)}
     if args.num_gpus:
@@ -489,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
     # Set by a node that starts again after losing its cluster (Machine._start_again).
     parser.add_argument("--rejoin-until", type=float, default=None)
     parser.add_argument("--previous-node", default=None)
+    parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--metrics-bind", default="127.0.0.1")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING").upper(),

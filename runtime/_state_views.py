@@ -363,6 +363,8 @@ def query(control: ControlStore, log: TaskLog, body: dict[str, Any]) -> dict[str
     filters = body.get("filters") or []
     if kind == "snapshot":
         return snapshot(control, log, body)
+    if kind == "metrics":
+        return metrics(control, body)
     if kind == "summary":
         return log.summary()
     if kind == "task":
@@ -414,7 +416,7 @@ def snapshot(control: ControlStore, log: TaskLog, body: dict[str, Any]) -> dict[
     largest = heapq.nlargest(n_objects, entries, key=lambda e: e.size)
     roles = {p.wid: f"{p.role} pid={p.pid}" for p in control.procs.values()}
     workers = [p for p in control.procs.values() if p.role == "worker"]
-    return {
+    out = {
         "time": time.time(),
         "nodes": [node_record(control, n) for n in control.nodes.values()],
         "tasks": log.summary(),
@@ -434,6 +436,26 @@ def snapshot(control: ControlStore, log: TaskLog, body: dict[str, Any]) -> dict[
             ],
         },
         "workers": {"total": len(workers), "drivers": len(control.procs) - len(workers)},
+    }
+    if control.metrics.defs:
+        # User metrics, when a process defined any: the first ``metrics`` series.
+        out["metrics"] = control.metrics.series(int(body.get("metrics", 100)))
+    return out
+
+
+def metrics(control: ControlStore, body: dict[str, Any]) -> dict[str, Any]:
+    """User metrics (as records), the built-in ones, and with ``text`` both in
+    Prometheus' text format."""
+    from ._prometheus import builtin_records, exposition
+
+    store = control.metrics
+    if body.get("text"):
+        return {"text": exposition(control)}
+    return {
+        "metrics": store.series(),
+        "builtin": builtin_records(control),
+        "errors": list(store.errors),
+        "dropped": store.dropped_series + store.dropped_at_source,
     }
 
 

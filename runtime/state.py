@@ -3,6 +3,7 @@
     list_tasks()    list_actors()    list_objects()    list_nodes()    list_workers()
     get_task(id)    get_actor(id)    summarize_tasks() summarize_objects()
     cluster_snapshot()               everything a monitor shows, in one round trip
+    list_metrics()  metrics_text()   user metrics (shoal.util.metrics), Prometheus text
     stack(task_id=... | actor_id=... | node_id=...)   Python stacks of running workers
 
 Every call is one request to the control store and one reply, in local and client-server
@@ -32,10 +33,12 @@ __all__ = [
     "get_actor",
     "get_task",
     "list_actors",
+    "list_metrics",
     "list_nodes",
     "list_objects",
     "list_tasks",
     "list_workers",
+    "metrics_text",
     "stack",
     "summarize_objects",
     "summarize_tasks",
@@ -148,18 +151,52 @@ def summarize_objects() -> dict[str, Any]:
     return dict(body["stats"])
 
 
-def cluster_snapshot(failures: int = 10, actors: int = 100, objects: int = 10) -> dict[str, Any]:
+def cluster_snapshot(
+    failures: int = 10, actors: int = 100, objects: int = 10, metrics: int = 100
+) -> dict[str, Any]:
     """What one tick of a monitor shows, in one round trip: ``nodes`` (as list_nodes),
     ``tasks`` (as summarize_tasks), the latest ``failures`` (task records with their
     tracebacks), ``actors`` (live first) and ``actor_counts``, ``objects`` (store totals
-    and the largest objects), ``workers`` (counts) and the head's ``time``. Its cost does
-    not grow with the number of tasks."""
-    for name, value in (("failures", failures), ("actors", actors), ("objects", objects)):
+    and the largest objects), ``workers`` (counts) and the head's ``time``; and, once any
+    process defined a user metric, ``metrics``: the first ``metrics`` series as
+    ``list_metrics`` gives them. Its cost does not grow with the number of tasks."""
+    for name, value in (
+        ("failures", failures),
+        ("actors", actors),
+        ("objects", objects),
+        ("metrics", metrics),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     return _request(
-        {"kind": "snapshot", "failures": failures, "actors": actors, "objects": objects}
+        {
+            "kind": "snapshot",
+            "failures": failures,
+            "actors": actors,
+            "objects": objects,
+            "metrics": metrics,
+        }
     )
+
+
+def list_metrics(builtin: bool = False) -> list[dict[str, Any]]:
+    """The user metrics of the cluster (shoal.util.metrics), one record per series, by
+    name then tags: ``name``, ``type`` (counter, gauge, histogram), ``description``,
+    ``tags`` and ``value``, or for a histogram ``boundaries``, ``buckets`` (counts per
+    bucket, not cumulative; the last for values above every boundary), ``sum`` and
+    ``count``. Counters and histograms add up every process's values, a gauge the last
+    value of each live process. ``builtin``: the cluster's own ``shoal_*`` metrics too.
+
+    Processes send their metrics about once a second (this one before the request)."""
+    body = _request({"kind": "metrics"})
+    records: list[dict[str, Any]] = body["metrics"]
+    return records + body["builtin"] if builtin else records
+
+
+def metrics_text() -> str:
+    """Every metric, user and built-in, in Prometheus' text format (what ``shoal metrics``
+    prints and the ``--metrics-port`` endpoint serves)."""
+    return str(_request({"kind": "metrics", "text": True})["text"])
 
 
 def stack(

@@ -98,10 +98,15 @@ def cluster() -> Iterator[Cluster]:
                 "1",
                 "--object-store-memory",
                 STORE,
+                "--metrics-port",
+                "9091",
+                "--metrics-bind",
+                head.ip,
             ],
             timeout=60,
         ).stdout
         assert f"{head.ip}:6380" in out and key_file in out
+        assert f"http://{head.ip}:9091/metrics" in out
         address = f"{head.ip}:6380"
         for name in ("a", "b"):
             network[name].run(
@@ -392,6 +397,61 @@ def test_a_client_outside_the_cluster_does_everything_over_one_connection(
     assert re.search(r"line \d+, in boom", result["error"])  # the remote frame
     assert "squaring 3" in cluster.last_output  # task output reached the client
     assert not cluster.segments(cluster.client)
+
+
+def test_metrics_of_every_node_are_scraped_from_the_head(cluster: Cluster) -> None:
+    ids = cluster.node_ids()
+    cluster.drive(
+        cluster.a,
+        """
+        @shoal.remote(resources={"at_a": 0.1})
+        def on_a():
+            from shoal.util.metrics import Counter
+            Counter("hosts_calls", "Calls by node.", tag_keys=("host",)).inc(2, tags={"host": "a"})
+        @shoal.remote(resources={"at_b": 0.1})
+        def on_b():
+            from shoal.util.metrics import Counter, Histogram
+            Counter("hosts_calls", "Calls by node.", tag_keys=("host",)).inc(3, tags={"host": "b"})
+            Histogram("hosts_size", "Sizes.", boundaries=[10]).observe(4)
+        shoal.get([on_a.remote(), on_b.remote(), on_b.remote()])
+        result = None
+        """,
+    )
+    # Scraped from the client host, as a Prometheus elsewhere would, with the key file.
+    scrape = """
+        import time, urllib.request
+        token = open(key_file).read().strip()
+        request = urllib.request.Request(url, headers={"Authorization": "Bearer " + token})
+        deadline = time.monotonic() + 30
+        while True:
+            text = urllib.request.urlopen(request, timeout=10).read().decode()
+            if 'hosts_calls_total{host="b"} 6.0' in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        try:
+            urllib.request.urlopen(url, timeout=10)
+            refused = None
+        except urllib.error.HTTPError as exc:
+            refused = exc.code
+        result = {"text": text, "refused": refused}
+        """
+    url = f"http://{cluster.head.ip}:9091/metrics"
+    code = (
+        "import json, urllib.error\n"
+        + f"key_file = {cluster.key_file!r}\nurl = {url!r}\n"
+        + textwrap.dedent(scrape)
+        + '\nprint("RESULT " + json.dumps(result))\n'
+    )
+    out = cluster.client.python(code, timeout=60).stdout
+    result = json.loads(out.split("RESULT ", 1)[1])
+    text = result["text"]
+    assert result["refused"] == 401
+    assert 'hosts_calls_total{host="a"} 2.0' in text
+    assert 'hosts_calls_total{host="b"} 6.0' in text
+    assert "hosts_size_count 2.0" in text
+    assert 'shoal_nodes{state="ALIVE"} 3.0' in text
+    for node_id in ids.values():
+        assert f'shoal_node_cpu_count{{node_id="{node_id}"}}' in text
 
 
 def test_two_clients_have_their_own_namespaces(cluster: Cluster) -> None:
