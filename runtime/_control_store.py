@@ -117,6 +117,7 @@ class ControlStore:
         self.local_places: Callable[[], dict[str, str]] | None = None
         self.task_log = TaskLog()
         self.stacks = StackQueries()
+        self.snapshot_cache: dict[str, Any] = {}  # what _state_views keeps between calls
 
     # -- membership --------------------------------------------------------------------
     def add_node(self, node_id: bytes, link: NodeLink, info: dict[str, Any]) -> NodeInfo:
