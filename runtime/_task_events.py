@@ -106,9 +106,10 @@ class TaskEventBuffer:
         self.pending_source: Callable[[], Iterable[tuple[Any, int, int]]] | None = None
         # Owner: task id -> (state, attempt) last reported, for tasks not done yet.
         self.reported: dict[bytes, tuple[int, int]] = {}
-        # Owner: specs done since the last flush ([1]) and the one before ([0]), and the
-        # error makers of those that failed: what a closing owner says about them.
-        self.recent: list[list[Any]] = [[], []]
+        # Owner: tasks done since the last flush ([1]) and the one before ([0]), as
+        # (task id, info), and the error makers of those that failed: what a closing
+        # owner says about them.
+        self.recent: list[list[tuple[Any, ...]]] = [[], []]
         self.recent_errors: list[dict[bytes, Callable[[], list[str]]]] = [{}, {}]
         self.rotated_at = time.monotonic()
         # Executor: tasks running here: task id -> (started, attempt, name, job, actor id,
@@ -135,7 +136,9 @@ class TaskEventBuffer:
                 fields = None if error is None else error()
                 self._add((spec.task_id, state, time.time(), False, _info(spec, seen[1]), fields))
                 return
-        self.recent[1].append(spec)
+        # A tuple of plain values rather than the spec: the collector soon stops tracking
+        # it, where a second of specs held would make every collection walk them.
+        self.recent[1].append(_info(spec, 0, spec.task_id))
         if error is not None:
             self.recent_errors[1][spec.task_id] = error
 
@@ -199,12 +202,12 @@ class TaskEventBuffer:
             out.append((task_id, RUNNING, info[0], True, info, None))
         if final:
             for generation, errors in zip(self.recent, self.recent_errors, strict=True):
-                for spec in generation:
-                    error = errors.get(spec.task_id)
+                for task_id, info in generation:
+                    error = errors.get(task_id)
                     state = FINISHED if error is None else FAILED
                     fields = None if error is None else error()
                     # When it ended is not known here: the record keeps no end time.
-                    out.append((spec.task_id, state, None, False, _info(spec, 0), fields))
+                    out.append((task_id, state, None, False, info, fields))
             self.recent = [[], []]
             self.recent_errors = [{}, {}]
         elif now - self.rotated_at >= FLUSH_SECONDS:
@@ -219,11 +222,13 @@ class TaskEventBuffer:
         return {"e": out, "d": dropped}
 
 
-def _info(spec: Any, attempt: int) -> tuple[Any, ...]:
-    """An owner's ``info`` for ``spec`` (attempt 0: the latest there was)."""
+def _info(spec: Any, attempt: int, task_id: bytes | None = None) -> Any:
+    """An owner's ``info`` for ``spec`` (attempt 0: the latest there was); with
+    ``task_id``, the pair (task id, info)."""
     attempt = attempt or max(1, spec.attempts)
     submitted = spec.submitted_at or None
-    return (None, attempt, spec.name, spec.job, spec.actor_id, submitted, spec.parent)
+    info = (None, attempt, spec.name, spec.job, spec.actor_id, submitted, spec.parent)
+    return info if task_id is None else (task_id, info)
 
 
 def encode(events: list[Event]) -> bytes:
