@@ -3,33 +3,36 @@
     owner (submitter)                          executor (the worker that runs the task)
     -----------------                          ----------------------------------------
     submit: notes the time on the spec         start -> ``running`` (no event yet)
-    done  -> FINISHED / FAILED if it was       end   -> FINISHED / FAILED / CANCELLED, with
-             reported waiting, else the spec            the submit and start times, the error
-             goes into ``recent``
+    done  -> FINISHED / FAILED for an actor    end   -> FINISHED / FAILED / CANCELLED, with
+             call it reported waiting; else             the submit and start times, the error
+             a tuple into ``recent``
     failed here (worker died, cancelled,
       actor died, unschedulable, an argument
       failed) -> FAILED / CANCELLED event
     flush -> PENDING_ARGS / SUBMITTED for      flush -> RUNNING for tasks still running
              what its tables hold unfinished
-             (once per state and attempt)
+             since the last flush too (once
+             per state and attempt)
     close -> FINISHED / FAILED for ``recent``
 
     every ~0.5 s (the core's 0.1 s sweep), or sooner past FLUSH_BATCH events:
         one TASK_EVENTS message to the control store, which merges them (_task_log.py)
 
-A task that is submitted, runs and ends between two flushes costs a single event, its
-executor's: the owner passes the submit time (and the parent task, the attempt) with the
-push, records nothing when it submits, and at a flush reads what is still waiting or
-running from the submitter's own tables (``pending_source``). So an owner's share of a
-task is a timestamp and a list append; recording on either side is a tuple put in a deque
-or a dict, with no lock, no message, no thread woken. Only tasks that wait or run across
-a flush, and failures the owner makes itself, cost more.
+A task that waits less than a flush interval or so costs a single event, its executor's:
+the owner passes the submit time (and the parent task, the attempt) with the push,
+records nothing when it submits, and at a flush reads what is still waiting or running
+from the submitter's own tables (``pending_source``), reporting what was already there
+at the flush before. So an owner's share of a short task is a timestamp and a list
+append; recording on either side is a tuple put in a deque or a dict, with no lock, no
+message, no thread woken. Only tasks that wait longer, and failures the owner makes
+itself, cost more.
 
-An executor killed with SIGKILL (its owner exited, its actor was killed) loses what it
-had not flushed. The owner makes up for part of it: it says how a task it had reported as
-waiting ended, and when it closes, how the tasks it got back since the flush before last
-ended (``recent``); a duplicate of what the executor said changes nothing. A closing
-owner also returns its idle leases first, so that their workers live on to flush.
+An executor killed with SIGKILL loses what it had not flushed. A closing owner returns
+its idle leases first, so that the workers of its last tasks live on to flush; and it
+says, when it closes, how the tasks it got back since the flush before last ended
+(``recent``), and, whenever they end, how actor calls it had reported waiting ended (an
+actor may be killed before it says so). A duplicate of what the executor said changes
+nothing.
 
 An event is a tuple ``(task id, state, time, executor, info, error)``, where ``info`` is
 ``(started, attempt, name, job, actor id, submitted, parent)`` (the tuple an executor keeps
@@ -96,6 +99,7 @@ class TaskEventBuffer:
         "reported",
         "rotated_at",
         "running",
+        "waiting",
     )
 
     def __init__(self, enabled: bool = ENABLED) -> None:
@@ -104,8 +108,10 @@ class TaskEventBuffer:
         # Owner: what it submitted and has not got back, as (spec, state, attempt); a
         # TaskSpec has task_id, name, job, actor_id, submitted_at and parent.
         self.pending_source: Callable[[], Iterable[tuple[Any, int, int]]] | None = None
-        # Owner: task id -> (state, attempt) last reported, for tasks not done yet.
+        # Owner: task id -> (state, attempt) last reported, for tasks not done yet; and
+        # the ids of those that were waiting at the last flush.
         self.reported: dict[bytes, tuple[int, int]] = {}
+        self.waiting: set[bytes] = set()
         # Owner: tasks done since the last flush ([1]) and the one before ([0]), as
         # (task id, info), and the error makers of those that failed: what a closing
         # owner says about them.
@@ -130,8 +136,10 @@ class TaskEventBuffer:
         for a failed task, what makes its error fields (called only if they are sent)."""
         if self.reported:
             seen = self.reported.pop(spec.task_id, None)
-            if seen is not None:
-                # Reported as waiting: say how it ended, in case its executor cannot.
+            if seen is not None and spec.actor_id is not None:
+                # An actor call reported as waiting: say how it ended, since its actor
+                # may be killed before it says so (a task's worker is not: see
+                # return_idle_leases).
                 state = FINISHED if error is None else FAILED
                 fields = None if error is None else error()
                 self._add((spec.task_id, state, time.time(), False, _info(spec, seen[1]), fields))
@@ -192,12 +200,18 @@ class TaskEventBuffer:
         events = self.events
         out = [events.popleft() for _ in range(len(events))]
         if self.pending_source is not None and self.enabled:
-            reported = self.reported
+            # Only what waited since the last flush too: a task that waits less than a
+            # flush interval or two is never reported by its owner (its executor says it
+            # all), which keeps a burst of short tasks at one event each.
+            reported, before, now_waiting = self.reported, self.waiting, set()
             for spec, state, attempt in self.pending_source():
-                if reported.get(spec.task_id) != (state, attempt):
-                    reported[spec.task_id] = (state, attempt)
+                task_id = spec.task_id
+                now_waiting.add(task_id)
+                if task_id in before and reported.get(task_id) != (state, attempt):
+                    reported[task_id] = (state, attempt)
                     info = _info(spec, attempt)
-                    out.append((spec.task_id, state, spec.submitted_at, False, info, None))
+                    out.append((task_id, state, spec.submitted_at, False, info, None))
+            self.waiting = now_waiting
         for task_id, info in self.running.copy().items():
             out.append((task_id, RUNNING, info[0], True, info, None))
         if final:

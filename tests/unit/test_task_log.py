@@ -141,9 +141,11 @@ def test_the_buffer_sends_a_fast_task_once_and_a_waiting_one_once_per_state():
     buf.pending_source = lambda: list(pending)
     # Owner: submitted and done before a flush: nothing to say (the executor says it).
     buf.done(Spec(1))
-    # Owner: still waiting at the flush: reported once per state.
+    # Owner: waiting across two flushes: reported, once per state.
     waiting = Spec(2, "g", parent=b"p" * 16)
+    waiting.actor_id = b"a" * 16  # an actor call: its owner says how it ended
     pending.append((waiting, te.PENDING_ARGS, 1))
+    assert buf.take() is None  # waiting since this flush only: not yet
     # Executor: one task ended, one still running.
     buf.started(tid(3), 1, "h", 1, None, 0.5, None)
     buf.ended(tid(3), te.FINISHED)
