@@ -186,7 +186,11 @@ class TaskEventBuffer:
     def ended(self, task_id: bytes, state: int, error: list[str] | None = None) -> None:
         info = self.running.pop(task_id, None)
         if info is not None:
-            self._add((task_id, state, time.time(), True, info, error))
+            events = self.events  # _add, inlined: this runs once per task
+            if len(events) < MAX_BUFFERED:
+                events.append((task_id, state, time.time(), True, info, error))
+            else:
+                self.dropped += 1
 
     # -- flushing (IO loop work) ---------------------------------------------------------
     def due(self, now: float) -> bool:
