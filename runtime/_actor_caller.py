@@ -22,12 +22,12 @@ reply may come that no caller is about to read (``_lazy``).
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._protocol import Message, MsgType
 from ._serialization import deserialize
-from ._task_events import SUBMITTED
 from ._task_submitter import STREAMING, TaskSpec, add_event_fields, encode_args, is_local
 from .exceptions import (
     ActorDiedError,
@@ -122,7 +122,8 @@ class ActorCaller:
             st.subscribed = True
             self.core.head.send(Message(M.SUBSCRIBE_ACTOR, {"aid": st.actor_id}))
         st.queue.append(spec)
-        self.core.tasks.record_state(spec, SUBMITTED)
+        if self.core.events.enabled:
+            spec.submitted_at = time.time()  # for the task log (see _task_events.py)
         self._pump(st)
 
     def _pump(self, st: _ActorState) -> None:

@@ -151,6 +151,7 @@ class ControlStore:
         self.task_log = TaskLog()
         self.stacks = StackQueries()
         self.metrics = MetricsStore()
+        self.snapshot_cache: dict[str, Any] = {}  # what _state_views keeps between calls
 
     # -- membership --------------------------------------------------------------------
     def add_node(self, node_id: bytes, link: NodeLink, info: dict[str, Any]) -> NodeInfo:

@@ -199,6 +199,7 @@ class CoreWorker:
         self.head.attach(self.loop, self._head_readable)
         self.tasks = TaskSubmitter(self)
         self.actors = ActorCaller(self)
+        self.events.pending_source = self.tasks.pending
         self._last_heard = time.monotonic()
         if client:
             self.loop.call_later(0.0, self._ping)
@@ -501,6 +502,8 @@ class CoreWorker:
         self._writer_maps.close()
 
     def _flush_now(self) -> None:
+        if not self.lost_reason:
+            self.tasks.return_idle_leases()
         self.flush_events(final=True)
         self._process_releases()
         self._flush_refs()

@@ -400,6 +400,22 @@ def query(control: ControlStore, log: TaskLog, body: dict[str, Any]) -> dict[str
     return {"records": kept, "total": total}
 
 
+# The largest objects are found by a walk over the object directory: done at most once a
+# second, however often monitors ask.
+LARGEST_OBJECTS_SECONDS = 1.0
+
+
+def _largest_objects(control: ControlStore, n: int) -> list[Any]:
+    cache = control.snapshot_cache
+    now = time.monotonic()
+    if cache.get("largest_n") != n or now - cache.get("largest_at", -1e9) > LARGEST_OBJECTS_SECONDS:
+        entries = (e for e in control.directory.objects.values() if e.sealed)
+        cache["largest"] = heapq.nlargest(n, entries, key=lambda e: e.size)
+        cache["largest_at"], cache["largest_n"] = now, n
+    largest: list[Any] = cache["largest"]
+    return largest
+
+
 def snapshot(control: ControlStore, log: TaskLog, body: dict[str, Any]) -> dict[str, Any]:
     """Everything one tick of a monitor shows."""
     n_failures = int(body.get("failures", 10))
@@ -412,8 +428,7 @@ def snapshot(control: ControlStore, log: TaskLog, body: dict[str, Any]) -> dict[
     # Live actors first (newest first), then the most recent deaths.
     ordered = sorted(reversed(control.actors.actors.values()), key=lambda r: r.state == ad.DEAD)
     actors = [actor_record(r) for r in ordered[:n_actors]]
-    entries = [e for e in control.directory.objects.values() if e.sealed]
-    largest = heapq.nlargest(n_objects, entries, key=lambda e: e.size)
+    largest = _largest_objects(control, n_objects)
     roles = {p.wid: f"{p.role} pid={p.pid}" for p in control.procs.values()}
     workers = [p for p in control.procs.values() if p.role == "worker"]
     out = {

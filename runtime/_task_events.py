@@ -2,39 +2,43 @@
 
     owner (submitter)                          executor (the worker that runs the task)
     -----------------                          ----------------------------------------
-    submit -> ``pending`` (no event yet)       start -> ``running`` (no event yet)
-    done   -> into ``recent`` (no event yet)   end   -> FINISHED / FAILED / CANCELLED, with
-              or, if it was reported waiting,           the submit and start times, the error
-              FINISHED / FAILED
+    submit: notes the time on the spec         start -> ``running`` (no event yet)
+    done  -> FINISHED / FAILED for an actor    end   -> FINISHED / FAILED / CANCELLED, with
+             call it reported waiting; else             the submit and start times, the error
+             a tuple into ``recent``
     failed here (worker died, cancelled,
       actor died, unschedulable, an argument
       failed) -> FAILED / CANCELLED event
-    flush  -> PENDING_ARGS / SUBMITTED for     flush -> RUNNING for tasks still running
-              tasks still pending (once)
-    close  -> FINISHED / FAILED for ``recent``
+    flush -> PENDING_ARGS / SUBMITTED for      flush -> RUNNING for tasks still running
+             what its tables hold unfinished
+             since the last flush too (once
+             per state and attempt)
+    close -> FINISHED / FAILED for ``recent``
 
     every ~0.5 s (the core's 0.1 s sweep), or sooner past FLUSH_BATCH events:
         one TASK_EVENTS message to the control store, which merges them (_task_log.py)
 
-Recording is a tuple put in a deque or a dict: no lock, no message, no thread woken. A
-task that is submitted, runs and ends between two flushes costs a single event (its
-executor's): the owner passes the submit time (and the parent task) along with the push,
-and keeps the task for a second once it is done (``recent``). Only tasks that wait or run
-across a flush, and failures the owner makes itself, cost more. This keeps the control
-store's share of a task to one event; measured in docs/architecture.md ("Task events").
+A task that waits less than a flush interval or so costs a single event, its executor's:
+the owner passes the submit time (and the parent task, the attempt) with the push,
+records nothing when it submits, and at a flush reads what is still waiting or running
+from the submitter's own tables (``pending_source``), reporting what was already there
+at the flush before. So an owner's share of a short task is a timestamp and a list
+append; recording on either side is a tuple put in a deque or a dict, with no lock, no
+message, no thread woken. Only tasks that wait longer, and failures the owner makes
+itself, cost more.
 
-An executor killed with SIGKILL (its owner exited, its actor was killed) loses what it
-had not flushed. The owner makes up for most of it: how a task it had reported as waiting
-ended, and, when the owner itself closes, how the tasks it got back in its last second
-ended (``recent``); a duplicate of what the executor said changes nothing.
+An executor killed with SIGKILL loses what it had not flushed. A closing owner returns
+its idle leases first, so that the workers of its last tasks live on to flush; and it
+says, when it closes, how the tasks it got back since the flush before last ended
+(``recent``), and, whenever they end, how actor calls it had reported waiting ended (an
+actor may be killed before it says so). A duplicate of what the executor said changes
+nothing.
 
 An event is a tuple ``(task id, state, time, executor, info, error)``, where ``info`` is
 ``(started, attempt, name, job, actor id, submitted, parent)`` (the tuple an executor keeps
 while the task runs, sent as it is) and ``error`` None or [error type, message,
 traceback]. ``executor`` says whether the sender ran the task (its node, worker and pid
-then belong to the record). The owner is the first 8 bytes of the task id. Tuples, not
-dicts, and as few as possible: each costs an allocation (and brings the next garbage
-collection closer).
+then belong to the record). The owner is the first 8 bytes of the task id.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
@@ -79,33 +83,41 @@ def error_fields(type_name: str, message: str, traceback_text: str = "") -> list
 class TaskEventBuffer:
     """The events of one process since its last flush.
 
-    Invariant: owner-side calls (``submitted``, ``done``, ``failed_here``) and ``take`` are
-    IO loop work (the loop thread, or a thread holding the loop), so they never interleave.
-    Executor-side calls come from any thread running a task; they only use single dict
-    and deque operations, which are atomic."""
+    Invariant: owner-side calls (``done``, ``failed_here``) and ``take`` are IO loop work
+    (the loop thread, or a thread holding the loop), as is every change to the tables
+    ``pending_source`` reads, so they never interleave. Executor-side calls come from any
+    thread running a task; they use single dict and deque operations, which are atomic."""
 
     __slots__ = (
         "dropped",
         "enabled",
         "events",
         "last_flush",
-        "pending",
+        "pending_source",
         "recent",
+        "recent_errors",
         "reported",
+        "rotated_at",
         "running",
+        "waiting",
     )
 
     def __init__(self, enabled: bool = ENABLED) -> None:
         self.enabled = enabled
         self.events: collections.deque[Event] = collections.deque()
-        # Owner: tasks submitted since the last flush and not done yet: task id ->
-        # (state, info, reported before); once reported, in ``reported`` until done (a
-        # task is in one of the two). Done tasks for a second or so, oldest first, as
-        # events whose error is still to be made: (task id, state, time, False, info,
-        # error maker).
-        self.pending: dict[bytes, tuple[Any, ...]] = {}
-        self.reported: dict[bytes, tuple[Any, ...]] = {}
-        self.recent: collections.deque[Event] = collections.deque()
+        # Owner: what it submitted and has not got back, as (spec, state, attempt); a
+        # TaskSpec has task_id, name, job, actor_id, submitted_at and parent.
+        self.pending_source: Callable[[], Iterable[tuple[Any, int, int]]] | None = None
+        # Owner: task id -> (state, attempt) last reported, for tasks not done yet; and
+        # the ids of those that were waiting at the last flush.
+        self.reported: dict[bytes, tuple[int, int]] = {}
+        self.waiting: set[bytes] = set()
+        # Owner: tasks done since the last flush ([1]) and the one before ([0]), as
+        # (task id, info), and the error makers of those that failed: what a closing
+        # owner says about them.
+        self.recent: list[list[tuple[Any, ...]]] = [[], []]
+        self.recent_errors: list[dict[bytes, Callable[[], list[str]]]] = [{}, {}]
+        self.rotated_at = time.monotonic()
         # Executor: tasks running here: task id -> (started, attempt, name, job, actor id,
         # submitted, parent).
         self.running: dict[bytes, tuple[Any, ...]] = {}
@@ -119,53 +131,29 @@ class TaskEventBuffer:
         self.events.append(event)
 
     # -- the owner's side ----------------------------------------------------------------
-    def submitted(
-        self,
-        task_id: bytes,
-        state: int,
-        submitted: float,
-        attempt: int,
-        name: str,
-        job: int,
-        actor_id: bytes | None,
-        parent: bytes | None,
-    ) -> None:
-        """The task waits for its arguments, or was submitted (again, on a retry)."""
-        if self.enabled:
-            # Reported before (waiting for arguments, or an earlier attempt): once done,
-            # its owner says how it ended.
-            reported = self.reported.pop(task_id, None) is not None if self.reported else False
-            info = (None, attempt, name, job, actor_id, submitted, parent)
-            self.pending[task_id] = (state, info, reported)
-
-    def done(self, task_id: bytes, error: Callable[[], list[str]] | None = None) -> None:
+    def done(self, spec: Any, error: Callable[[], list[str]] | None = None) -> None:
         """The owner has the task's result; its executor reports how it went. ``error``:
-        for a failed task, what makes its error fields (only called if they are sent)."""
-        entry = self.pending.pop(task_id, None)
-        if entry is not None:
-            reported = entry[2]
-        elif self.reported:  # it waited or ran across a flush
-            entry = self.reported.pop(task_id, None)
-            if entry is None:
+        for a failed task, what makes its error fields (called only if they are sent)."""
+        if self.reported:
+            seen = self.reported.pop(spec.task_id, None)
+            if seen is not None and spec.actor_id is not None:
+                # An actor call reported as waiting: say how it ended, since its actor
+                # may be killed before it says so (a task's worker is not: see
+                # return_idle_leases).
+                state = FINISHED if error is None else FAILED
+                fields = None if error is None else error()
+                self._add((spec.task_id, state, time.time(), False, _info(spec, seen[1]), fields))
                 return
-            reported = True
-        else:
-            return
-        state = FINISHED if error is None else FAILED
-        if reported:
-            # Reported as waiting: say how it ended, in case its executor cannot.
-            fields = None if error is None else error()
-            self._add((task_id, state, time.time(), False, entry[1], fields))
-        else:
-            self.recent.append((task_id, state, time.time(), False, entry[1], error))
+        # A tuple of plain values rather than the spec: the collector soon stops tracking
+        # it, where a second of specs held would make every collection walk them.
+        self.recent[1].append(_info(spec, 0, spec.task_id))
+        if error is not None:
+            self.recent_errors[1][spec.task_id] = error
 
     def failed_here(
         self,
-        task_id: bytes,
+        spec: Any,
         attempt: int,
-        name: str,
-        job: int,
-        actor_id: bytes | None,
         error_type: str,
         message: str,
         cancelled: bool = False,
@@ -175,13 +163,11 @@ class TaskEventBuffer:
         argument failed)."""
         if not self.enabled:
             return
-        entry = self.pending.pop(task_id, None)
         if self.reported:
-            entry = self.reported.pop(task_id, None) or entry
-        submitted, parent = (entry[1][5], entry[1][6]) if entry is not None else (None, None)
-        info = (None, attempt, name, job, actor_id, submitted, parent)
+            self.reported.pop(spec.task_id, None)
         state = CANCELLED if cancelled else FAILED
-        self._add((task_id, state, time.time(), False, info, error_fields(error_type, message)))
+        error = error_fields(error_type, message)
+        self._add((spec.task_id, state, time.time(), False, _info(spec, attempt), error))
 
     # -- the executor's side -------------------------------------------------------------
     def started(
@@ -200,46 +186,67 @@ class TaskEventBuffer:
     def ended(self, task_id: bytes, state: int, error: list[str] | None = None) -> None:
         info = self.running.pop(task_id, None)
         if info is not None:
-            self._add((task_id, state, time.time(), True, info, error))
+            events = self.events  # _add, inlined: this runs once per task
+            if len(events) < MAX_BUFFERED:
+                events.append((task_id, state, time.time(), True, info, error))
+            else:
+                self.dropped += 1
 
     # -- flushing (IO loop work) ---------------------------------------------------------
     def due(self, now: float) -> bool:
-        if not (self.events or self.running or self.pending):
-            return False
         return len(self.events) >= FLUSH_BATCH or now - self.last_flush >= FLUSH_SECONDS
 
     def take(self, final: bool = False) -> dict[str, Any] | None:
         """The next events to send ``{"e": events, "d": dropped}``, or None when there is
         nothing new (``encode`` makes the message's frame of them). ``final``: the process
-        closes, so what it knows of recently done tasks goes too.
-        Tasks still running are reported at every flush (the log takes a repeat as a
-        no-op), which spares a flag per task; pending ones once per state."""
-        self.last_flush = time.monotonic()
+        closes, so what it knows of recently done tasks goes too."""
+        now = self.last_flush = time.monotonic()
         events = self.events
         out = [events.popleft() for _ in range(len(events))]
-        recent = self.recent
-        if final:
-            for task_id, state, t, executor, info, error in recent:
-                fields = None if error is None else error()
-                out.append((task_id, state, t, executor, info, fields))
-            recent.clear()
-        else:
-            # Executors flush as often as this process: by now they have said how the
-            # tasks done more than two flushes ago ended.
-            horizon = time.time() - 2 * FLUSH_SECONDS
-            while recent and recent[0][2] < horizon:
-                recent.popleft()
-        if self.pending:
-            pending, self.pending = self.pending, {}
-            for task_id, (state, info, _) in pending.items():
-                out.append((task_id, state, info[5], False, info, None))
-            self.reported.update(pending)
+        if self.pending_source is not None and self.enabled:
+            # Only what waited since the last flush too: a task that waits less than a
+            # flush interval or two is never reported by its owner (its executor says it
+            # all), which keeps a burst of short tasks at one event each.
+            reported, before, now_waiting = self.reported, self.waiting, set()
+            for spec, state, attempt in self.pending_source():
+                task_id = spec.task_id
+                now_waiting.add(task_id)
+                if task_id in before and reported.get(task_id) != (state, attempt):
+                    reported[task_id] = (state, attempt)
+                    info = _info(spec, attempt)
+                    out.append((task_id, state, spec.submitted_at, False, info, None))
+            self.waiting = now_waiting
         for task_id, info in self.running.copy().items():
             out.append((task_id, RUNNING, info[0], True, info, None))
+        if final:
+            for generation, errors in zip(self.recent, self.recent_errors, strict=True):
+                for task_id, info in generation:
+                    error = errors.get(task_id)
+                    state = FINISHED if error is None else FAILED
+                    fields = None if error is None else error()
+                    # When it ended is not known here: the record keeps no end time.
+                    out.append((task_id, state, None, False, info, fields))
+            self.recent = [[], []]
+            self.recent_errors = [{}, {}]
+        elif now - self.rotated_at >= FLUSH_SECONDS:
+            # Executors flush as often as this process: by now they have said how the
+            # tasks done before the flush before last ended.
+            self.rotated_at = now
+            self.recent = [self.recent[1], []]
+            self.recent_errors = [self.recent_errors[1], {}]
         dropped, self.dropped = self.dropped, 0
         if not out and not dropped:
             return None
         return {"e": out, "d": dropped}
+
+
+def _info(spec: Any, attempt: int, task_id: bytes | None = None) -> Any:
+    """An owner's ``info`` for ``spec`` (attempt 0: the latest there was); with
+    ``task_id``, the pair (task id, info)."""
+    attempt = attempt or max(1, spec.attempts)
+    submitted = spec.submitted_at or None
+    info = (None, attempt, spec.name, spec.job, spec.actor_id, submitted, spec.parent)
+    return info if task_id is None else (task_id, info)
 
 
 def encode(events: list[Event]) -> bytes:

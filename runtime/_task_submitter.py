@@ -20,7 +20,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _config, _worker_context
@@ -127,7 +127,7 @@ class TaskSpec:
         # Its runtime env as it travels (None: the node's default) and that env's key.
         self.runtime_env: dict[str, Any] | None = None
         self.env_key = ""
-        self.submitted_at = 0.0  # time.time() when first recorded for the task log
+        self.submitted_at = 0.0  # time.time() at submission, for the task log
 
 
 def encode_args(
@@ -375,29 +375,36 @@ class TaskSubmitter:
             self.track(spec)
         if spec.parent is not None:
             self.children.setdefault(spec.parent, []).append(spec.task_id)
-        if not self._when_deps_ready(spec, lambda: self._enqueue(spec)):
-            self.record_state(spec, PENDING_ARGS)
+        if self.core.events.enabled:
+            spec.submitted_at = time.time()  # for the task log (see _task_events.py)
+        self._when_deps_ready(spec, lambda: self._enqueue(spec))
 
-    def record_state(self, spec: TaskSpec, state: int) -> None:
-        """A state change for the task log: submitted (again, on a retry) or waiting."""
-        events = self.core.events
-        if events.enabled:
-            if not spec.submitted_at:
-                spec.submitted_at = time.time()
-            events.submitted(
-                spec.task_id,
-                state,
-                spec.submitted_at,
-                spec.attempts + 1,
-                spec.name,
-                spec.job,
-                spec.actor_id,
-                spec.parent,
+    def pending(self) -> Iterator[tuple[TaskSpec, int, int]]:
+        """For the task log, at a flush: (spec, state, attempt) of every task submitted
+        here and not done (tasks waiting for arguments or a worker, pushed tasks, actor
+        calls queued or sent)."""
+        core = self.core
+        me = core.worker_id
+        reported = core.events.reported
+        for spec in self.queued.values():
+            if spec.cancelled:
+                continue
+            attempt = spec.attempts + 1
+            if reported.get(spec.task_id) == (SUBMITTED, attempt):
+                yield spec, SUBMITTED, attempt  # known: spare the look at its arguments
+                continue
+            waiting = any(
+                ref.binary()[:8] == me and core.lookup(ref.binary()) is None for ref in spec.deps
             )
+            yield spec, PENDING_ARGS if waiting else SUBMITTED, attempt
+        for spec, _ in self.running.values():
+            yield spec, SUBMITTED, max(1, spec.attempts)
+        for st in core.actors.actors.values():
+            for spec in st.queue:
+                yield spec, SUBMITTED, 1
 
-    def _when_deps_ready(self, spec: TaskSpec, then: Any) -> bool:
-        """Call ``then`` once the owned arguments of ``spec`` have values; True when it
-        was called at once."""
+    def _when_deps_ready(self, spec: TaskSpec, then: Any) -> None:
+        """Call ``then`` once the owned arguments of ``spec`` have values."""
         core = self.core
         pending = [
             ref.binary()
@@ -406,7 +413,7 @@ class TaskSubmitter:
         ]
         if not pending:
             then()
-            return True
+            return
         remaining = [len(pending)]
 
         def on_dep(_oid: bytes, _value: Value) -> None:
@@ -422,8 +429,6 @@ class TaskSubmitter:
                     core._waiters.setdefault(oid, []).append(on_dep)
         if remaining[0] == 0:
             then()
-            return True
-        return False
 
     def dep_error(self, spec: TaskSpec) -> Value | None:
         """An argument that failed makes the task fail with the same error, unrun."""
@@ -444,11 +449,8 @@ class TaskSubmitter:
         if err[0] != "x":  # an "x" error is recorded by _finish
             cause = _error_info(err)[0]
             self.core.events.failed_here(
-                spec.task_id,
+                spec,
                 spec.attempts + 1,
-                spec.name,
-                spec.job,
-                spec.actor_id,
                 cause,
                 f"an argument of this task failed ({cause}), so it did not run",
             )
@@ -457,7 +459,6 @@ class TaskSubmitter:
     def _enqueue(self, spec: TaskSpec) -> None:
         if spec.cancelled:
             return
-        self.record_state(spec, SUBMITTED)
         err = self.dep_error(spec)
         if err is not None:
             self.fail_unrun(spec, err)
@@ -575,6 +576,18 @@ class TaskSubmitter:
         self._drop_lease(lease)
         self.core.head.send(Message(M.RETURN_LEASE, {"w": lease.worker_id}))
 
+    def return_idle_leases(self) -> None:
+        """This process closes: leases with nothing in flight go back now. Their workers
+        return to the pool instead of being killed with their owner, and so live to send
+        their last task events."""
+        for lease in list(self.leases.values()):
+            if not lease.in_flight:
+                if lease.idle_timer is not None:
+                    lease.idle_timer.cancel()
+                    lease.idle_timer = None
+                self._drop_lease(lease)
+                self.core.head.send(Message(M.RETURN_LEASE, {"w": lease.worker_id}))
+
     def _drop_lease(self, lease: _Lease) -> None:
         self.leases.pop(lease.worker_id, None)
         lease.key.leases.pop(lease.worker_id, None)
@@ -644,7 +657,6 @@ class TaskSubmitter:
                     * max(1, len(spec.return_ids)),
                 )
             elif spec.attempts <= spec.max_retries or spec.max_retries < 0:
-                self.record_state(spec, SUBMITTED)
                 self.queued[spec.task_id] = spec
                 if oom is None:
                     lease.key.queue.appendleft(spec)
@@ -742,7 +754,6 @@ class TaskSubmitter:
         else:
             values = self._decode_results(body["r"], frames)
             if body.get("app_error") and self._should_retry_app_error(spec, body):
-                self.record_state(spec, SUBMITTED)
                 self.queued[tid] = spec
                 lease.key.queue.appendleft(spec)
             else:
@@ -781,25 +792,24 @@ class TaskSubmitter:
                     pass
                 if not siblings:
                     del self.children[spec.parent]
-        if values and values[0][0] == "x":
-            # Failed here, not in a worker (the worker died, the task was cancelled
-            # before it ran, the actor died ...): only this process can tell the log.
-            exc = values[0][1]
-            self.core.events.failed_here(
-                spec.task_id,
-                max(1, spec.attempts),
-                spec.name,
-                spec.job,
-                spec.actor_id,
-                type(exc).__name__,
-                str(exc),
-                isinstance(exc, TaskCancelledError),
-            )
-        elif values and _is_error(values[0]):
-            value = values[0]
-            self.core.events.done(spec.task_id, lambda: _error_info(value))
-        else:
-            self.core.events.done(spec.task_id)
+        events = self.core.events
+        if events.enabled:
+            first = values[0] if values else None
+            if first is None or not _is_error(first):
+                events.done(spec)
+            elif first[0] == "x":
+                # Failed here, not in a worker (the worker died, the task was cancelled
+                # before it ran, the actor died ...): only this process can tell the log.
+                exc = first[1]
+                events.failed_here(
+                    spec,
+                    max(1, spec.attempts),
+                    type(exc).__name__,
+                    str(exc),
+                    isinstance(exc, TaskCancelledError),
+                )
+            else:
+                events.done(spec, lambda: _error_info(first))
         if spec.num_returns == STREAMING and values:
             self._stream_error(spec, values[0])
         elif spec.actor_id is None and any(v[0] == "s" for v in values):
@@ -1064,7 +1074,9 @@ def pick_address(addresses: str, session_path: str) -> str:
 
 def _is_error(value: Value) -> bool:
     kind = value[0]
-    return value[1].is_error if kind == "v" else kind == "s" and bool(value[2] & FLAG_ERROR)
+    if kind == "v":
+        return bool(value[1].flags & FLAG_ERROR)
+    return kind == "x" or bool(value[2] & FLAG_ERROR)
 
 
 def _error_info(value: Value) -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 import shoal
 import shoal.state as state
 from shoal import testing
+from shoal._state_views import FIELDS
 from shoal.exceptions import ActorDiedError, WorkerCrashedError
 
 pytestmark = pytest.mark.timeout(120)
@@ -265,6 +266,31 @@ def test_objects_nodes_and_a_snapshot(cluster):
     assert snap["tasks"]["by_state"]["FAILED"] >= 1
     assert big.hex() in {o["object_id"] for o in snap["objects"]["largest"]}
     assert snap["objects"]["used"] >= 1 << 20 and snap["workers"]["drivers"] >= 1
+
+
+def test_every_kind_has_the_documented_keys(cluster):
+    @shoal.remote
+    class KeyHolder:
+        def ping(self):
+            return 1
+
+    holder = KeyHolder.remote()
+    shoal.get(holder.ping.remote())
+    kept = shoal.put(b"k" * (200 << 10))
+    testing.wait_for(
+        lambda: state.list_tasks(filters=[("name", "=", "KeyHolder.ping")]), timeout=20
+    )
+    for kind in ("tasks", "actors", "objects", "nodes", "workers"):
+        records = getattr(state, f"list_{kind}")(**({"detail": True} if kind == "tasks" else {}))
+        assert records, kind
+        assert set(records[0]) == set(FIELDS[kind]), kind
+    assert set(state.get_task(state.list_tasks()[0]["task_id"])) == set(FIELDS["tasks"])
+    # Ray's name for the module works too.
+    import shoal.util.state as util_state
+
+    assert util_state.list_tasks is state.list_tasks
+    shoal.kill(holder)
+    del kept
 
 
 def test_stack_of_a_task_blocked_on_a_gate_while_it_keeps_running(cluster, gate, wait_path):
