@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from . import _config, _interrupts, _shm, _worker_context
+from . import _config, _interrupts, _metrics, _shm, _worker_context
 from ._core import CoreWorker
 from ._ids import owner_of, return_id
 from ._ioloop import IOLoop
@@ -270,6 +270,11 @@ class WorkerProcess:
                 self.main_tasks.pop()
             self.cancelled.discard(tid)
             ctx.task_id, ctx.task_name, ctx.gpu_ids, ctx.resources, ctx.fixed_resources = saved[:5]
+            if _metrics.REGISTRY.dirty:
+                # The task recorded metrics: send them before its owner hears it is done.
+                # An owner that then exits has this worker killed (its lease ends with
+                # it), and the periodic flush would come too late.
+                core.post(core.flush_events)
             if core.borrow_adds != borrows_before:
                 # This task took refs it may keep (in actor state, globals): the store
                 # must know before the owner hears the task is done and lets go.
