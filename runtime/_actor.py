@@ -236,7 +236,10 @@ class ActorHandle:
             _handles.counts.pop(aid, None)
             if aid in _handles.escaped:
                 return
-        core = _worker_context.maybe_core()
+        maybe_core = _worker_context.maybe_core
+        if maybe_core is None:
+            return  # the interpreter is exiting: module globals are gone, and so is the core
+        core = maybe_core()
         if core is not None and not core.closed:
             core.send_head(Message(M.RELEASE_ACTOR, {"aid": aid}))
 

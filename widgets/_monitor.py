@@ -23,7 +23,7 @@ from typing import Any
 
 import ipywidgets
 
-from . import _monitor_html, _monitor_text
+from . import _monitor_extras, _monitor_html, _monitor_text
 from ._snapshot import EndRate, fetch_snapshot
 
 DEFAULT_INTERVAL = 0.25  # 4 Hz
@@ -73,7 +73,19 @@ class ClusterMonitor(ipywidgets.VBox):
         # A narrow output area scrolls the picture sideways rather than cutting it off.
         self._live = ipywidgets.HTML(layout=ipywidgets.Layout(overflow="auto"))
         self._failure_box = ipywidgets.Accordion()
-        super().__init__(children=[self._live, self._failure_box])
+        # Stacks of running work on request: a picker of live actors and nodes, a button,
+        # and the text. Clicks reach the kernel between cells (or from another thread's
+        # point of view, when the kernel is idle), like any widget event.
+        self._stack_choice = ipywidgets.Dropdown(
+            options=[], description="Stacks of", layout=ipywidgets.Layout(width="auto")
+        )
+        self._stack_button = ipywidgets.Button(description="Show stacks")
+        self._stack_button.on_click(self._show_stacks)
+        self._stack_text = ipywidgets.HTML()
+        self._stack_choices: list[Any] = []
+        self._stack_choices_at = 0.0
+        stacks_row = ipywidgets.HBox([self._stack_choice, self._stack_button])
+        super().__init__(children=[self._live, self._failure_box, stacks_row, self._stack_text])
         self.add_class("shoal-cluster-monitor")
         self.interval = float(interval)
         self._limits = {"failures": failures, "actors": actors, "objects": objects}
@@ -132,6 +144,8 @@ class ClusterMonitor(ipywidgets.VBox):
         # constructor raised before it made its parts.
         parts = [*getattr(self, "_slot_widgets", ())]
         parts += [getattr(self, "_failure_box", None), getattr(self, "_live", None)]
+        parts += [getattr(self, name, None) for name in ("_stack_choice", "_stack_button")]
+        parts += [getattr(self, "_stack_text", None)]
         for widget in parts:
             if widget is not None:
                 widget.close()
@@ -195,15 +209,11 @@ class ClusterMonitor(ipywidgets.VBox):
     # render nothing; the metrics branch fills them in.
     def render_metrics(self, metrics: Any) -> str:
         """The metrics section as HTML: "" when the snapshot has no ``metrics`` key."""
-        if not metrics:
-            return ""
-        return ""
+        return _monitor_extras.metrics_html(metrics)
 
     def render_metrics_text(self, metrics: Any) -> str:
         """The metrics section as text ("" when absent); see ``render_metrics``."""
-        if not metrics:
-            return ""
-        return ""
+        return _monitor_extras.metrics_text(metrics)
 
     # -- rendering ---------------------------------------------------------------------------
     def html(self, inline_failures: bool = True) -> str:
@@ -233,6 +243,38 @@ class ClusterMonitor(ipywidgets.VBox):
         if live != self._live.value:
             self._live.value = live  # the tick's one message
         self._show_failures(failures)
+        self._offer_stacks()
+
+    def _offer_stacks(self) -> None:
+        """Keep the stacks picker's choices current: at most once a second, and only when
+        they changed (a new actor, a node that came or went)."""
+        now = time.monotonic()
+        if now - self._stack_choices_at < FAILURES_MIN_SECONDS:
+            return
+        choices = _monitor_extras.stack_choices(self.snapshot)
+        if choices != self._stack_choices:
+            self._stack_choices = choices
+            self._stack_choice.options = choices
+        self._stack_choices_at = now
+
+    def show_stacks(self, kind: str, ident: str) -> str:
+        """Show (and return) the stacks of an actor's worker (``kind="actor"``) or of every
+        worker of a node (``kind="node"``), as ``shoal stack`` prints them."""
+        try:
+            text = _monitor_extras.fetch_stacks(self._core, (kind, ident))
+        except Exception as exc:
+            text = f"could not take the stacks: {exc}"
+        self._stack_text.value = _monitor_extras.stacks_html(text)
+        return text
+
+    def _show_stacks(self, _button: Any = None) -> None:
+        choice = self._stack_choice.value
+        if choice is None:
+            self._stack_text.value = _monitor_extras.stacks_html(
+                "nothing to show: no live actor or node"
+            )
+            return
+        self.show_stacks(*choice)
 
     def _show_failures(self, failures: list[dict[str, Any]]) -> None:
         """Failures go in an accordion whose items the frontend opens and closes by itself

@@ -18,6 +18,7 @@ from typing import Any
 import comm
 import pytest
 import shoal
+import shoal.state
 from comm.base_comm import BaseComm
 from shoal import testing
 
@@ -191,7 +192,7 @@ def test_close_ends_the_thread_and_closes_the_widgets(make_cluster, comms):
     assert thread is not None and thread.is_alive() and thread.daemon
     assert monitor in monitor_module.running_monitors()
     testing.wait_for(lambda: monitor.ticks >= 3, timeout=10)
-    parts = [monitor, monitor._live, monitor._failure_box]
+    parts = [monitor, monitor._live, monitor._failure_box, monitor._stack_choice]
     ids = {w.comm.comm_id for w in parts}
     monitor.close()
     assert not thread.is_alive()
@@ -262,3 +263,63 @@ def test_the_metrics_section_is_empty_without_metrics(make_cluster, comms):
     assert monitor.render_metrics(None) == "" and monitor.render_metrics_text(None) == ""
     assert not monitor.running and monitor.ticks == 1  # start=False: one picture, no thread
     monitor.close()
+
+
+def test_user_metrics_are_shown(make_cluster, comms):
+    make_cluster(num_cpus=1)
+
+    @shoal.remote
+    def counted():
+        from shoal.util.metrics import Counter, Histogram
+
+        Counter("monitor_calls", "Calls.", tag_keys=("kind",)).inc(tags={"kind": "demo"})
+        Histogram("monitor_sizes", "Sizes.", boundaries=[10]).observe(4)
+
+    shoal.get([counted.remote() for _ in range(3)])
+    monitor = ClusterMonitor(interval=0.05)
+    try:
+        testing.wait_for(
+            lambda: "monitor_calls" in monitor._live.value and "3 observed" in monitor._live.value,
+            timeout=10,
+        )
+        assert "kind=demo" in monitor._live.value
+        assert "monitor_calls{kind=demo} 3" in monitor.text()
+    finally:
+        monitor.close()
+
+
+def test_stacks_of_an_actor_and_of_a_node_on_request(make_cluster, comms, gate, wait_path):
+    make_cluster(num_cpus=2)
+    release = gate()
+
+    @shoal.remote
+    class Waiter:
+        def wait_in_a_named_frame(self, path):
+            wait_path(path)
+            return 1
+
+    @shoal.remote
+    def task_in_a_named_frame(path):
+        wait_path(path)
+        return 2
+
+    waiter = Waiter.options(name="stacked").remote()
+    refs = [waiter.wait_in_a_named_frame.remote(release), task_in_a_named_frame.remote(release)]
+    testing.wait_for(
+        lambda: len(shoal.state.list_tasks(filters=[("state", "=", "RUNNING")])) == 2,
+        timeout=20,
+    )
+    monitor = ClusterMonitor(interval=0.05)
+    try:
+        testing.wait_for(lambda: len(monitor._stack_choice.options) == 2, timeout=10)
+        labels = [label for label, _ in monitor._stack_choice.options]
+        assert labels[0] == "actor Waiter stacked" and labels[1].startswith("tasks and actors on")
+        monitor._stack_choice.value = monitor._stack_choice.options[0][1]
+        monitor._stack_button.click()  # what a click in the frontend runs
+        assert "wait_in_a_named_frame" in monitor._stack_text.value
+        text = monitor.show_stacks(*monitor._stack_choice.options[1][1])
+        assert "task_in_a_named_frame" in text and "wait_in_a_named_frame" in text
+    finally:
+        monitor.close()
+    Path(release).touch()
+    assert shoal.get(refs, timeout=30) == [1, 2]  # the stacks did not stop the work
