@@ -65,6 +65,37 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
         ("%cluster status", "%%remote sessions (--actor): lab"),
         ("%cluster stop", "Stopped the Shoal cluster"),
     ],
+    "05_monitoring": [
+        ("%cluster start --cpus 2", "1 node, 2 CPUs"),
+        ("%cluster monitor --interval 0.5", "Tasks: pending args"),
+        ("total = sum(shoal.get(refs))", "shoal.get: 40 of 40 done"),
+        ("total = sum(shoal.get(refs))", "sum of squares: 20540"),
+        ("bar = progress(refs", "all done: True - 20 of 20"),
+        ("failed = shoal.state.list_tasks(", "check FAILED ValueError - bad input 3"),
+        ("failed = shoal.state.list_tasks(", "check FAILED ValueError - bad input 7"),
+        ('shoal.state.summarize_tasks()["by_name"]', "'FAILED': 2"),
+        ("greeter = Greeter.options(", "Greeter greeter ALIVE pid"),
+        ("metrics = shoal.state.list_metrics()", "requests {'kind': 'odd'} 5.0"),
+        ("metrics = shoal.state.list_metrics()", "latency_s count 10 buckets [5, 5, 0]"),
+        ("shoal list tasks --limit 5", "more not shown"),
+        ("!shoal stack --task {task_id}", "line 3, in stuck"),
+        ("shoal.cancel(stuck_ref)", "the task was cancelled"),
+        ("%cluster stop", "Stopped the Shoal cluster"),
+    ],
+    "06_when_things_fail": [
+        ('shoal.get(parse.remote("forty-two"))', "invalid literal for int()"),
+        ('shoal.get(parse.remote("forty-two"))', "----> 3     return int(text)"),
+        ("def flaky(path):", "succeeded on attempt 3"),
+        ("shoal.get(crash.remote())", "WorkerCrashedError: task crash failed"),
+        ("shoal.get(crash.remote())", "(exit code 3)"),
+        ("def fetch(path):", "'fetched on attempt 3'"),
+        ("class Cache:", "'items': 5, 'restarted': False"),
+        ("os.kill(record[", "'items': 0, 'restarted': True"),
+        ("os.kill(record[", "state: ALIVE - restarts: 1"),
+        ("shoal.get(job)", "TaskCancelledError: task long_job was cancelled"),
+        ("shoal.get(slow, timeout=0.5)", "GetTimeoutError"),
+        ("shoal.cancel(slow)", "the slow job was cancelled"),
+    ],
     "08_many_machines": [
         ("started = !shoal start --head", "Started a Shoal head"),
         ("!shoal start --address", "Started a Shoal node"),
@@ -117,8 +148,17 @@ def _check_automl(nb: nbformat.NotebookNode) -> None:
     assert accuracies == sorted(accuracies, reverse=True) and accuracies[0] > 0.9, rows
 
 
+def _check_failures(nb: nbformat.NotebookNode) -> None:
+    """Tutorial 06: the restarted actor answers from a new process."""
+    shown = output_text(cell_with(nb, "os.kill(record["))
+    killed = int(shown.split("killing the actor's process", 1)[1].split()[0])
+    after = ast.literal_eval(shown.split("after the restart:", 1)[1].split("\n")[0].strip())
+    assert after["pid"] != killed, shown
+
+
 CHECKS: dict[str, Callable[[nbformat.NotebookNode], None]] = {
     "02_actors": _check_actors,
+    "06_when_things_fail": _check_failures,
     "08_many_machines": _check_many_machines,
     "09_automl_service": _check_automl,
 }
