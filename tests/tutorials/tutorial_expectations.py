@@ -96,6 +96,15 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
         ("shoal.get(slow, timeout=0.5)", "GetTimeoutError"),
         ("shoal.cancel(slow)", "the slow job was cancelled"),
     ],
+    "07_runtime_envs": [
+        ("shoal.get(settings.remote())", "{'STAGE': 'tutorial', 'LOG_LEVEL': 'info'}"),
+        ('"LOG_LEVEL": "debug"', "{'STAGE': 'tutorial', 'LOG_LEVEL': 'debug'}"),
+        ("def price_list(prices):", "'prices': [12.0, 119.4]"),
+        ("def price_list(prices):", "'STAGE': 'tutorial'"),
+        ("def count_words(text):", "8"),
+        ("importlib.util.find_spec", "the notebook can import greetings: False"),
+        ("def greet(name):", "hello, pip - in a virtual environment: True"),
+    ],
     "08_many_machines": [
         ("started = !shoal start --head", "Started a Shoal head"),
         ("!shoal start --address", "Started a Shoal node"),
