@@ -119,6 +119,7 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
             "client = subprocess.Popen(",
             "jobs at the end: [{'job': 'job-1', 'state': 'done', 'done': 7, 'total': 7}]",
         ),
+        ("monitor = ClusterMonitor()", "Shoal cluster · 1 node · 2 CPUs"),
         ("client = subprocess.Popen(", "best model:"),
         ("client = subprocess.Popen(", "exit code 0 )"),
         ("!shoal stop --temp-dir {work_dir}", "Stopped 1 Shoal cluster."),
