@@ -36,7 +36,7 @@ from tutorial_runner import (
 NAMES = sorted(p.stem for p in TUTORIALS.glob("*.ipynb"))
 
 # Directories the notebooks make with tempfile.mkdtemp and must remove again.
-TEMP_PREFIXES = ("shoal-head-", "shoal-node-", "shoal-automl-")
+TEMP_PREFIXES = ("shoal-head-", "shoal-node-", "shoal-automl-", "shoal-failing-", "shoal-env-")
 
 
 def _temp_dirs() -> set[str]:

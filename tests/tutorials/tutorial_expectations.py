@@ -65,6 +65,46 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
         ("%cluster status", "%%remote sessions (--actor): lab"),
         ("%cluster stop", "Stopped the Shoal cluster"),
     ],
+    "05_monitoring": [
+        ("%cluster start --cpus 2", "1 node, 2 CPUs"),
+        ("%cluster monitor --interval 0.5", "Tasks: pending args"),
+        ("total = sum(shoal.get(refs))", "shoal.get: 40 of 40 done"),
+        ("total = sum(shoal.get(refs))", "sum of squares: 20540"),
+        ("bar = progress(refs", "all done: True - 20 of 20"),
+        ("failed = shoal.state.list_tasks(", "check FAILED ValueError - bad input 3"),
+        ("failed = shoal.state.list_tasks(", "check FAILED ValueError - bad input 7"),
+        ('shoal.state.summarize_tasks()["by_name"]', "'FAILED': 2"),
+        ("greeter = Greeter.options(", "Greeter greeter ALIVE pid"),
+        ("metrics = shoal.state.list_metrics()", "requests {'kind': 'odd'} 5.0"),
+        ("metrics = shoal.state.list_metrics()", "latency_s count 10 buckets [5, 5, 0]"),
+        ("shoal list tasks --limit 5", "more not shown"),
+        ("!shoal stack --task {task_id}", "line 3, in stuck"),
+        ("shoal.cancel(stuck_ref)", "the task was cancelled"),
+        ("%cluster stop", "Stopped the Shoal cluster"),
+    ],
+    "06_when_things_fail": [
+        ('shoal.get(parse.remote("forty-two"))', "invalid literal for int()"),
+        ('shoal.get(parse.remote("forty-two"))', "----> 3     return int(text)"),
+        ("def flaky(path):", "succeeded on attempt 3"),
+        ("shoal.get(crash.remote())", "WorkerCrashedError: task crash failed"),
+        ("shoal.get(crash.remote())", "(exit code 3)"),
+        ("def fetch(path):", "'fetched on attempt 3'"),
+        ("class Cache:", "'items': 5, 'restarted': False"),
+        ("os.kill(record[", "'items': 0, 'restarted': True"),
+        ("os.kill(record[", "state: ALIVE - restarts: 1"),
+        ("shoal.get(job)", "TaskCancelledError: task long_job was cancelled"),
+        ("shoal.get(slow, timeout=0.5)", "GetTimeoutError"),
+        ("shoal.cancel(slow)", "the slow job was cancelled"),
+    ],
+    "07_runtime_envs": [
+        ("shoal.get(settings.remote())", "{'STAGE': 'tutorial', 'LOG_LEVEL': 'info'}"),
+        ('"LOG_LEVEL": "debug"', "{'STAGE': 'tutorial', 'LOG_LEVEL': 'debug'}"),
+        ("def price_list(prices):", "'prices': [12.0, 119.4]"),
+        ("def price_list(prices):", "'STAGE': 'tutorial'"),
+        ("def count_words(text):", "8"),
+        ("importlib.util.find_spec", "the notebook can import greetings: False"),
+        ("def greet(name):", "hello, pip - in a virtual environment: True"),
+    ],
     "08_many_machines": [
         ("started = !shoal start --head", "Started a Shoal head"),
         ("!shoal start --address", "Started a Shoal node"),
@@ -79,6 +119,7 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
             "client = subprocess.Popen(",
             "jobs at the end: [{'job': 'job-1', 'state': 'done', 'done': 7, 'total': 7}]",
         ),
+        ("monitor = ClusterMonitor()", "Shoal cluster · 1 node · 2 CPUs"),
         ("client = subprocess.Popen(", "best model:"),
         ("client = subprocess.Popen(", "exit code 0 )"),
         ("!shoal stop --temp-dir {work_dir}", "Stopped 1 Shoal cluster."),
@@ -117,8 +158,17 @@ def _check_automl(nb: nbformat.NotebookNode) -> None:
     assert accuracies == sorted(accuracies, reverse=True) and accuracies[0] > 0.9, rows
 
 
+def _check_failures(nb: nbformat.NotebookNode) -> None:
+    """Tutorial 06: the restarted actor answers from a new process."""
+    shown = output_text(cell_with(nb, "os.kill(record["))
+    killed = int(shown.split("killing the actor's process", 1)[1].split()[0])
+    after = ast.literal_eval(shown.split("after the restart:", 1)[1].split("\n")[0].strip())
+    assert after["pid"] != killed, shown
+
+
 CHECKS: dict[str, Callable[[nbformat.NotebookNode], None]] = {
     "02_actors": _check_actors,
+    "06_when_things_fail": _check_failures,
     "08_many_machines": _check_many_machines,
     "09_automl_service": _check_automl,
 }
