@@ -99,19 +99,18 @@ class TaskEventBuffer:
         "reported",
         "rotated_at",
         "running",
-        "waiting",
+        "flushed_at",
     )
 
     def __init__(self, enabled: bool = ENABLED) -> None:
         self.enabled = enabled
         self.events: collections.deque[Event] = collections.deque()
-        # Owner: what it submitted and has not got back, as (spec, state, attempt); a
-        # TaskSpec has task_id, name, job, actor_id, submitted_at and parent.
-        self.pending_source: Callable[[], Iterable[tuple[Any, int, int]]] | None = None
-        # Owner: task id -> (state, attempt) last reported, for tasks not done yet; and
-        # the ids of those that were waiting at the last flush.
+        # Owner: what it submitted before a time and has not got back, as (spec, state,
+        # attempt); a TaskSpec has task_id, name, job, actor_id, submitted_at and parent.
+        self.pending_source: Callable[[float], Iterable[tuple[Any, int, int]]] | None = None
+        # Owner: task id -> (state, attempt) last reported, for tasks not done yet.
         self.reported: dict[bytes, tuple[int, int]] = {}
-        self.waiting: set[bytes] = set()
+        self.flushed_at = time.time()  # wall clock, as submit times are
         # Owner: tasks done since the last flush ([1]) and the one before ([0]), as
         # (task id, info), and the error makers of those that failed: what a closing
         # owner says about them.
@@ -204,18 +203,17 @@ class TaskEventBuffer:
         events = self.events
         out = [events.popleft() for _ in range(len(events))]
         if self.pending_source is not None and self.enabled:
-            # Only what waited since the last flush too: a task that waits less than a
-            # flush interval or two is never reported by its owner (its executor says it
-            # all), which keeps a burst of short tasks at one event each.
-            reported, before, now_waiting = self.reported, self.waiting, set()
-            for spec, state, attempt in self.pending_source():
+            # Only what was submitted before the last flush: a task that waits less than
+            # a flush interval or two is never reported by its owner (its executor says
+            # it all), which keeps a burst of short tasks at one event each.
+            reported = self.reported
+            for spec, state, attempt in self.pending_source(self.flushed_at):
                 task_id = spec.task_id
-                now_waiting.add(task_id)
-                if task_id in before and reported.get(task_id) != (state, attempt):
+                if reported.get(task_id) != (state, attempt):
                     reported[task_id] = (state, attempt)
                     info = _info(spec, attempt)
                     out.append((task_id, state, spec.submitted_at, False, info, None))
-            self.waiting = now_waiting
+            self.flushed_at = time.time()
         for task_id, info in self.running.copy().items():
             out.append((task_id, RUNNING, info[0], True, info, None))
         if final:

@@ -379,28 +379,38 @@ class TaskSubmitter:
             spec.submitted_at = time.time()  # for the task log (see _task_events.py)
         self._when_deps_ready(spec, lambda: self._enqueue(spec))
 
-    def pending(self) -> Iterator[tuple[TaskSpec, int, int]]:
-        """For the task log, at a flush: (spec, state, attempt) of every task submitted
-        here and not done (tasks waiting for arguments or a worker, pushed tasks, actor
-        calls queued or sent)."""
+    def pending(self, before: float) -> Iterator[tuple[TaskSpec, int, int]]:
+        """For the task log, at a flush: (spec, state, attempt) of the tasks submitted
+        here before ``before`` (wall clock) and not done: waiting for arguments or a
+        worker, pushed, actor calls queued or sent. The tables keep submission order
+        (near enough), so the walk stops at the first newer task."""
         core = self.core
         me = core.worker_id
         reported = core.events.reported
         for spec in self.queued.values():
+            if spec.submitted_at > before:
+                break
             if spec.cancelled:
                 continue
             attempt = spec.attempts + 1
-            if reported.get(spec.task_id) == (SUBMITTED, attempt):
-                yield spec, SUBMITTED, attempt  # known: spare the look at its arguments
-                continue
-            waiting = any(
-                ref.binary()[:8] == me and core.lookup(ref.binary()) is None for ref in spec.deps
-            )
-            yield spec, PENDING_ARGS if waiting else SUBMITTED, attempt
+            if spec.deps and reported.get(spec.task_id) != (SUBMITTED, attempt):
+                # Not yet known to be past its arguments: look at them.
+                for ref in spec.deps:
+                    oid = ref.binary()
+                    if oid[:8] == me and core.lookup(oid) is None:
+                        yield spec, PENDING_ARGS, attempt
+                        break
+                else:
+                    yield spec, SUBMITTED, attempt
+            else:
+                yield spec, SUBMITTED, attempt
         for spec, _ in self.running.values():
-            yield spec, SUBMITTED, max(1, spec.attempts)
+            if spec.submitted_at <= before:
+                yield spec, SUBMITTED, max(1, spec.attempts)
         for st in core.actors.actors.values():
             for spec in st.queue:
+                if spec.submitted_at > before:
+                    break
                 yield spec, SUBMITTED, 1
 
     def _when_deps_ready(self, spec: TaskSpec, then: Any) -> None:

@@ -3,6 +3,8 @@ driven directly (no processes): events in any order, retries, eviction, tombston
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from shoal import _task_events as te
 from shoal._stacks import StackQueries
@@ -138,11 +140,12 @@ class Spec:
 def test_the_buffer_sends_a_fast_task_once_and_a_waiting_one_once_per_state():
     buf = te.TaskEventBuffer(enabled=True)
     pending: list[tuple[Spec, int, int]] = []
-    buf.pending_source = lambda: list(pending)
+    buf.pending_source = lambda before: [p for p in pending if p[0].submitted_at <= before]
     # Owner: submitted and done before a flush: nothing to say (the executor says it).
     buf.done(Spec(1))
     # Owner: waiting across two flushes: reported, once per state.
     waiting = Spec(2, "g", parent=b"p" * 16)
+    waiting.submitted_at = time.time()
     waiting.actor_id = b"a" * 16  # an actor call: its owner says how it ended
     pending.append((waiting, te.PENDING_ARGS, 1))
     assert buf.take() is None  # waiting since this flush only: not yet
