@@ -203,12 +203,23 @@ def register(shell: Any) -> None:
 
     _progress.install()
     cell_tags(shell)  # from now on, work submitted here carries its cell's tag
+    shell.events.register("pre_run_cell", _on_pre_run_cell)
     shell.events.register("post_run_cell", _on_post_run_cell)
     from shoal import _worker_context
 
     core = _worker_context.maybe_core()
     if core is not None:
         install(core, shell)  # already connected: route its tasks' output from now on
+
+
+def _on_pre_run_cell(info: Any = None) -> None:
+    """A cell starts: outside a kernel, it is known by this count from now to its end (see
+    ``CellTags.begin``)."""
+    from IPython import get_ipython
+
+    tags = cell_tags(get_ipython())
+    if tags is not None:
+        tags.begin()
 
 
 def _on_post_run_cell(result: Any) -> None:
@@ -277,10 +288,14 @@ def unregister(shell: Any) -> None:
         table = shell.magics_manager.magics[kind]
         for name in names:
             table.pop(name, None)
-    try:
-        shell.events.unregister("post_run_cell", _on_post_run_cell)
-    except ValueError:
-        pass
+    for event, handler in (
+        ("pre_run_cell", _on_pre_run_cell),
+        ("post_run_cell", _on_post_run_cell),
+    ):
+        try:
+            shell.events.unregister(event, handler)
+        except ValueError:
+            pass
     forget_cell_tags(shell)
     patched = shell.__dict__.pop("_showtraceback", None)
     if patched is not None and not getattr(patched, "_shoal", False):

@@ -74,6 +74,14 @@ class CellTags:
         self._tags: OrderedDict[Any, int] = OrderedDict()  # cell key -> tag
         self._parents: dict[int, Any] = {}  # tag -> parent message (None: no kernel)
         self._next = int.from_bytes(os.urandom(3), "big") + 1
+        # Cells run so far (``begin``, at IPython's pre_run_cell). Outside a kernel a cell is
+        # known by it rather than by ``execution_count``, which IPython 9 advances before
+        # the cell runs and IPython 8 after, so that it never names one cell in both the
+        # cell and its post_run_cell.
+        self._cells_begun = 0
+
+    def begin(self) -> None:
+        self._cells_begun += 1
 
     def current(self) -> int | None:
         """The running cell's tag (made on first use); None when the shell runs no cell."""
@@ -118,6 +126,8 @@ class CellTags:
             msg_id = header.get("msg_id") if isinstance(header, dict) else None
             if msg_id:
                 return msg_id, parent
+        if self._cells_begun:
+            return ("cell", self._cells_begun), None
         if count is None:
             count = getattr(shell, "execution_count", None)
         return (None if count is None else ("In", count)), None
