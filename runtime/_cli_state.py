@@ -220,8 +220,8 @@ def memory_cmd(args: argparse.Namespace) -> None:
 
     table = Table(
         title=f"Object store: {stats.get('objects', 0)} objects, "
-        f"{stats.get('used', 0) / 2**30:.2f} of {stats.get('capacity', 0) / 2**30:.1f} GiB used, "
-        f"{stats.get('spilled', 0) / 2**20:.1f} MiB spilled"
+        f"{_size(stats.get('used', 0))} of {_size(stats.get('capacity', 0))} used, "
+        f"{_size(stats.get('spilled', 0))} spilled"
     )
     for col in ("object id", "size", "place", "held by", "call site"):
         table.add_column(col)
@@ -230,7 +230,12 @@ def memory_cmd(args: argparse.Namespace) -> None:
             f"inside {rec['contained_in']} object(s)" if rec["contained_in"] else ""
         )
         table.add_row(
-            rec["object_id"][:24], _size(rec["size"]), rec["place"], holders, rec["call_site"]
+            # The whole id: its first half names the owner, shared by all of a driver's objects.
+            rec["object_id"],
+            _size(rec["size"]),
+            rec["place"],
+            holders,
+            rec["call_site"],
         )
     console = _console()
     console.print(table)
