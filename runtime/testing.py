@@ -91,3 +91,17 @@ def assert_no_leaks(timeout: float = 10.0) -> None:
     except TimeoutError:
         procs = [(p.pid, " ".join(p.cmdline())) for p in shoal_processes()]
         raise AssertionError(f"leaked processes {procs} and segments {shm_segments()}") from None
+
+
+def free_port() -> int:
+    """A tcp port that was free on 127.0.0.1 a moment ago (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def describe_run(result: Any) -> str:
+    """A finished subprocess (``subprocess.CompletedProcess``) for an assertion message."""
+    return f"{result.args} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"

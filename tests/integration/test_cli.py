@@ -8,23 +8,12 @@ a private one (SHOAL_TMPDIR), so other Shoal sessions on the machine are safe.
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 
 import pytest
 from shoal import testing
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _describe(result):
-    return f"{result.args} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
 
 
 def _result(stdout):
@@ -54,7 +43,7 @@ def test_start_run_stop_leaves_nothing(shoal_cli, run_driver, leak_check):
         "--resources", json.dumps({"gizmo": 2}),
     )  # fmt: skip
     try:
-        assert started.returncode == 0, _describe(started)
+        assert started.returncode == 0, testing.describe_run(started)
         result = _result(run_driver(RESOURCES_DRIVER))
         assert result["squares"] == [0, 1, 4, 9]
         resources = result["resources"]
@@ -62,25 +51,25 @@ def test_start_run_stop_leaves_nothing(shoal_cli, run_driver, leak_check):
         assert testing.shoal_processes(), "the cluster stopped when its driver left"
     finally:
         stopped = shoal_cli("stop")
-    assert stopped.returncode == 0, _describe(stopped)
+    assert stopped.returncode == 0, testing.describe_run(stopped)
     leak_check("after `shoal stop`")
 
 
 @pytest.fixture(scope="class")
 def head(shoal_cli, leak_check):
     """A head started by `shoal start --head` on a chosen port, stopped after the class."""
-    port = _free_port()
+    port = testing.free_port()
     started = shoal_cli(
         "start", "--head", "--port", str(port), "--num-cpus", "2",
         "--resources", json.dumps({"cli_marker": 3}),
     )  # fmt: skip
     try:
-        assert started.returncode == 0, _describe(started)
+        assert started.returncode == 0, testing.describe_run(started)
         yield port
     finally:
         stopped = shoal_cli("stop")
         leak_check("after `shoal stop` of the class's head")
-    assert stopped.returncode == 0, _describe(stopped)
+    assert stopped.returncode == 0, testing.describe_run(stopped)
 
 
 @pytest.mark.usefixtures("head")
@@ -94,8 +83,8 @@ class TestHeadStartedByCli:
 
     def test_status_mentions_cpu(self, shoal_cli):
         status = shoal_cli("status")
-        assert status.returncode == 0, _describe(status)
-        assert "CPU" in status.stdout, _describe(status)
+        assert status.returncode == 0, testing.describe_run(status)
+        assert "CPU" in status.stdout, testing.describe_run(status)
 
     def test_two_drivers_at_once(self, start_driver, tmp_path):
         script = """

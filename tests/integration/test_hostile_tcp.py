@@ -140,10 +140,6 @@ class Cluster:
     evil_dir: Path
 
 
-def _describe(result: Any) -> str:
-    return f"{result.args} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-
-
 def _session(base: str) -> tuple[str, dict[str, Any]]:
     [path] = glob.glob(os.path.join(base, "session_2*"))
     with open(os.path.join(path, "head.json")) as f:
@@ -224,13 +220,13 @@ def cluster(
                 "start", "--head", "--port", "0", "--bind", "127.0.0.1", "--key-file", key_file,
                 "--num-cpus", "1", "--temp-dir", head_dir,
             )  # fmt: skip
-            assert started.returncode == 0, _describe(started)
+            assert started.returncode == 0, testing.describe_run(started)
             head_session, head_info = _session(head_dir)
             joined = shoal_cli(
                 "start", "--address", head_info["tcp"].removeprefix("tcp://"),
                 "--key-file", key_file, "--num-cpus", "1", "--temp-dir", node_dir,
             )  # fmt: skip
-            assert joined.returncode == 0, _describe(joined)
+            assert joined.returncode == 0, testing.describe_run(joined)
         node_session, node_info = _session(node_dir)
         assert node_info["node_tcp"] != head_info["tcp"]
 
@@ -290,7 +286,7 @@ def cluster(
             shutil.rmtree(head_dir, ignore_errors=True)
             shutil.rmtree(node_dir, ignore_errors=True)
         for result in stopped:
-            assert result.returncode == 0, _describe(result)
+            assert result.returncode == 0, testing.describe_run(result)
 
 
 def _wait_gone(dirs: tuple[str, ...], tags: list[str]) -> None:

@@ -24,33 +24,23 @@ from shoal.util.metrics import Counter, Gauge
 pytestmark = pytest.mark.timeout(180)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _describe(result) -> str:
-    return f"{result.args} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-
-
 @pytest.fixture(scope="module")
 def head(shoal_cli, leak_check, tmp_path_factory):
     """(cluster port, metrics port, key file) of a head started by `shoal start --head`."""
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = testing.free_port(), testing.free_port()
     key = str(tmp_path_factory.mktemp("key") / "cluster.key")
     started = shoal_cli(
         "start", "--head", "--port", str(port), "--metrics-port", str(metrics_port),
         "--num-cpus", "2", "--key-file", key,
     )  # fmt: skip
     try:
-        assert started.returncode == 0, _describe(started)
+        assert started.returncode == 0, testing.describe_run(started)
         assert f"metrics:   http://127.0.0.1:{metrics_port}/metrics" in started.stdout
         yield port, metrics_port, key
     finally:
         stopped = shoal_cli("stop")
         leak_check("after `shoal stop` of the metrics endpoint tests' head")
-    assert stopped.returncode == 0, _describe(stopped)
+    assert stopped.returncode == 0, testing.describe_run(stopped)
 
 
 def _token(key_file: str) -> str:
@@ -94,7 +84,7 @@ def test_start_and_init_refuse_bad_metrics_options(shoal_cli):
         busy.listen(1)
         taken = busy.getsockname()[1]
         result = shoal_cli("start", "--head", "--metrics-port", str(taken), "--num-cpus", "1")
-    assert result.returncode == 1, _describe(result)
+    assert result.returncode == 1, testing.describe_run(result)
     assert f"cannot serve metrics on 127.0.0.1:{taken}" in result.stderr
     with pytest.raises(ValueError, match="metrics_export_port must be a port number"):
         shoal.init(metrics_export_port=70000)
@@ -134,7 +124,7 @@ def test_a_client_drivers_metrics_through_the_head(head, shoal_cli):
 
         testing.wait_for(all_there, timeout=20, interval=0.1)
         result = shoal_cli("metrics", "--address", f"127.0.0.1:{port}", "--key-file", key)
-        assert result.returncode == 0, _describe(result)
+        assert result.returncode == 0, testing.describe_run(result)
         families = prometheus_text.parse(result.stdout)
         assert prometheus_text.value(families, "cs_task_calls_total", parity="odd") == 5
         assert prometheus_text.value(families, "cs_driver_gauge") == 8
@@ -143,7 +133,7 @@ def test_a_client_drivers_metrics_through_the_head(head, shoal_cli):
             == 10
         )
         result = shoal_cli("metrics", "--json", "--address", f"127.0.0.1:{port}", "--key-file", key)
-        assert result.returncode == 0, _describe(result)
+        assert result.returncode == 0, testing.describe_run(result)
         assert any(m["name"] == "cs_driver_calls" for m in json.loads(result.stdout)["metrics"])
     finally:
         shoal.shutdown()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,36 +18,26 @@ from shoal import _api, testing
 pytestmark = pytest.mark.timeout(180)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _describe(result) -> str:
-    return f"{result.args} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-
-
 @pytest.fixture(scope="module")
 def head(shoal_cli, leak_check, tmp_path_factory):
     """(port, key file) of a head started by `shoal start --head`, stopped after the module."""
-    port = _free_port()
+    port = testing.free_port()
     key = str(tmp_path_factory.mktemp("key") / "cluster.key")
     started = shoal_cli(
         "start", "--head", "--port", str(port), "--num-cpus", "2", "--key-file", key
     )  # fmt: skip
     try:
-        assert started.returncode == 0, _describe(started)
+        assert started.returncode == 0, testing.describe_run(started)
         yield port, key
     finally:
         stopped = shoal_cli("stop")
         leak_check("after `shoal stop` of the state CLI tests' head")
-    assert stopped.returncode == 0, _describe(stopped)
+    assert stopped.returncode == 0, testing.describe_run(stopped)
 
 
 def cli_json(shoal_cli, *args: str) -> dict:
     result = shoal_cli(*args, "--json")
-    assert result.returncode == 0, _describe(result)
+    assert result.returncode == 0, testing.describe_run(result)
     return json.loads(result.stdout)
 
 
@@ -157,15 +146,17 @@ def test_list_summary_status_memory(head, run_driver, shoal_cli):
     assert len(limited["records"]) == 1 and limited["truncated"] and limited["total"] >= 4
 
     table = shoal_cli("list", "tasks", "--filter", "name!=nothing-has-this-name")
-    assert table.returncode == 0, _describe(table)
+    assert table.returncode == 0, testing.describe_run(table)
     for text in ("cli_visible_task", "cli_failing_task", "FINISHED", "FAILED", "ZeroDivisionError"):
-        assert text in table.stdout, _describe(table)
+        assert text in table.stdout, testing.describe_run(table)
 
     summary = cli_json(shoal_cli, "summary", "tasks")
     assert summary["by_name"]["cli_visible_task"] == {"FINISHED": 3}
     assert summary["by_name"]["CliActor.hello"] == {"FINISHED": 1}
     human = shoal_cli("summary", "tasks")
-    assert "cli_visible_task" in human.stdout and "FINISHED" in human.stdout, _describe(human)
+    assert "cli_visible_task" in human.stdout and "FINISHED" in human.stdout, testing.describe_run(
+        human
+    )
 
     def actor_dead():
         actors = cli_json(shoal_cli, "list", "actors", "--filter", "class_name=CliActor")
@@ -186,7 +177,9 @@ def test_list_summary_status_memory(head, run_driver, shoal_cli):
     assert status["nodes"][0]["resources_total"]["CPU"] == 2.0
     assert status["tasks"]["by_state"]["FAILED"] >= 1
     status_table = shoal_cli("status")
-    assert "CPU" in status_table.stdout and "tasks:" in status_table.stdout, _describe(status_table)
+    assert "CPU" in status_table.stdout and "tasks:" in status_table.stdout, testing.describe_run(
+        status_table
+    )
     memory = cli_json(shoal_cli, "memory")
     assert set(memory) >= {"objects", "stats"} and memory["stats"]["capacity"] > 0
 
@@ -203,7 +196,7 @@ def test_bad_filters_are_refused_with_the_reason(head, shoal_cli):
     malformed = shoal_cli("list", "actors", "--filter", "nonsense")
     assert malformed.returncode == 1 and "KEY=VALUE" in malformed.stderr
     stack = shoal_cli("stack", "--task", "00" * 16)
-    assert stack.returncode == 1 and "no task" in stack.stderr, _describe(stack)
+    assert stack.returncode == 1 and "no task" in stack.stderr, testing.describe_run(stack)
 
 
 STACK_DRIVER = """
@@ -234,10 +227,10 @@ def test_stack_of_a_running_task(head, start_driver, shoal_cli, gate):
 
     testing.wait_for(running, timeout=30, interval=0.2)
     stack = shoal_cli("stack", "--task", task_id)
-    assert stack.returncode == 0, _describe(stack)
+    assert stack.returncode == 0, testing.describe_run(stack)
     assert "cli_stack_target_frame" in stack.stdout and "time.sleep" in stack.stdout
     assert "RESULT" not in driver.stdout()  # still running after its stack was taken
     node_stack = shoal_cli("stack")
-    assert "cli_stack_target_frame" in node_stack.stdout, _describe(node_stack)
+    assert "cli_stack_target_frame" in node_stack.stdout, testing.describe_run(node_stack)
     Path(path).touch()
     assert "RESULT released" in driver.finish(timeout=60)

@@ -88,17 +88,9 @@ def kernel_name_with_extension(_kernelspecs: Path) -> str:
 @pytest.fixture
 def shell() -> Iterator[Any]:
     """A fresh in-process IPython shell with Shoal's extension loaded."""
-    import shoal
-    from IPython.core.interactiveshell import InteractiveShell
+    from kernel_helpers import in_process_shell
 
-    InteractiveShell.clear_instance()
-    sh = InteractiveShell.instance(colors="nocolor")
-    sh.run_line_magic("load_ext", "shoal")
-    yield sh
-    if shoal.is_initialized():
-        shoal.shutdown()
-    sh.run_line_magic("unload_ext", "shoal")
-    InteractiveShell.clear_instance()
+    yield from in_process_shell()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +192,45 @@ def no_error(cell: Any) -> Any:
     err = error(cell)
     assert err is None, f"cell failed: {err['ename']}: {err['evalue']}\n{err['traceback']}"
     return cell
+
+
+def in_process_shell() -> Iterator[Any]:
+    """A fresh in-process IPython shell with Shoal's extension loaded; at the end its
+    cluster (if any) is shut down and the extension unloaded."""
+    import shoal
+    from IPython.core.interactiveshell import InteractiveShell
+
+    InteractiveShell.clear_instance()
+    sh = InteractiveShell.instance(colors="nocolor")
+    sh.run_line_magic("load_ext", "shoal")
+    yield sh
+    if shoal.is_initialized():
+        shoal.shutdown()
+    sh.run_line_magic("unload_ext", "shoal")
+    InteractiveShell.clear_instance()
+
+
+def run_and_interrupt(nb: NotebookKernel, source: str, started: list[str]) -> tuple[Any, float]:
+    """Run ``source`` and press the stop button (interrupt the kernel) once every path in
+    ``started`` exists; returns the cell and how long after the interrupt it ended."""
+    import asyncio
+    import os
+
+    from shoal import testing
+
+    interrupted_at: list[float] = []
+
+    def interrupt_when_running() -> None:
+        testing.wait_for(lambda: all(os.path.exists(p) for p in started), timeout=30)
+        interrupted_at.append(time.monotonic())
+        asyncio.run(nb.client.km.interrupt_kernel())
+
+    stopper = threading.Thread(target=interrupt_when_running)
+    stopper.start()
+    try:
+        cell = nb.run(source)
+        ended_at = time.monotonic()
+    finally:
+        stopper.join()
+    assert interrupted_at, "the cell ended before its work started"
+    return cell, ended_at - interrupted_at[0]

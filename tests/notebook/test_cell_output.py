@@ -7,17 +7,22 @@ One kernel for the module; the tests run in order on its cluster (2 CPUs)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kernel_helpers import NotebookKernel, displays, error, no_error, result, stream
+from kernel_helpers import (
+    NotebookKernel,
+    displays,
+    error,
+    no_error,
+    result,
+    run_and_interrupt,
+    stream,
+)
 from shoal import testing
 
 pytestmark = pytest.mark.timeout(120)
@@ -197,25 +202,13 @@ def test_stop_button_cancels_the_cells_tasks_and_their_children(nb, tmp_path):
     )
     started = [os.path.join(d, "a.started"), os.path.join(d, "b.child.started")]
     stopped = [os.path.join(d, n) for n in ("a.stopped", "b.stopped", "b.child.stopped")]
-    interrupted_at: list[float] = []
-
-    def interrupt_when_running() -> None:
-        testing.wait_for(lambda: all(os.path.exists(p) for p in started), timeout=30)
-        interrupted_at.append(time.monotonic())
-        asyncio.run(nb.client.km.interrupt_kernel())  # the stop button
-
-    stopper = threading.Thread(target=interrupt_when_running)
-    stopper.start()
-    try:
-        cell = nb.run(
-            f"refs = [spin.remote({d + '/a'!r}), spin_parent.remote({d + '/b'!r})]\nshoal.get(refs)"
-        )
-        ended_at = time.monotonic()
-    finally:
-        stopper.join()
+    cell, took = run_and_interrupt(
+        nb,
+        f"refs = [spin.remote({d + '/a'!r}), spin_parent.remote({d + '/b'!r})]\nshoal.get(refs)",
+        started,
+    )
     err = error(cell)
     assert err is not None and err["ename"] == "KeyboardInterrupt", err
-    took = ended_at - interrupted_at[0]
     assert took < 3.0, f"the cell ended {took:.2f}s after the interrupt"
     assert "Shoal cancelled 2 unfinished tasks of this cell, with their children." in stream(
         cell, "stderr"

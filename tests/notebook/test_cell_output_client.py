@@ -5,16 +5,13 @@ the cell's tasks on the remote cluster."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernel_helpers import NotebookKernel, error, no_error, result, stream
+from kernel_helpers import NotebookKernel, error, no_error, result, run_and_interrupt, stream
 from shoal import testing
 
 pytestmark = pytest.mark.timeout(120)
@@ -77,23 +74,13 @@ def test_stop_button_cancels_a_client_cells_tasks(nb: NotebookKernel, tmp_path: 
     )
     started = [os.path.join(d, n + ".started") for n in "ab"]
     stopped = [os.path.join(d, n + ".stopped") for n in "ab"]
-    interrupted_at: list[float] = []
-
-    def interrupt_when_running() -> None:
-        testing.wait_for(lambda: all(os.path.exists(p) for p in started), timeout=30)
-        interrupted_at.append(time.monotonic())
-        asyncio.run(nb.client.km.interrupt_kernel())  # the stop button
-
-    stopper = threading.Thread(target=interrupt_when_running)
-    stopper.start()
-    try:
-        cell = nb.run(f"shoal.get([spin.remote({d!r} + '/' + n) for n in 'ab'])")
-        ended_at = time.monotonic()
-    finally:
-        stopper.join()
+    cell, took = run_and_interrupt(
+        nb,
+        f"shoal.get([spin.remote({d!r} + '/' + n) for n in 'ab'])",
+        started,
+    )
     err = error(cell)
     assert err is not None and err["ename"] == "KeyboardInterrupt", err
-    took = ended_at - interrupted_at[0]
     assert took < 3.0, f"the cell ended {took:.2f}s after the interrupt"
     # The tasks stopped on the remote cluster (their `finally` ran) and its CPUs came back.
     testing.wait_for(lambda: all(os.path.exists(p) for p in stopped), timeout=15)

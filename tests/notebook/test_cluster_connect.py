@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import shoal
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
+from kernel_helpers import in_process_shell
 from shoal import _session, testing
 
 pytestmark = pytest.mark.timeout(90)
@@ -20,14 +20,7 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture(scope="module")
 def ip() -> Iterator[Any]:
     """One in-process shell for the module; each test connects at most once."""
-    InteractiveShell.clear_instance()
-    sh = InteractiveShell.instance(colors="nocolor")
-    sh.run_line_magic("load_ext", "shoal")
-    yield sh
-    if shoal.is_initialized():
-        shoal.shutdown()
-    sh.run_line_magic("unload_ext", "shoal")
-    InteractiveShell.clear_instance()
+    yield from in_process_shell()
 
 
 def run(shell: Any, source: str) -> Any:

@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -92,12 +91,6 @@ except ValueError as exc:
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     chosen = os.environ.get("SHOAL_TEST_ARTIFACTS")
@@ -126,7 +119,7 @@ def lab(
     settings = base / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
-    port, token = free_port(), secrets.token_hex(16)
+    port, token = testing.free_port(), secrets.token_hex(16)
     # The kernelspecs of the session (conftest) and the widget manager's frontend, which
     # lives under the base interpreter's share/ when this runs in a venv that uses it.
     paths = [os.environ.get("JUPYTER_PATH", ""), os.path.join(sys.prefix, "share", "jupyter")]
